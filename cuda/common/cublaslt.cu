@@ -1,0 +1,167 @@
+#include <dlfcn.h>
+
+#include <cstdio>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include <cublasLt.h>
+
+#include "capi/errors.h"
+#include "common/cublaslt.h"
+
+namespace twell {
+namespace {
+
+struct LtApi {
+  decltype(&cublasLtCreate) create = nullptr;
+  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set = nullptr;
+  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
+  decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
+  decltype(&cublasLtMatmul) matmul = nullptr;
+  char error[512] = "";
+  bool ok = false;
+};
+
+template <typename F>
+bool load_symbol(void* lib, const char* name, F* out) {
+  *out = reinterpret_cast<F>(dlsym(lib, name));
+  return *out != nullptr;
+}
+
+const LtApi& api() {
+  static LtApi a;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* env = std::getenv("TWELL_CUBLASLT_PATH");
+    const char* candidates[] = {env, "libcublasLt.so.13", "libcublasLt.so"};
+    void* lib = nullptr;
+    for (const char* c : candidates) {
+      if (c != nullptr && (lib = dlopen(c, RTLD_NOW | RTLD_GLOBAL)) != nullptr) break;
+    }
+    if (lib == nullptr) {
+      snprintf(a.error, sizeof(a.error),
+               "cuBLASLt (libcublasLt.so.13) could not be loaded: install it with `pip install nvidia-cublas==13.0.*` "
+               "(the Python package preloads it) or set TWELL_CUBLASLT_PATH");
+      return;
+    }
+    bool ok = load_symbol(lib, "cublasLtCreate", &a.create) &&
+              load_symbol(lib, "cublasLtMatmulDescCreate", &a.desc_create) &&
+              load_symbol(lib, "cublasLtMatmulDescSetAttribute", &a.desc_set) &&
+              load_symbol(lib, "cublasLtMatrixLayoutCreate", &a.layout_create) &&
+              load_symbol(lib, "cublasLtMatmulPreferenceCreate", &a.pref_create) &&
+              load_symbol(lib, "cublasLtMatmulPreferenceSetAttribute", &a.pref_set) &&
+              load_symbol(lib, "cublasLtMatmulAlgoGetHeuristic", &a.heuristic) &&
+              load_symbol(lib, "cublasLtMatmul", &a.matmul);
+    if (!ok) {
+      snprintf(a.error, sizeof(a.error), "libcublasLt was loaded but lacks a symbol twell needs (need cuBLAS 13)");
+      return;
+    }
+    a.ok = true;
+  });
+  return a;
+}
+
+// Descriptors + chosen algorithm for one problem, made once (cuBLASLt
+// descriptors are immutable once configured, so sharing them is safe).
+struct Prepared {
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t la, lb, lc;
+  cublasLtMatmulAlgo_t algo;
+};
+
+using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, size_t>;
+
+std::mutex g_mutex;
+std::map<int, cublasLtHandle_t> g_handles;
+std::map<Key, Prepared> g_prepared;
+
+twell_status lt_fail(cublasStatus_t s, const char* what) {
+  return fail(TWELL_ERROR_CUBLAS, "%s failed with cuBLAS status %d", what, static_cast<int>(s));
+}
+
+}  // namespace
+
+twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const LtApi& a = api();
+  if (!a.ok) return fail(TWELL_ERROR_UNSUPPORTED, "%s", a.error);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return fail_cuda(err, "cudaGetDevice");
+  const Key key{device, g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.c_is_f32, workspace_bytes};
+  Prepared p;
+  cublasLtHandle_t handle;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto h = g_handles.find(device);
+    if (h == g_handles.end()) {
+      cublasStatus_t s = a.create(&handle);
+      if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtCreate");
+      g_handles[device] = handle;
+    } else {
+      handle = h->second;
+    }
+    auto it = g_prepared.find(key);
+    if (it != g_prepared.end()) {
+      p = it->second;
+    } else {
+      cublasStatus_t s = a.desc_create(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+      if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmulDescCreate");
+      const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+      const cublasOperation_t tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+      a.desc_set(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+      a.desc_set(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+      const cudaDataType ct = g.c_is_f32 ? CUDA_R_32F : CUDA_R_16BF;
+      // Stored (column-major) shapes of A and B before op().
+      const uint64_t a_rows = g.trans_a ? g.k : g.m, a_cols = g.trans_a ? g.m : g.k;
+      const uint64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
+      if ((s = a.layout_create(&p.la, CUDA_R_16BF, a_rows, a_cols, g.lda)) != CUBLAS_STATUS_SUCCESS ||
+          (s = a.layout_create(&p.lb, CUDA_R_16BF, b_rows, b_cols, g.ldb)) != CUBLAS_STATUS_SUCCESS ||
+          (s = a.layout_create(&p.lc, ct, g.m, g.n, g.ldc)) != CUBLAS_STATUS_SUCCESS) {
+        return lt_fail(s, "cublasLtMatrixLayoutCreate");
+      }
+      cublasLtMatmulPreference_t pref;
+      if ((s = a.pref_create(&pref)) != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmulPreferenceCreate");
+      uint64_t ws = workspace_bytes;
+      a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+      cublasLtMatmulHeuristicResult_t result;
+      int found = 0;
+      s = a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &result, &found);
+      if (s != CUBLAS_STATUS_SUCCESS || found == 0) return lt_fail(s, "cublasLtMatmulAlgoGetHeuristic");
+      p.algo = result.algo;
+      g_prepared[key] = p;
+    }
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  cublasStatus_t s = a.matmul(handle, p.desc, &alpha, g.a, p.la, g.b, p.lb, &beta, g.c, p.lc, g.c, p.lc, &p.algo,
+                              workspace, workspace_bytes, stream);
+  if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmul");
+  return TWELL_SUCCESS;
+}
+
+twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
+                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream) {
+  // Row-major C[M,N] = A[M,K] B[N,K]^T  <=>  column-major C^T[N,M] = B^T... : op(B as col-major [K,N]) = T.
+  LtMatmul g;
+  g.trans_a = true;
+  g.trans_b = false;
+  g.m = N;
+  g.n = M;
+  g.k = K;
+  g.a = b;
+  g.lda = ldb;
+  g.b = a;
+  g.ldb = lda;
+  g.c = c;
+  g.ldc = ldc;
+  g.c_is_f32 = c_is_f32;
+  return lt_matmul(g, workspace, workspace_bytes, stream);
+}
+
+}  // namespace twell

@@ -1,0 +1,38 @@
+// Exact dense computation of the FFN for a device-side list of rows
+// (the rows whose TwELL tiles overflowed), with bounded workspace and no
+// host synchronisation: the list length is read on the device.
+//   h = relu(x W_g^T) * (x W_u^T)  (gated)   or   h = relu(x W_u^T)  (non-gated)
+//   y[rows[i]] = bf16(h W_d)       for i < *count
+// Tensor cores (mma.sync, sm_80+), fp32 accumulation; h is rounded to bf16
+// in the workspace between the two GEMMs (as a dense bf16 FFN does).
+// The launcher issues ceil(max_rows / chunk_rows) chunks; chunk c handles list
+// entries [c*chunk_rows, (c+1)*chunk_rows) and its CTAs exit at once when
+// c*chunk_rows >= *count, so an empty list costs only the (tiny) launches.
+#pragma once
+
+#include "common/twell_internal.h"
+
+namespace twell {
+
+struct FallbackArgs {
+  const bf16* x = nullptr;  // [M, D], row stride ldx
+  int64_t ldx = 0;
+  const bf16* w_gate = nullptr;  // [H, D] row stride ldw_gate; nullptr = non-gated
+  int64_t ldw_gate = 0;
+  const bf16* w_up = nullptr;    // [H, D] row stride ldw_up
+  int64_t ldw_up = 0;
+  const bf16* w_down = nullptr;  // [H, D] row stride ldw_down (neuron-major)
+  int64_t ldw_down = 0;
+  bf16* y = nullptr;             // [M, D] row stride ldy
+  int64_t ldy = 0;
+  int64_t M = 0, D = 0, H = 0;
+  const int32_t* rows = nullptr; // device list of row indices (< M)
+  const u64* count = nullptr;    // device: number of valid entries in rows
+  int64_t max_rows = 0;          // host upper bound on *count (e.g. M)
+  int64_t chunk_rows = 0;        // rows per chunk (multiple of 128 recommended)
+  bf16* h_workspace = nullptr;   // [chunk_rows, H]
+};
+
+cudaError_t fallback_rows(const FallbackArgs& args, cudaStream_t stream);
+
+}  // namespace twell

@@ -1,0 +1,200 @@
+#include "capi/errors.h"
+#include "common/cublaslt.h"
+#include "fallback/fallback.h"
+#include "ffn/ffn_ops.h"
+#include "ffn/pipeline.h"
+#include "format/pack.h"
+#include "gate_gemm/gate_gemm.h"
+#include "gate_gemm/gate_portable.h"
+#include "sparse_ffn/sparse_ffn.h"
+
+namespace twell {
+namespace {
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+#define TWELL_STEP(expr, what)                              \
+  do {                                                      \
+    cudaError_t twell_e_ = (expr);                          \
+    if (twell_e_ != cudaSuccess) return fail_cuda(twell_e_, what); \
+  } while (0)
+
+#define TWELL_STATUS_TRY(expr)                 \
+  do {                                         \
+    twell_status twell_s_ = (expr);            \
+    if (twell_s_ != TWELL_SUCCESS) return twell_s_; \
+  } while (0)
+
+}  // namespace
+
+FfnWorkspace ffn_workspace(const FfnProblem& p) {
+  FfnWorkspace w;
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off += align256(bytes);
+    return at;
+  };
+  w.stats = take(TWELL_STATS_WORDS * sizeof(u64));
+  w.lt = take(kLtWorkspaceBytes);
+  const size_t common_end = off;
+
+  const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
+  w.flags = take(static_cast<size_t>(p.M));
+  w.rows = take(static_cast<size_t>(p.M) * 4);
+  w.compact = take(compact_workspace_bytes(p.M));
+  w.packed = take(static_cast<size_t>(p.M) * tiles_for(p.H) * p.slots * 4);
+  // Reserved on sm_90a too: the portable path takes over where TMA cannot run.
+  w.gate_chunk = take(gate_portable_workspace_bytes(p.M, p.H));
+  w.w_down_t = take(p.w_down_dh ? static_cast<size_t>(p.H * p.D) * 2 : 0);
+  w.fallback_h = take(static_cast<size_t>(chunk * p.H) * 2);
+  w.consumer_bytes = 0;
+  w.consumer = take(w.consumer_bytes);
+  const size_t sparse_end = off;
+
+  off = common_end;  // the dense path reuses the sparse path's regions
+  w.dense_g = take(static_cast<size_t>(chunk * p.H) * 2);
+  w.dense_u = take(static_cast<size_t>(chunk * p.H) * 2);
+  const size_t dense_end = off;
+  w.total = sparse_end > dense_end ? sparse_end : dense_end;
+  return w;
+}
+
+static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
+                                   const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
+                                   char* ws, cudaStream_t stream) {
+  TWELL_STEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(p.M), stream), "clearing the row flags");
+  GatePackArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = wt;
+  a.ldw = ldw;
+  a.M = p.M;
+  a.D = p.D;
+  a.H = p.H;
+  a.slots = p.slots;
+  a.packed = packed;
+  a.row_flags = flags;
+  a.stats = stats;
+  if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
+    TWELL_STEP(gate_pack_sm90(a, p.sm_count, stream), "gate GEMM (sm_90a)");
+    return TWELL_SUCCESS;
+  }
+  return gate_pack_portable(a, ws + w.gate_chunk, ws + w.lt, kLtWorkspaceBytes, stream);
+}
+
+twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* wt, int64_t ldw,
+                           uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream) {
+  const FfnWorkspace w = ffn_workspace(p);
+  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream), "stats init");
+  auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
+  TWELL_STATUS_TRY(gate_pack_into(p, w, x, ldx, wt, ldw, packed, flags, stats, ws, stream));
+  TWELL_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream), "overflow compaction");
+  return TWELL_SUCCESS;
+}
+
+twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream) {
+  const FfnWorkspace w = ffn_workspace(p);
+  u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
+  auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
+  auto* rows = reinterpret_cast<int32_t*>(ws + w.rows);
+  auto* packed = reinterpret_cast<uint32_t*>(ws + w.packed);
+  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream), "stats init");
+
+  // Non-gated: the "gate" GEMM packs h = relu(x W_u^T) itself.
+  const bf16* gate_w = p.gated ? t.w_gate : t.w_up;
+  const int64_t gate_ld = p.gated ? t.ldw_gate : t.ldw_up;
+  TWELL_STATUS_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, stats, ws, stream));
+  TWELL_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
+
+  const bf16* w_down = t.w_down;
+  int64_t ldw_down = t.ldw_down;
+  if (p.w_down_dh) {
+    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
+    TWELL_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
+    w_down = wt;
+    ldw_down = p.D;
+  }
+
+  SparseFfnArgs c;
+  c.packed = packed;
+  c.slots = p.slots;
+  c.M = p.M;
+  c.D = p.D;
+  c.H = p.H;
+  c.x = p.gated ? t.x : nullptr;
+  c.ldx = t.ldx;
+  c.w_up = p.gated ? t.w_up : nullptr;
+  c.ldw_up = t.ldw_up;
+  c.w_down = w_down;
+  c.ldw_down = ldw_down;
+  c.y = t.y;
+  c.ldy = t.ldy;
+  c.row_flags = flags;
+  c.stats = stats;
+  TWELL_STEP(sparse_ffn(c, p.sm_count, stream), "sparse consumer");
+
+  FallbackArgs f;
+  f.x = t.x;
+  f.ldx = t.ldx;
+  f.w_gate = p.gated ? t.w_gate : nullptr;
+  f.ldw_gate = t.ldw_gate;
+  f.w_up = t.w_up;
+  f.ldw_up = t.ldw_up;
+  f.w_down = w_down;
+  f.ldw_down = ldw_down;
+  f.y = t.y;
+  f.ldy = t.ldy;
+  f.M = p.M;
+  f.D = p.D;
+  f.H = p.H;
+  f.rows = rows;
+  f.count = stats + TWELL_STAT_OVERFLOW_ROWS;
+  f.max_rows = p.M;
+  f.chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M;
+  f.h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h);
+  TWELL_STEP(fallback_rows(f, stream), "dense fallback");
+  return TWELL_SUCCESS;
+}
+
+twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream) {
+  const FfnWorkspace w = ffn_workspace(p);
+  u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
+  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_DENSE, stream), "stats init");
+  auto* g = reinterpret_cast<bf16*>(ws + w.dense_g);
+  auto* u = reinterpret_cast<bf16*>(ws + w.dense_u);
+  void* lt = ws + w.lt;
+  const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
+  for (int64_t r0 = 0; r0 < p.M; r0 += chunk) {
+    const int64_t n = p.M - r0 < chunk ? p.M - r0 : chunk;
+    const bf16* x = t.x + r0 * t.ldx;
+    if (p.gated) {
+      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_gate, t.ldw_gate, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_STEP(dense_activation(g, u, n, p.H, p.H, p.slots, stats, stream), "dense activation");
+    } else {
+      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_STEP(dense_activation(g, nullptr, n, p.H, p.H, p.slots, stats, stream), "dense activation");
+    }
+    // y[n, D] = h[n, H] W_d. Column-major view: y^T[D, n] = op(W_d) h^T, with
+    // W_d [H, D] row-major = column-major [D, H] (op N), or [D, H] row-major
+    // = column-major [H, D] (op T).
+    LtMatmul m;
+    m.trans_a = p.w_down_dh;
+    m.trans_b = false;
+    m.m = p.D;
+    m.n = n;
+    m.k = p.H;
+    m.a = t.w_down;
+    m.lda = t.ldw_down;
+    m.b = g;
+    m.ldb = p.H;
+    m.c = t.y + r0 * t.ldy;
+    m.ldc = t.ldy;
+    m.c_is_f32 = false;
+    TWELL_STATUS_TRY(lt_matmul(m, lt, kLtWorkspaceBytes, stream));
+  }
+  return TWELL_SUCCESS;
+}
+
+}  // namespace twell

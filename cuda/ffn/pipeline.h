@@ -1,0 +1,56 @@
+// The inference FFN as a sequence of launches on one stream (no host sync):
+//   sparse: stats init -> gate GEMM + TwELL pack (sm_90a or portable) ->
+//           overflow-row compaction -> sparse consumer (non-overflowed rows)
+//           -> exact dense fallback over the overflow list (device-counted)
+//   dense:  per chunk of rows: two cuBLASLt GEMMs -> activation (+stats)
+//           -> cuBLASLt GEMM into y.
+// Kernels get plain pointers; the C ABI layer (capi/capi_ffn.cu) validates.
+#pragma once
+
+#include "common/twell_internal.h"
+
+namespace twell {
+
+struct FfnProblem {
+  int64_t M = 0, D = 0, H = 0;
+  bool gated = true;
+  int slots = 32;
+  bool w_down_dh = false;  // W_d given as [D, H]
+  bool use_sm90 = false;
+  int sm_count = 1;
+  int64_t chunk_rows = 4096;
+};
+
+struct FfnTensors {
+  const bf16* x = nullptr;
+  int64_t ldx = 0;
+  const bf16* w_gate = nullptr;  // nullptr for non-gated
+  int64_t ldw_gate = 0;
+  const bf16* w_up = nullptr;
+  int64_t ldw_up = 0;
+  const bf16* w_down = nullptr;  // [H, D] or [D, H] (see FfnProblem::w_down_dh)
+  int64_t ldw_down = 0;
+  bf16* y = nullptr;
+  int64_t ldy = 0;
+  u64* stats = nullptr;  // nullptr: use the workspace's own
+};
+
+// Byte offsets of the workspace regions for one problem.
+struct FfnWorkspace {
+  size_t stats = 0, lt = 0;                                     // common
+  size_t flags = 0, rows = 0, compact = 0, packed = 0;          // sparse path
+  size_t gate_chunk = 0, w_down_t = 0, fallback_h = 0, consumer = 0;
+  size_t dense_g = 0, dense_u = 0;                              // dense path (overlaps the sparse regions)
+  size_t consumer_bytes = 0;
+  size_t total = 0;
+};
+FfnWorkspace ffn_workspace(const FfnProblem& p);
+
+// Gate GEMM + pack only (caller's packed / overflow list / stats).
+twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* w, int64_t ldw,
+                           uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream);
+
+twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);
+twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);
+
+}  // namespace twell

@@ -1,0 +1,256 @@
+// Reference TwELL packer, unpacker and overflow-row compaction.
+//
+// One warp packs one (row, tile): lane l owns the 8 contiguous columns
+// [8l, 8l+8) of the tile, so a warp reads the tile with one coalesced 1 KiB
+// (fp32) or 512 B (bf16) access, and a warp-wide exclusive scan of the lanes'
+// positive counts gives every entry its slot in ascending column order
+// (deterministic: no atomic tickets).
+#include "common/pack_entry.cuh"
+#include "format/pack.h"
+
+namespace twell {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxBlocks = 4096;
+
+__device__ __forceinline__ void load8(const void* base, bool is_f32, int64_t offset, float (&v)[8]) {
+  if (is_f32) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + offset);
+    const float4 a = p[0], b = p[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(base) + offset);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
+}
+
+// Block-wide reduction of the per-warp statistics, then one atomic each.
+__device__ void flush_stats(u64* stats, u64 active, u64 over_tiles, u64 max_tile) {
+  __shared__ u64 s_active[kWarpsPerBlock], s_over[kWarpsPerBlock], s_max[kWarpsPerBlock];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    s_active[warp] = active;
+    s_over[warp] = over_tiles;
+    s_max[warp] = max_tile;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u64 a = 0, o = 0, m = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      a += s_active[w];
+      o += s_over[w];
+      m = max(m, s_max[w]);
+    }
+    if (a) atomicAdd(&stats[TWELL_STAT_ACTIVE], a);
+    if (o) atomicAdd(&stats[TWELL_STAT_OVERFLOW_TILES], o);
+    if (m) atomicMax(&stats[TWELL_STAT_MAX_TILE_COUNT], m);
+  }
+}
+
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
+            uint32_t* __restrict__ packed, uint8_t* __restrict__ row_flags, u64* __restrict__ stats) {
+  const int lane = threadIdx.x % 32;
+  const int64_t tiles = tiles_for(H);
+  const int64_t row_words = tiles * slots;
+  const int cap = slots - 1;
+  const int64_t total = M * tiles;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  u64 active = 0, over_tiles = 0, max_tile = 0;
+
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; item < total;
+       item += warp_stride) {
+    const int64_t row = item / tiles;
+    const int64_t tile = item - row * tiles;
+    const int64_t col0 = tile * kTileCols + lane * 8;
+    float v[8];
+    unsigned mask = 0;
+    if (col0 < H) {
+      load8(pre, is_f32, row * ld + col0, v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) mask |= (v[k] > 0.0f ? 1u : 0u) << k;
+    }
+    const int mine = __popc(mask);
+    int incl = mine;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int up = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += up;
+    }
+    const int count = __shfl_sync(0xffffffffu, incl, 31);
+    int slot = incl - mine;  // entries before this lane's first one
+    uint32_t* out = packed + row * row_words + tile * slots;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {  // unrolled: v[] must stay in registers
+      if (mask & (1u << k)) {
+        if (slot < cap) out[1 + slot] = pack_entry(lane * 8 + k, v[k]);
+        ++slot;
+      }
+    }
+    const int stored = min(count, cap);
+    for (int w = lane; w < slots; w += 32) {
+      if (w == 0) out[0] = static_cast<uint32_t>(count);
+      else if (w > stored) out[w] = 0u;
+    }
+    if (lane == 0) {
+      active += count;
+      max_tile = max(max_tile, static_cast<u64>(count));
+      if (count > cap) {
+        ++over_tiles;
+        row_flags[row] = 1;
+      }
+    }
+  }
+  flush_stats(stats, active, over_tiles, max_tile);
+}
+
+__global__ void stats_init_kernel(u64* stats, int64_t rows, int path) {
+  const int i = threadIdx.x;
+  if (i < TWELL_STATS_WORDS) {
+    u64 v = 0;
+    if (i == TWELL_STAT_ROWS) v = static_cast<u64>(rows);
+    if (i == TWELL_STAT_PATH) v = static_cast<u64>(path);
+    if (i == TWELL_STAT_FORMAT) v = TWELL_FORMAT_VERSION;
+    stats[i] = v;
+  }
+}
+
+// ---- compaction: flags -> ascending row list ------------------------------
+constexpr int kCompactThreads = 256;
+constexpr int kCompactWindows = 16;
+constexpr int64_t kRowsPerCompactBlock = kCompactThreads * kCompactWindows;
+
+__device__ int block_sum(int v, int* s_warp) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  __syncthreads();
+  if (lane == 0) s_warp[warp] = v;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < kCompactThreads / 32; ++w) total += s_warp[w];
+  return total;
+}
+
+__global__ void __launch_bounds__(kCompactThreads)
+count_flags_kernel(const uint8_t* __restrict__ flags, int64_t M, uint32_t* __restrict__ block_counts) {
+  __shared__ int s_warp[kCompactThreads / 32];
+  const int64_t base = blockIdx.x * kRowsPerCompactBlock;
+  int c = 0;
+  for (int w = 0; w < kCompactWindows; ++w) {
+    const int64_t row = base + w * kCompactThreads + threadIdx.x;
+    c += (row < M && flags[row] != 0) ? 1 : 0;
+  }
+  const int total = block_sum(c, s_warp);
+  if (threadIdx.x == 0) block_counts[blockIdx.x] = static_cast<uint32_t>(total);
+}
+
+__global__ void __launch_bounds__(kCompactThreads)
+emit_rows_kernel(const uint8_t* __restrict__ flags, int64_t M, const uint32_t* __restrict__ block_counts,
+                 int32_t* __restrict__ rows_out, u64* __restrict__ stats) {
+  __shared__ int s_warp[kCompactThreads / 32];
+  __shared__ int s_counts[kCompactThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int before = 0;
+  for (unsigned b = threadIdx.x; b < blockIdx.x; b += kCompactThreads) before += block_counts[b];
+  int offset = block_sum(before, s_warp);
+  const int64_t base = blockIdx.x * kRowsPerCompactBlock;
+  for (int w = 0; w < kCompactWindows; ++w) {
+    const int64_t row = base + w * kCompactThreads + threadIdx.x;
+    const bool f = row < M && flags[row] != 0;
+    const unsigned ballot = __ballot_sync(0xffffffffu, f);
+    __syncthreads();
+    if (lane == 0) s_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int warp_offset = 0, window_total = 0;
+    for (int i = 0; i < kCompactThreads / 32; ++i) {
+      if (i < warp) warp_offset += s_counts[i];
+      window_total += s_counts[i];
+    }
+    if (f) rows_out[offset + warp_offset + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int32_t>(row);
+    offset += window_total;
+  }
+  if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) stats[TWELL_STAT_OVERFLOW_ROWS] = static_cast<u64>(offset);
+}
+
+// ---- unpack -----------------------------------------------------------------
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+unpack_kernel(const uint32_t* __restrict__ packed, int64_t M, int64_t H, int slots, bf16* __restrict__ out,
+              int64_t ldo) {
+  const int lane = threadIdx.x % 32;
+  const int64_t tiles = tiles_for(H);
+  const int64_t total = M * tiles;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; item < total;
+       item += warp_stride) {
+    const int64_t row = item / tiles;
+    const int64_t tile = item - row * tiles;
+    const int64_t col0 = tile * kTileCols;
+    const int width = static_cast<int>(H - col0 < kTileCols ? H - col0 : kTileCols);
+    bf16* dst = out + row * ldo + col0;
+    if (lane * 8 < width) *reinterpret_cast<uint4*>(dst + lane * 8) = make_uint4(0, 0, 0, 0);
+    __syncwarp();
+    const uint32_t* src = packed + row * tiles * slots + tile * slots;
+    const uint32_t count = src[0];
+    const int n = count < static_cast<uint32_t>(slots - 1) ? static_cast<int>(count) : slots - 1;
+    for (int e = lane; e < n; e += 32) {
+      const uint32_t word = src[1 + e];
+      const int col = entry_col(word);
+      if (col < width) dst[col] = __ushort_as_bfloat16(static_cast<unsigned short>(word >> 16));
+    }
+    __syncwarp();
+  }
+}
+
+int grid_for(int64_t warps) {
+  const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+}  // namespace
+
+cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream) {
+  stats_init_kernel<<<1, 32, 0, stream>>>(stats, rows, path);
+  return cudaGetLastError();
+}
+
+cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
+                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  pack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(pre, is_f32, ld, M, H, slots,
+                                                                               packed, row_flags, stats);
+  return cudaGetLastError();
+}
+
+size_t compact_workspace_bytes(int64_t M) {
+  const int64_t blocks = (M + kRowsPerCompactBlock - 1) / kRowsPerCompactBlock;
+  return static_cast<size_t>((blocks * 4 + 255) / 256 * 256);
+}
+
+cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* rows_out, u64* stats,
+                                 void* workspace, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  const int64_t blocks = (M + kRowsPerCompactBlock - 1) / kRowsPerCompactBlock;
+  auto* block_counts = static_cast<uint32_t*>(workspace);
+  count_flags_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts);
+  TWELL_LAUNCH_CHECK();
+  emit_rows_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts,
+                                                                                   rows_out, stats);
+  return cudaGetLastError();
+}
+
+cudaError_t unpack_rows(const uint32_t* packed, int64_t M, int64_t H, int slots, bf16* out, int64_t ldo,
+                        cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  unpack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(packed, M, H, slots, out, ldo);
+  return cudaGetLastError();
+}
+
+}  // namespace twell

@@ -1,0 +1,80 @@
+"""The ``twell`` command: info, demo, train-ref, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args) -> int:
+    import twell
+    from twell import _ffi
+
+    out = {"twell": twell.__version__, "python_package": str(_ffi.Path(__file__).parent)}
+    if _ffi.lib is None:
+        out["library"] = None
+        out["kernels"] = f"unavailable: {_ffi.unavailable_reason}"
+    else:
+        lib, ffi = _ffi.lib, _ffi.ffi
+        out["library"] = str(_ffi.library_path)
+        out["library_version"] = int(lib.twell_version())
+        out["header_version"] = int(lib.TWELL_VERSION)
+        out["build"] = ffi.string(lib.twell_build_info()).decode()
+        n = ffi.new("int32_t *")
+        status = lib.twell_device_count(n)
+        if status != 0:
+            out["gpus"] = 0
+            out["kernels"] = "unavailable: " + ffi.string(lib.twell_last_error()).decode()
+        else:
+            gpus = []
+            for d in range(n[0]):
+                info = ffi.new("twell_device_info *")
+                _ffi.check(lib.twell_get_device_info(d, info))
+                gpus.append({"device": d, "name": ffi.string(info.name).decode(),
+                             "cc": f"{info.cc_major}.{info.cc_minor}", "sms": info.sm_count,
+                             "sm90a_kernels": bool(info.has_sm90a_kernels)})
+            out["gpus"] = gpus
+            out["kernels"] = "available"
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        width = max(len(k) for k in out)
+        for k, v in out.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twell", description="Activation-sparse FFN kernels (TwELL).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="library version, compiled architectures, GPUs seen (or why not)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+
+    from . import demo, train
+
+    d = sub.add_parser("demo", help="train a small LM with and without L1 on the CPU (and check kernels on a GPU)")
+    demo.add_demo_args(d)
+    d.set_defaults(func=demo.main_demo)
+
+    t = sub.add_parser("train-ref", help="train the NumPy reference LM with the L1 recipe")
+    train.add_train_ref_args(t)
+    t.set_defaults(func=train.main_train_ref)
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="GPU benchmarks against cuBLAS dense (writes JSON + PNG)")
+    bench.add_bench_args(b)
+    b.set_defaults(func=bench.main_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
