@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no internet): build from source, run the GPU
+# tests and the benchmarks, write full logs + JSON under OUT and print a
+# short table last.
+#
+#   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
+#   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests sanitizer bench)
+#   TWELL_PYTEST_ARGS="-k gate"          extra pytest arguments
+#
+# Wheels the machine lacks (cffi, pycparser) are installed from .whl/ if present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-$PWD/out}}"
+mkdir -p "$OUT"
+STEPS="${TWELL_GPU_STEPS:-build ctest tests sanitizer bench}"
+LOG="$OUT/gpu_log.txt"
+: > "$LOG"
+SUMMARY=()
+note() { echo "$*" | tee -a "$LOG"; }
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/twell_site .whl/*.whl \
+    && export PYTHONPATH="/tmp/twell_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+BUILD=build/gpu
+export TWELL_LIBRARY="$PWD/$BUILD/libtwell.so"
+export TWELL_BENCH_EXE="$PWD/$BUILD/bench_ffn"
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1; \
+  git rev-parse HEAD 2>/dev/null || true; date -u; } >> "$LOG" 2>&1
+
+if has build; then
+  t0=$(date +%s)
+  cmake -S . -B $BUILD -G Ninja -DCMAKE_CUDA_ARCHITECTURES="80;90a-real" -DTWELL_GPU_TESTS=ON \
+        -DTWELL_BUILD_BENCH=ON -DTWELL_BUILD_TESTS=ON >> "$LOG" 2>&1 \
+    && cmake --build $BUILD -j"$(nproc)" >> "$LOG" 2>&1
+  rc=$?; SUMMARY+=("build: rc=$rc ($(( $(date +%s) - t0 )) s)")
+  [ $rc -eq 0 ] || { tail -40 "$LOG"; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+fi
+
+if has ctest; then
+  t0=$(date +%s)
+  (cd $BUILD && ctest --output-on-failure --timeout 240) > "$OUT/ctest_log.txt" 2>&1
+  rc=$?; SUMMARY+=("ctest (C ABI + standalone kernel programs): rc=$rc ($(( $(date +%s) - t0 )) s): $(grep -E 'tests passed|tests failed' "$OUT/ctest_log.txt" | tail -1)")
+fi
+
+if has tests; then
+  t0=$(date +%s)
+  python3 -m pytest tests -q -x --durations=15 ${TWELL_PYTEST_ARGS:-} > "$OUT/pytest_log.txt" 2>&1
+  rc=$?; SUMMARY+=("pytest (all, GPU included): rc=$rc ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_log.txt")")
+fi
+
+if has sanitizer; then
+  t0=$(date +%s)
+  ok=0; total=0
+  for exe in $BUILD/test_*; do
+    [ -x "$exe" ] || continue
+    total=$((total+1))
+    if compute-sanitizer --tool memcheck --error-exitcode 9 "$exe" --small >> "$OUT/sanitizer_log.txt" 2>&1; then ok=$((ok+1)); fi
+  done
+  SUMMARY+=("compute-sanitizer memcheck (--small): $ok/$total programs clean ($(( $(date +%s) - t0 )) s)")
+fi
+
+if has bench; then
+  t0=$(date +%s)
+  python3 -m twell.bench --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
+  rc=$?; SUMMARY+=("bench: rc=$rc ($(( $(date +%s) - t0 )) s)")
+  [ -f "$OUT/bench_ffn.md" ] && cat "$OUT/bench_ffn.md"
+fi
+
+echo "== logs: gpu_log.txt ctest_log.txt pytest_log.txt sanitizer_log.txt bench_log.txt; results: bench_ffn.json"
+grep -E "FAILED|Error|error:" "$OUT/pytest_log.txt" 2>/dev/null | head -15
+printf '%s\n' "${SUMMARY[@]}"

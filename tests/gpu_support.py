@@ -1,0 +1,177 @@
+"""Helpers for the GPU tests: synthetic FFN problems (DESIGN.md section 6) and
+framework adapters (CuPy first, PyTorch for interop).
+
+Inputs are drawn on the host in float32, rounded to bf16 there, and the same
+bf16 values feed both the kernels and the float64 reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import ml_dtypes
+import numpy as np
+
+from twell import format as fmt
+from twell import reference as ref
+
+BF16 = ml_dtypes.bfloat16
+PATTERNS = ("uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow")
+
+
+def round_bf16(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32).astype(BF16).astype(np.float32)
+
+
+@dataclass
+class Problem:
+    x: np.ndarray       # [M, D] float32 holding bf16 values
+    w_gate: np.ndarray  # [H, D]
+    w_up: np.ndarray    # [H, D]
+    w_down: np.ndarray  # [H, D]
+    pattern: str
+
+    @property
+    def shape(self):
+        return self.x.shape[0], self.x.shape[1], self.w_up.shape[0]
+
+    def reference(self, rows=None, gated=True):
+        """float64 y (and the gate pre-activations) for the given rows (all by default)."""
+        x = self.x if rows is None else self.x[rows]
+        y, cache = ref.ffn_forward(x.astype(np.float64), self.w_gate.astype(np.float64) if gated else None,
+                                   self.w_up.astype(np.float64), self.w_down.astype(np.float64), gated=gated)
+        pre = cache["g"] if gated else cache["u"]
+        return y, pre
+
+
+def make_problem(rng, m, d, h, pattern="uniform", p=0.005) -> Problem:
+    """Synthetic gated-FFN inputs; about p*H active gate neurons per token for 'uniform'."""
+    if pattern == "uniform2":
+        p = 0.02
+    if pattern == "overflow":
+        p = 0.25                       # ~64 per 256-column tile: most tiles overflow 31/63
+    x = rng.standard_normal((m, d), dtype=np.float32)
+    x[:, -1] = 1.0
+    wg = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(max(d - 1, 1)))
+    thresh = NormalDist().inv_cdf(1 - p)
+    wg[:, -1] = -thresh
+    wu = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    wd = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(h))
+    if pattern == "skewed":
+        scale = np.exp(0.35 * rng.standard_normal((m, 1), dtype=np.float32))
+        x[:, :-1] *= scale
+    elif pattern == "hot":
+        hot = rng.choice(h, size=min(8, h), replace=False)
+        wg[hot, -1] = -NormalDist().inv_cdf(1 - 0.8)   # these fire in ~80% of tokens
+    elif pattern == "zero_rows":
+        rows = rng.choice(m, size=max(1, m // 3), replace=False)
+        x[rows, :-1] = 0.0                               # every gate = -thresh < 0: h = 0, y = 0
+    elif pattern == "dense_rows":
+        rows = rng.choice(m, size=max(1, m // 5), replace=False)
+        x[rows, :-1] = 0.0
+        x[rows, -1] = -1.0                               # every gate = +thresh > 0: fully dense rows
+    return Problem(round_bf16(x), round_bf16(wg), round_bf16(wu), round_bf16(wd), pattern)
+
+
+def rel_frobenius(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    denom = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / denom) if denom > 0 else float(np.linalg.norm(a))
+
+
+class CupyAdapter:
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.cp = cupy
+
+    def bf16(self, a):
+        return self.cp.asarray(np.ascontiguousarray(a, dtype=np.float32).astype(BF16))
+
+    def f32(self, a):
+        return self.cp.asarray(np.ascontiguousarray(a, dtype=np.float32))
+
+    def host(self, a) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def host_f32(self, a) -> np.ndarray:
+        return self.host(a).astype(np.float32)
+
+    def full(self, shape, dtype, fill):
+        if dtype == "bfloat16":
+            out = self.cp.empty(shape, dtype=BF16)
+            out.view(self.cp.uint16).fill(fill)
+            return out
+        return self.cp.full(shape, fill, dtype=np.dtype(dtype))
+
+    def stream(self):
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def use_stream(self, s):
+        return s
+
+    def synchronize(self):
+        self.cp.cuda.Device().synchronize()
+
+    def bits(self, a) -> np.ndarray:
+        return self.host(a).view(np.uint16) if self.host(a).dtype == BF16 else self.host(a)
+
+
+class TorchAdapter:
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.t = torch
+
+    def bf16(self, a):
+        return self.t.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to("cuda").to(self.t.bfloat16)
+
+    def f32(self, a):
+        return self.t.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to("cuda")
+
+    def host(self, a) -> np.ndarray:
+        if a.dtype == self.t.bfloat16:
+            return a.view(self.t.int16).cpu().numpy().view(np.uint16).view(BF16)
+        if a.dtype in (self.t.uint32, self.t.uint64):
+            return a.view(self.t.int32 if a.dtype == self.t.uint32 else self.t.int64).cpu().numpy().view(
+                np.uint32 if a.dtype == self.t.uint32 else np.uint64)
+        return a.cpu().numpy()
+
+    def host_f32(self, a) -> np.ndarray:
+        return self.host(a).astype(np.float32)
+
+    def full(self, shape, dtype, fill):
+        tdt = {"bfloat16": self.t.bfloat16, "uint32": self.t.uint32, "int32": self.t.int32, "uint64": self.t.uint64}[dtype]
+        out = self.t.empty(shape, dtype=tdt, device="cuda")
+        if dtype == "bfloat16":
+            out.view(self.t.int16).fill_(np.int16(np.uint16(fill).view(np.int16)))
+        elif dtype == "uint32":
+            out.view(self.t.int32).fill_(int(np.uint32(fill).view(np.int32)))
+        elif dtype == "uint64":
+            out.view(self.t.int64).fill_(int(np.uint64(fill).view(np.int64)))
+        else:
+            out.fill_(fill)
+        return out
+
+    def stream(self):
+        return self.t.cuda.Stream()
+
+    def use_stream(self, s):
+        return self.t.cuda.stream(s)
+
+    def synchronize(self):
+        self.t.cuda.synchronize()
+
+
+def adapter(name: str):
+    return CupyAdapter() if name == "cupy" else TorchAdapter()
+
+
+def expected_pack(pre_f32: np.ndarray, slots: int) -> fmt.Packed:
+    return fmt.encode(pre_f32, slots)
