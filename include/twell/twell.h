@@ -180,10 +180,10 @@ TWELL_API twell_status twell_get_device_info(int32_t device, twell_device_info* 
 #define TWELL_STATS_WORDS 8
 #define TWELL_STAT_ROWS 0            /* tokens in the call */
 #define TWELL_STAT_ACTIVE 1          /* sum of true counts (active gate entries) */
-#define TWELL_STAT_OVERFLOW_ROWS 2   /* rows with a tile over capacity (= list length) */
+#define TWELL_STAT_OVERFLOW_ROWS 2   /* rows with a tile over capacity (= list length; 0 on the dense path) */
 #define TWELL_STAT_OVERFLOW_TILES 3  /* tiles over capacity */
 #define TWELL_STAT_MAX_TILE_COUNT 4  /* largest true count in one tile */
-#define TWELL_STAT_MAX_ROW_COUNT 5   /* largest active count in one row */
+#define TWELL_STAT_MAX_ROW_COUNT 5   /* largest active count in one row (sparse twell_ffn_run only; else 0) */
 #define TWELL_STAT_PATH 6            /* a twell_path: what the call ran */
 #define TWELL_STAT_FORMAT 7          /* TWELL_FORMAT_VERSION, written by every call */
 
@@ -294,6 +294,120 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x,
                                        const DLTensor* w, DLTensor* packed,
                                        DLTensor* overflow_rows, DLTensor* stats, void* workspace,
                                        size_t workspace_bytes, void* stream);
+
+/* ===================================================================== */
+/* Training: the hybrid ELL + dense-tail FFN forward and backward        */
+/*                                                                       */
+/* Gated ReLU FFN only (h = relu(x W_g^T) * (x W_u^T), y = h W_d), bf16   */
+/* tensors, fp32 accumulation. Same layouts and checks as inference: x    */
+/* [M, D], W_g and W_u [H, D], W_d [H, D] (TWELL_LAYOUT_HD) or [D, H]     */
+/* (TWELL_LAYOUT_DH); D and H multiples of 8, D <= 16384, M >= 0.         */
+/*                                                                       */
+/* Forward: gate GEMM -> TwELL -> per row either an ELL row (the row's    */
+/* true active count <= ell_width and no TwELL tile over capacity) or a   */
+/* dense TAIL row; ELL rows: u sampled at the active positions only, h,   */
+/* y = h W_d; tail rows: exact dense GEMMs over the gathered rows, in     */
+/* chunks of tail_chunk_rows (bounded workspace, any number of tail rows).*/
+/* Nothing is dropped: every row is computed exactly by one of the two.   */
+/* The raw L1 sum (sum over tokens and neurons of |h|, fp32) and the L0   */
+/* count per token are produced in the same call. The state the backward */
+/* needs goes to a caller-owned byte buffer ("saved", see docs/          */
+/* training.md for its layout): counts, ELL columns / g / u, tail list.   */
+/* Backward: dh = dy W_d^T at active positions + c * sign(h) (loss +=     */
+/* c * sum |h|); dg, du through the gate; dx; dW_g, dW_u, dW_d from the   */
+/* neuron-major (transposed) view built by a deterministic counting sort, */
+/* tail rows through dense GEMMs. All reductions have a fixed order:      */
+/* results are bitwise reproducible run to run.                           */
+/*                                                                       */
+/* Host synchronisation (version 1, documented limit): the forward waits  */
+/* once for the device-side tail-row count (to size the tail GEMMs); the  */
+/* backward waits for the saved header and for the per-neuron counts      */
+/* (to size the tail GEMMs and schedule the weight-gradient work). Not   */
+/* capturable in CUDA graphs yet.                                         */
+/* ===================================================================== */
+#define TWELL_TRAIN_STATS_WORDS 16
+/* Words 0-7 as TWELL_STAT_* (ROWS, ACTIVE, OVERFLOW_ROWS = rows with a   */
+/* TwELL tile over capacity, OVERFLOW_TILES, MAX_TILE_COUNT,              */
+/* MAX_ROW_COUNT, PATH, FORMAT); ACTIVE, OVERFLOW_* and MAX_TILE_COUNT    */
+/* are 0 in the backward's statistics. Then:                              */
+#define TWELL_TSTAT_TAIL_ROWS 8        /* rows computed by the dense tail */
+#define TWELL_TSTAT_ELL_ROWS 9         /* rows computed in the ELL part */
+#define TWELL_TSTAT_ELL_WIDTH 10       /* the plan's ell_width */
+#define TWELL_TSTAT_TAIL_CHUNKS 11     /* dense tail chunks run */
+#define TWELL_TSTAT_HOST_SYNCS 12      /* host synchronisations in the call */
+#define TWELL_TSTAT_ELL_ENTRIES 13     /* active entries stored in ELL rows */
+#define TWELL_TSTAT_MAX_NEURON_COUNT 14 /* backward: most ELL tokens of one neuron */
+#define TWELL_TSTAT_PHASE 15           /* 1 = forward, 2 = backward */
+/* TWELL_STAT_PATH values of the training calls: TWELL_PATH_SPARSE (1) = */
+/* every row in ELL, TWELL_PATH_DENSE (2) = every row in the dense tail,  */
+/* TWELL_TRAIN_PATH_HYBRID = some of each. */
+#define TWELL_TRAIN_PATH_HYBRID 3
+#define TWELL_TRAIN_ELL_WIDTH_DEFAULT 64
+#define TWELL_TRAIN_TAIL_CHUNK_DEFAULT 1024
+
+typedef struct {
+  int32_t ell_width;       /* W: ELL entries per row, multiple of 8 in [8, 256]; default 64 */
+  int32_t slots;           /* TwELL words per tile of the gate output: 32 (default), 64, 128 */
+  int32_t w_down_layout;   /* a twell_layout; default TWELL_LAYOUT_HD */
+  int32_t path;            /* TWELL_PATH_AUTO or _SPARSE: hybrid (default);
+                              TWELL_PATH_DENSE: every row through the dense tail */
+  int32_t kernels;         /* a twell_kernels (gate GEMM); default TWELL_KERNELS_AUTO */
+  int32_t tail_chunk_rows; /* rows per dense-tail chunk (workspace bound); 0 = default 1024 */
+} twell_train_options;
+
+typedef struct twell_train_plan twell_train_plan;
+
+TWELL_API twell_status twell_train_options_default(twell_train_options* options);
+/* Cheap check of shapes and options against this build (no GPU work). */
+TWELL_API twell_status twell_train_supported(int64_t d_model, int64_t hidden,
+                                             const twell_train_options* options);
+TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t d_model,
+                                               int64_t hidden, const twell_train_options* options,
+                                               int32_t device);
+TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan);
+
+/* Bytes of the saved state a forward over M tokens writes (caller-owned, */
+/* 256-byte aligned device memory, kept until the matching backward).    */
+TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows,
+                                              size_t* bytes);
+/* Device workspace bytes for a forward or a backward over M tokens. */
+TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows,
+                                                  size_t* bytes);
+
+/*
+ * Forward.
+ *   x [M, D], w_gate / w_up [H, D], w_down per the plan's layout: bf16 CUDA
+ *   y       [M, D] bf16 (output)
+ *   l1      [1] float32 (output, may be NULL): sum over tokens and neurons of |h|
+ *   active  [M] int32 (output, may be NULL): active (h != 0 candidates,
+ *           relu(g) > 0) neurons per token, the true L0 count
+ *   saved   >= twell_train_saved_size(M) bytes, 256-byte aligned (output)
+ *   stats   [TWELL_TRAIN_STATS_WORDS] uint64 (output, may be NULL)
+ *   workspace >= twell_train_workspace_size(M) bytes, 256-byte aligned
+ */
+TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTensor* x,
+                                           const DLTensor* w_gate, const DLTensor* w_up,
+                                           const DLTensor* w_down, DLTensor* y, DLTensor* l1,
+                                           DLTensor* active, void* saved, size_t saved_bytes,
+                                           DLTensor* stats, void* workspace,
+                                           size_t workspace_bytes, void* stream);
+
+/*
+ * Backward of the forward that wrote `saved` (same x and weights), with
+ * loss += l1_coeff * sum |h|.
+ *   dy [M, D] bf16; dx [M, D] bf16 (output)
+ *   dw_gate, dw_up [H, D] bf16, dw_down in the plan's W_d layout (outputs):
+ *   overwritten, or (accumulate = 1) dw = bf16(fp32(dw) + gradient)
+ *   stats [TWELL_TRAIN_STATS_WORDS] uint64 (output, may be NULL)
+ */
+TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTensor* dy,
+                                            double l1_coeff, const DLTensor* x,
+                                            const DLTensor* w_gate, const DLTensor* w_up,
+                                            const DLTensor* w_down, const void* saved,
+                                            size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate,
+                                            DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
+                                            DLTensor* stats, void* workspace,
+                                            size_t workspace_bytes, void* stream);
 
 /* CDEF-END */
 

@@ -1,0 +1,1365 @@
+// bench_ffn: twell's sparse FFN against a dense cuBLASLt FFN, in one process.
+//
+// This program is also an example of the public C API: it includes only
+// <twell/twell.h> (plus CUDA and cuBLASLt), builds DLTensor descriptors by
+// hand over cudaMalloc'd buffers, makes plans, sizes and owns the workspace,
+// and reads the device-side statistics after the timed runs.
+//
+//   bench_ffn --suite quick
+//   bench_ffn --D 2048 --H 5632 --M 1,64,65536 --pattern uniform --p 0.005
+//             --slots 32 --kernels auto,portable --benches ffn_sparse,ffn_auto --reps 50
+//   bench_ffn --help
+//
+// Output: one JSON object per line on stdout (machine-readable), a table on
+// stderr. Exit status: 0 all good; 1 some twell call failed or a relative
+// error was over --tol (the other configurations still ran); 2 no GPU;
+// 3 a fatal CUDA/cuBLAS error (the CUDA context is unusable).
+// Methodology and field meanings: bench/README.md.
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <vector>
+
+#include <twell/twell.h>
+
+typedef __nv_bfloat16 bf16;
+
+// ---------------------------------------------------------------------------
+// Error handling. CUDA and cuBLAS errors outside twell are fatal (exit 3):
+// after one the numbers mean nothing. A failing twell call is reported as a
+// record with an "error" field and the next configuration runs, unless the
+// failure left the CUDA context broken.
+// ---------------------------------------------------------------------------
+static std::string g_doing = "start-up";  // named in fatal messages
+
+static void fatal(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "bench_ffn: FATAL while %s: ", g_doing.c_str());
+  vfprintf(stderr, fmt, ap);
+  fprintf(stderr, "\n");
+  va_end(ap);
+  fflush(stdout);
+  exit(3);
+}
+
+#define CK(expr)                                                                                 \
+  do {                                                                                           \
+    cudaError_t ck_e_ = (expr);                                                                  \
+    if (ck_e_ != cudaSuccess)                                                                    \
+      fatal("%s:%d: %s -> %s (%s)", __FILE__, __LINE__, #expr, cudaGetErrorName(ck_e_),          \
+            cudaGetErrorString(ck_e_));                                                          \
+  } while (0)
+
+#define LT(expr)                                                                                 \
+  do {                                                                                           \
+    cublasStatus_t lt_s_ = (expr);                                                               \
+    if (lt_s_ != CUBLAS_STATUS_SUCCESS) fatal("%s:%d: %s -> cuBLAS status %d", __FILE__, __LINE__, #expr, \
+                                              static_cast<int>(lt_s_));                          \
+  } while (0)
+
+// A twell status as a message ("" on success).
+static std::string twell_msg(const char* call, twell_status s) {
+  if (s == TWELL_SUCCESS) return "";
+  return std::string(call) + ": " + twell_status_string(s) + ": " + twell_last_error();
+}
+
+// ---------------------------------------------------------------------------
+// Counter-based RNG: value i of tensor `key` depends only on (seed, key, i),
+// so inputs are reproducible for any launch shape and need no cuRAND.
+// ---------------------------------------------------------------------------
+__host__ __device__ inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Standard normal by Box-Muller on two 24-bit uniforms.
+__device__ inline float normal01(uint64_t key, uint64_t i) {
+  const uint64_t a = splitmix64(key ^ splitmix64(2 * i));
+  const uint64_t b = splitmix64(key ^ splitmix64(2 * i + 1));
+  const float u1 = static_cast<float>((a >> 40) + 1) * (1.0f / 16777216.0f);  // (0, 1]
+  const float u2 = static_cast<float>(b >> 40) * (1.0f / 16777216.0f);        // [0, 1)
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+static uint64_t tensor_key(uint64_t seed, int set, int tensor) {
+  return splitmix64(seed * 0x100000001B3ull + static_cast<uint64_t>(set) * 64 + tensor);
+}
+
+static int grid_for(int64_t n, int threads = 256) {
+  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65536));
+}
+
+// x [M, D]: N(0,1), last column 1. skew: every token's row (but its last
+// column) scaled by exp(0.35 z), z ~ N(0,1) per token.
+__global__ void fill_x_kernel(bf16* x, int64_t M, int64_t D, uint64_t key, uint64_t row_key, int skew) {
+  const int64_t n = M * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / D, col = i - row * D;
+    float v = 1.0f;
+    if (col != D - 1) {
+      v = normal01(key, static_cast<uint64_t>(i));
+      if (skew) v *= expf(0.35f * normal01(row_key, static_cast<uint64_t>(row)));
+    }
+    x[i] = __float2bfloat16_rn(v);
+  }
+}
+
+// W [rows, cols]: N(0, std^2). If set_last: the last column is a per-row
+// threshold: thr, or thr_hot for the n_hot rows k * hot_stride (k < n_hot).
+__global__ void fill_w_kernel(bf16* w, int64_t rows, int64_t cols, float stddev, uint64_t key, int set_last, float thr,
+                              int64_t hot_stride, int64_t n_hot, float thr_hot) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cols, col = i - row * cols;
+    float v;
+    if (set_last && col == cols - 1) {
+      const bool hot = n_hot > 0 && row % hot_stride == 0 && row / hot_stride < n_hot;
+      v = hot ? thr_hot : thr;
+    } else {
+      v = stddev * normal01(key, static_cast<uint64_t>(i));
+    }
+    w[i] = __float2bfloat16_rn(v);
+  }
+}
+
+// h = bf16(relu(g) * u), 8 bf16 per thread (H is a multiple of 8).
+__global__ void relu_mul_kernel(const bf16* g, const bf16* u, bf16* h, int64_t n8) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint4 gv = reinterpret_cast<const uint4*>(g)[i];
+    const uint4 uv = reinterpret_cast<const uint4*>(u)[i];
+    uint4 hv;
+    const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(&gv);
+    const __nv_bfloat162* up = reinterpret_cast<const __nv_bfloat162*>(&uv);
+    __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(&hv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 gf = __bfloat1622float2(gp[k]);
+      const float2 uf = __bfloat1622float2(up[k]);
+      hp[k] = __floats2bfloat162_rn(fmaxf(gf.x, 0.0f) * uf.x, fmaxf(gf.y, 0.0f) * uf.y);
+    }
+    reinterpret_cast<uint4*>(h)[i] = hv;
+  }
+}
+
+// Partial sums (fp64) of (a - f(b))^2 and f(b)^2, one pair per block; f = relu
+// if relu_b. The host adds the partials in a fixed order (deterministic).
+__global__ void relerr_kernel(const bf16* a, const bf16* b, int64_t n, int relu_b, double* partials) {
+  double d2 = 0.0, r2 = 0.0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const double av = __bfloat162float(a[i]);
+    double bv = __bfloat162float(b[i]);
+    if (relu_b && !(bv > 0.0)) bv = 0.0;
+    d2 += (av - bv) * (av - bv);
+    r2 += bv * bv;
+  }
+  __shared__ double s[2][256];
+  s[0][threadIdx.x] = d2;
+  s[1][threadIdx.x] = r2;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) {
+      s[0][threadIdx.x] += s[0][threadIdx.x + w];
+      s[1][threadIdx.x] += s[1][threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = s[0][0];
+    partials[2 * blockIdx.x + 1] = s[1][0];
+  }
+}
+
+// Which neurons fire for at least one token (g > 0), and how many entries are > 0.
+__global__ void active_kernel(const bf16* g, int64_t M, int64_t H, uint8_t* col_active,
+                              unsigned long long* partial_count) {
+  unsigned long long c = 0;
+  const int64_t n = M * H;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    if (__bfloat162float(g[i]) > 0.0f) {
+      ++c;
+      col_active[i % H] = 1;  // same value from every writer: no race on the result
+    }
+  }
+  __shared__ unsigned long long s[256];
+  s[threadIdx.x] = c;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial_count[blockIdx.x] = s[0];
+}
+
+// Holds the stream until the host has queued a batch of timed runs (or the
+// timeout passes), so the events measure GPU time, not host launch gaps
+// (the "blocking kernel" of NVIDIA's nvbench).
+__global__ void blocking_kernel(const volatile int* release, volatile int* timed_out, unsigned long long timeout_ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  while (*release == 0) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (t - t0 > timeout_ns) {
+      *timed_out = 1;
+      return;
+    }
+    __nanosleep(1000);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host helpers
+// ---------------------------------------------------------------------------
+static double norm_ppf(double p) {  // inverse standard normal CDF (Acklam + one Halley step)
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01, -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  double x;
+  if (p < 0.02425) {
+    const double q = sqrt(-2 * log(p));
+    x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+  } else if (p > 1 - 0.02425) {
+    const double q = sqrt(-2 * log(1 - p));
+    x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+  } else {
+    const double q = p - 0.5, r = q * q;
+    x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
+  }
+  const double e = 0.5 * erfc(-x / sqrt(2.0)) - p;
+  const double u = e * sqrt(2 * M_PI) * exp(x * x / 2);
+  return x - u / (1 + x * u / 2);
+}
+
+template <class T>
+static T* dalloc(size_t count) {
+  void* p = nullptr;
+  CK(cudaMalloc(&p, std::max<size_t>(count * sizeof(T), 256)));
+  return static_cast<T*>(p);
+}
+
+static void dfree(void* p) {
+  if (p != nullptr) CK(cudaFree(p));
+}
+
+// A DLTensor over a device buffer; owns its shape array (so it must not be copied).
+struct Tensor {
+  int64_t shape[2] = {0, 0};
+  DLTensor dl;
+  Tensor() { memset(&dl, 0, sizeof(dl)); }
+  Tensor(const Tensor&) = delete;
+  Tensor& operator=(const Tensor&) = delete;
+  void set(void* data, DLDataTypeCode code, int bits, int64_t rows, int64_t cols, int device, int ndim = 2) {
+    shape[0] = ndim == 2 ? rows : cols;
+    shape[1] = cols;
+    dl.data = data;
+    dl.device.device_type = kDLCUDA;
+    dl.device.device_id = device;
+    dl.ndim = ndim;
+    dl.dtype.code = static_cast<uint8_t>(code);
+    dl.dtype.bits = static_cast<uint8_t>(bits);
+    dl.dtype.lanes = 1;
+    dl.shape = shape;
+    dl.strides = nullptr;  // compact row-major
+    dl.byte_offset = 0;
+  }
+};
+
+// One cuBLASLt bf16 GEMM (fp32 compute, bf16 out) with a fixed algorithm.
+// Row-major C[rows_c, cols_c] = A · B expressed in cuBLASLt's column-major terms.
+struct LtGemm {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo;
+  // column-major: C[m, n] = op(A) · op(B), A stored [lda, *], k inner.
+  void init(cublasLtHandle_t lt, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
+            int64_t lda, int64_t ldb, int64_t ldc, size_t ws_bytes) {
+    LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    LT(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda));
+    LT(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb));
+    LT(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, m, n, ldc));
+    cublasLtMatmulPreference_t pref;
+    LT(cublasLtMatmulPreferenceCreate(&pref));
+    LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                            sizeof(ws_bytes)));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    LT(cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref, 1, &res, &found));
+    if (found < 1) fatal("cuBLASLt has no algorithm for a %lld x %lld x %lld bf16 GEMM", (long long)m, (long long)n,
+                         (long long)k);
+    algo = res.algo;
+    LT(cublasLtMatmulPreferenceDestroy(pref));
+  }
+  void run(cublasLtHandle_t lt, const void* A, const void* B, void* C, void* ws, size_t ws_bytes,
+           cudaStream_t s) const {
+    const float one = 1.0f, zero = 0.0f;
+    LT(cublasLtMatmul(lt, desc, &one, A, a, B, b, &zero, C, c, C, c, &algo, ws, ws_bytes, s));
+  }
+  void destroy() {
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    desc = nullptr;
+    a = b = c = nullptr;
+  }
+};
+
+// y_rowmajor[M, N] = x_rowmajor[M, K] · W_rowmajor[N, K]^T  (nn.Linear)
+static void init_linear(LtGemm& g, cublasLtHandle_t lt, int64_t M, int64_t N, int64_t K, size_t ws) {
+  g.init(lt, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, K, K, N, ws);  // A = W (K x N col-major), B = x (K x M)
+}
+// y_rowmajor[M, N] = h_rowmajor[M, K] · W_rowmajor[K, N]  (W_d as [H, D])
+static void init_matmul(LtGemm& g, cublasLtHandle_t lt, int64_t M, int64_t N, int64_t K, size_t ws) {
+  g.init(lt, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, N, K, N, ws);  // A = W (N x K col-major), B = h (K x M)
+}
+
+// ---------------------------------------------------------------------------
+// Small JSON writer (one object per line).
+// ---------------------------------------------------------------------------
+struct Json {
+  std::string s = "{";
+  void key(const char* k) {
+    if (s.size() > 1) s += ", ";
+    s += "\"";
+    s += k;
+    s += "\": ";
+  }
+  void str(const char* k, const std::string& v) {
+    key(k);
+    s += "\"";
+    for (char ch : v) {
+      if (ch == '"' || ch == '\\') {
+        s += '\\';
+        s += ch;
+      } else if (static_cast<unsigned char>(ch) < 0x20) {
+        char buf[8];
+        snprintf(buf, sizeof(buf), "\\u%04x", ch);
+        s += buf;
+      } else {
+        s += ch;
+      }
+    }
+    s += "\"";
+  }
+  void num(const char* k, double v) {
+    key(k);
+    if (!std::isfinite(v)) {
+      s += "null";
+      return;
+    }
+    char buf[64];
+    snprintf(buf, sizeof(buf), "%.6g", v);
+    s += buf;
+  }
+  void integer(const char* k, long long v) {
+    key(k);
+    s += std::to_string(v);
+  }
+  void boolean(const char* k, bool v) {
+    key(k);
+    s += v ? "true" : "false";
+  }
+  void raw(const char* k, const std::string& v) {
+    key(k);
+    s += v;
+  }
+  std::string done() const { return s + "}"; }
+};
+
+// ---------------------------------------------------------------------------
+// Options and configurations
+// ---------------------------------------------------------------------------
+struct Options {
+  int reps = 50;
+  int warmup = 5;
+  uint64_t seed = 20261113;
+  int device = 0;
+  bool blocking = true;
+  double tol = 2e-2;
+  int max_sets = 32;
+  bool dry_run = false;
+  bool table = true;
+};
+
+struct Config {
+  int64_t D = 2048, H = 5632, M = 16384;
+  std::string pattern = "uniform";
+  double p = 0.005;
+  std::vector<int> slots{32};
+  std::vector<std::string> kernels{"auto"};
+  std::vector<std::string> benches{"ffn_sparse", "ffn_auto"};
+};
+
+static const char* kAllBenches[] = {"ffn_sparse", "ffn_auto", "ffn_dense", "gate_pack"};
+
+static bool has(const std::vector<std::string>& v, const char* s) { return std::find(v.begin(), v.end(), s) != v.end(); }
+
+static std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t c = s.find(',', at);
+    const std::string part = s.substr(at, c == std::string::npos ? std::string::npos : c - at);
+    if (!part.empty()) out.push_back(part);
+    if (c == std::string::npos) break;
+    at = c + 1;
+  }
+  return out;
+}
+
+static int64_t parse_int(const std::string& s, const char* what) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = strtoll(s.c_str(), &end, 10);
+  if (errno != 0 || end == s.c_str() || *end != '\0') {
+    fprintf(stderr, "bench_ffn: %s: '%s' is not an integer\n", what, s.c_str());
+    exit(64);
+  }
+  return v;
+}
+
+static double parse_double(const std::string& s, const char* what) {
+  char* end = nullptr;
+  const double v = strtod(s.c_str(), &end);
+  if (end == s.c_str() || *end != '\0') {
+    fprintf(stderr, "bench_ffn: %s: '%s' is not a number\n", what, s.c_str());
+    exit(64);
+  }
+  return v;
+}
+
+// The presets. quick: ~1-2 min on an H100. full: a sweep over M, density,
+// patterns, slots and both kernel families.
+static std::vector<Config> suite(const std::string& name, const std::vector<std::string>& kernels_override) {
+  std::vector<Config> out;
+  auto add = [&](int64_t D, int64_t H, int64_t M, const char* pat, double p, std::vector<std::string> benches,
+                 std::vector<int> slots = {32}, std::vector<std::string> kernels = {"auto"}) {
+    Config c;
+    c.D = D;
+    c.H = H;
+    c.M = M;
+    c.pattern = pat;
+    c.p = p;
+    c.benches = std::move(benches);
+    c.slots = std::move(slots);
+    c.kernels = kernels_override.empty() ? std::move(kernels) : kernels_override;
+    out.push_back(c);
+  };
+  const std::vector<std::string> ffn{"ffn_sparse", "ffn_auto"};
+  if (name == "quick") {
+    for (int64_t M : {1, 16, 64, 2048, 16384, 65536}) add(2048, 5632, M, "uniform", 0.005, ffn);
+    add(2048, 5632, 65536, "uniform", 0.02, ffn);
+    add(2048, 5632, 65536, "skewed", 0.005, ffn);
+    add(2048, 5632, 65536, "hot", 0.005, ffn);
+    add(2048, 5632, 16384, "dense", 0.5, ffn);
+    add(2048, 5632, 65536, "uniform", 0.005, {"gate_pack"});
+    add(4096, 14336, 16384, "uniform", 0.005, ffn);
+    add(896, 4864, 16384, "uniform", 0.005, ffn);
+    add(1024, 2816, 16384, "uniform", 0.005, ffn);
+  } else if (name == "full") {
+    const std::vector<std::string> both{"auto", "portable"};
+    const std::vector<std::string> all{"ffn_sparse", "ffn_auto", "ffn_dense"};
+    for (int64_t M : {1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072})
+      add(2048, 5632, M, "uniform", 0.005, all, {32}, both);
+    for (double p : {0.001, 0.002, 0.01, 0.02, 0.05, 0.1}) add(2048, 5632, 65536, "uniform", p, ffn, {32}, both);
+    add(2048, 5632, 65536, "skewed", 0.005, ffn, {32, 64, 128}, both);
+    add(2048, 5632, 65536, "hot", 0.005, ffn, {32, 64}, both);
+    add(2048, 5632, 65536, "dense", 0.5, all, {32}, both);
+    add(2048, 5632, 65536, "uniform", 0.005, {"gate_pack"}, {32, 64, 128}, both);
+    add(2048, 5632, 16384, "uniform", 0.005, {"gate_pack"}, {32}, both);
+    const int64_t shapes[3][2] = {{4096, 14336}, {896, 4864}, {1024, 2816}};
+    for (auto& dh : shapes) {
+      for (int64_t M : {1, 64, 16384, 65536}) add(dh[0], dh[1], M, "uniform", 0.005, ffn, {32}, both);
+      add(dh[0], dh[1], 65536, "uniform", 0.005, {"gate_pack"}, {32}, both);
+    }
+  } else {
+    fprintf(stderr, "bench_ffn: unknown suite '%s' (quick, full)\n", name.c_str());
+    exit(64);
+  }
+  return out;
+}
+
+static void usage(FILE* f) {
+  fprintf(f,
+          "usage: bench_ffn [--suite quick|full] [--D N --H N --M N[,N...]] [options]\n"
+          "\n"
+          "twell's sparse FFN vs a dense cuBLASLt FFN on synthetic inputs (DESIGN.md 6).\n"
+          "One JSON object per line on stdout, a table on stderr.\n"
+          "\n"
+          "configuration (ignored with --suite, except --kernels):\n"
+          "  --D N                 d_model (multiple of 8; default 2048)\n"
+          "  --H N                 hidden size (multiple of 8; default 5632)\n"
+          "  --M N[,N...]          tokens per call (default 16384)\n"
+          "  --pattern P[,P...]    uniform | skewed | hot | dense (default uniform)\n"
+          "  --p F                 target active fraction per token (default 0.005; dense: 0.5)\n"
+          "  --slots S[,S...]      TwELL words per tile: 32, 64, 128 (default 32)\n"
+          "  --kernels K[,K...]    auto | portable | sm90 (default auto)\n"
+          "  --benches B[,B...]    ffn_sparse, ffn_auto, ffn_dense, gate_pack (default ffn_sparse,ffn_auto)\n"
+          "timing:\n"
+          "  --reps N              timed runs per measurement (default 50)\n"
+          "  --warmup N            untimed runs first (default 5, at least 1)\n"
+          "  --no-blocking         do not hold the stream while queueing (times include host launch gaps)\n"
+          "  --max-sets N          most rotated input sets (default 32)\n"
+          "other:\n"
+          "  --seed N              RNG seed (default 20261113)\n"
+          "  --device N            CUDA device (default 0)\n"
+          "  --tol F               relerr above this fails the record (default 0.02)\n"
+          "  --no-table            no table on stderr\n"
+          "  --dry-run             print the configurations as JSON and exit (no GPU needed)\n"
+          "  --help\n"
+          "exit: 0 ok, 1 a twell call failed or relerr > tol, 2 no GPU, 3 fatal CUDA/cuBLAS error, 64 usage\n");
+}
+
+// ---------------------------------------------------------------------------
+// Timing
+// ---------------------------------------------------------------------------
+struct Timing {
+  double med = NAN, p10 = NAN, p90 = NAN, mean = NAN;
+  int n = 0;
+  bool blocked = false;  // runs were queued behind the blocking kernel
+  int blocking_timeouts = 0;
+};
+
+static double quantile(std::vector<float> v, double q) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  const double pos = q * (v.size() - 1);
+  const size_t lo = static_cast<size_t>(pos);
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - lo) * (v[hi] - v[lo]);
+}
+
+struct Timer {
+  static constexpr int kBatch = 16;             // timed runs queued behind one blocking kernel
+  static constexpr float kBlockBelowMs = 1.0f;  // longer calls: the host is ahead of the GPU anyway
+  cudaEvent_t start[kBatch], stop[kBatch];
+  int* release_host = nullptr;
+  int* release_dev = nullptr;
+  int* timeout_host = nullptr;
+  int* timeout_dev = nullptr;
+  void init() {
+    for (int i = 0; i < kBatch; ++i) {
+      CK(cudaEventCreate(&start[i]));
+      CK(cudaEventCreate(&stop[i]));
+    }
+    CK(cudaHostAlloc(&release_host, sizeof(int), cudaHostAllocMapped));
+    CK(cudaHostGetDevicePointer(&release_dev, release_host, 0));
+    CK(cudaHostAlloc(&timeout_host, sizeof(int), cudaHostAllocMapped));
+    CK(cudaHostGetDevicePointer(&timeout_dev, timeout_host, 0));
+  }
+
+  // call(run_index, set) enqueues one run and returns "" or an error message.
+  // Runs 0..warmup-1 are untimed; then `reps` timed runs, each on the next
+  // rotated input set. Short calls (the last warm-up under kBlockBelowMs)
+  // are queued in batches behind the blocking kernel, so host launch gaps
+  // stay out of the numbers; long calls are queued as they come (the host
+  // runs ahead of the GPU), which also keeps calls of many launches from
+  // filling the launch queue while the stream is held.
+  template <class F>
+  std::string time(F&& call, const Options& o, int nsets, cudaStream_t s, Timing* t) {
+    int run = 0;
+    const int warm = std::max(o.warmup, 1);
+    for (; run < warm; ++run) {
+      if (run == warm - 1) CK(cudaEventRecord(start[0], s));
+      std::string e = call(run, run % nsets);
+      if (run == warm - 1) CK(cudaEventRecord(stop[0], s));
+      if (!e.empty()) return e;
+    }
+    CK(cudaStreamSynchronize(s));
+    float last_warm_ms = 0;
+    CK(cudaEventElapsedTime(&last_warm_ms, start[0], stop[0]));
+    bool block = o.blocking && last_warm_ms < kBlockBelowMs;
+    t->blocked = block;
+    std::vector<float> ms;
+    for (int r0 = 0; r0 < o.reps; r0 += kBatch) {
+      const int n = std::min(kBatch, o.reps - r0);
+      if (block) {
+        *(volatile int*)release_host = 0;
+        *(volatile int*)timeout_host = 0;
+        blocking_kernel<<<1, 1, 0, s>>>(release_dev, timeout_dev, 2000000000ull);
+        CK(cudaGetLastError());
+      }
+      std::string err;
+      for (int k = 0; k < n && err.empty(); ++k, ++run) {
+        CK(cudaEventRecord(start[k], s));
+        err = call(run, run % nsets);
+        CK(cudaEventRecord(stop[k], s));
+      }
+      if (block) {
+        __sync_synchronize();
+        *(volatile int*)release_host = 1;
+      }
+      CK(cudaStreamSynchronize(s));
+      if (!err.empty()) return err;
+      if (block && *(volatile int*)timeout_host) {
+        ++t->blocking_timeouts;
+        block = false;  // the host could not queue a batch in time: stop holding the stream
+      }
+      for (int k = 0; k < n; ++k) {
+        float v = 0;
+        CK(cudaEventElapsedTime(&v, start[k], stop[k]));
+        ms.push_back(v);
+      }
+    }
+    t->n = static_cast<int>(ms.size());
+    t->med = quantile(ms, 0.5);
+    t->p10 = quantile(ms, 0.1);
+    t->p90 = quantile(ms, 0.9);
+    double sum = 0;
+    for (float v : ms) sum += v;
+    t->mean = ms.empty() ? NAN : sum / ms.size();
+    return "";
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Per-process context
+// ---------------------------------------------------------------------------
+struct Ctx {
+  Options opt;
+  int device = 0;
+  std::string device_name;
+  int cc_major = 0, cc_minor = 0;
+  int64_t l2_bytes = 50 << 20;
+  bool sm90a = false;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* lt_ws = nullptr;
+  size_t lt_ws_bytes = 64 << 20;
+  double copy_gbps = NAN;    // device copy bandwidth, bytes read + written, GB/s
+  double gemm_tflops = NAN;  // cuBLASLt bf16 8192^3
+  Timer timer;
+  int failures = 0;
+  bool table_header = false;
+  double* partials = nullptr;  // relerr partials, 2 * 1024 doubles
+};
+
+static double relerr(Ctx& c, const bf16* a, const bf16* ref, int64_t n, bool relu_ref) {
+  const int blocks = std::min(grid_for(n), 1024);
+  relerr_kernel<<<blocks, 256, 0, c.stream>>>(a, ref, n, relu_ref ? 1 : 0, c.partials);
+  CK(cudaGetLastError());
+  std::vector<double> h(2 * blocks);
+  CK(cudaMemcpyAsync(h.data(), c.partials, h.size() * sizeof(double), cudaMemcpyDeviceToHost, c.stream));
+  CK(cudaStreamSynchronize(c.stream));
+  double d2 = 0, r2 = 0;
+  for (int i = 0; i < blocks; ++i) {
+    d2 += h[2 * i];
+    r2 += h[2 * i + 1];
+  }
+  return r2 > 0 ? sqrt(d2 / r2) : (d2 == 0 ? 0.0 : INFINITY);
+}
+
+static void measure_ceilings(Ctx& c) {
+  // Copy bandwidth: a 512 MiB device-to-device copy, bytes read + written.
+  g_doing = "measuring the device copy bandwidth";
+  const size_t bytes = size_t(512) << 20;
+  char* a = dalloc<char>(bytes);
+  char* b = dalloc<char>(bytes);
+  CK(cudaMemsetAsync(a, 0x3c, bytes, c.stream));
+  Options o = c.opt;
+  o.reps = 20;
+  o.warmup = 3;
+  Timing t;
+  c.timer.time([&](int, int) {
+    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, c.stream));
+    return std::string();
+  }, o, 1, c.stream, &t);
+  c.copy_gbps = 2.0 * bytes / (t.med * 1e-3) / 1e9;
+  dfree(a);
+  dfree(b);
+
+  // GEMM rate: cuBLASLt bf16 8192 x 8192 x 8192 on random data.
+  g_doing = "measuring the cuBLASLt bf16 GEMM rate";
+  const int64_t n = 8192;
+  bf16* A = dalloc<bf16>(n * n);
+  bf16* B = dalloc<bf16>(n * n);
+  bf16* C = dalloc<bf16>(n * n);
+  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(A, n, n, 1.0f, tensor_key(c.opt.seed, 999, 1), 0, 0, 1, 0, 0);
+  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(B, n, n, 1.0f, tensor_key(c.opt.seed, 999, 2), 0, 0, 1, 0, 0);
+  CK(cudaGetLastError());
+  LtGemm g;
+  init_linear(g, c.lt, n, n, n, c.lt_ws_bytes);
+  o.reps = 10;
+  c.timer.time([&](int, int) {
+    g.run(c.lt, A, B, C, c.lt_ws, c.lt_ws_bytes, c.stream);
+    return std::string();
+  }, o, 1, c.stream, &t);
+  c.gemm_tflops = 2.0 * n * n * n / (t.med * 1e-3) / 1e12;
+  g.destroy();
+  dfree(A);
+  dfree(B);
+  dfree(C);
+  fprintf(stderr, "# ceilings: device copy %.0f GB/s (read+write, 512 MiB D2D), cuBLASLt bf16 8192^3 %.0f TFLOP/s\n",
+          c.copy_gbps, c.gemm_tflops);
+}
+
+// One input set: x, y and the three weights (weights are rotated too, so a
+// decode-sized call cannot keep W_g resident in L2 from the previous call).
+struct Set {
+  bf16 *x = nullptr, *y = nullptr, *wg = nullptr, *wu = nullptr, *wd = nullptr;
+  Tensor tx, ty, twg, twu, twd;
+};
+
+static const char* path_name(uint64_t p) {
+  return p == TWELL_PATH_SPARSE ? "sparse" : p == TWELL_PATH_DENSE ? "dense" : p == TWELL_PATH_AUTO ? "auto" : "?";
+}
+
+static void table_row(Ctx& c, const char* bench, const Config& cfg, const char* kern, int slots, double act,
+                      long long ovf, const char* path, const Timing& t, double dense_ms, double tflops,
+                      double floor_frac, double mem, double rel, const std::string& err) {
+  if (!c.opt.table) return;
+  if (!c.table_header) {
+    fprintf(stderr, "%-17s %5s %6s %7s %-8s %-8s %4s %8s %7s %-6s %9s %9s %7s %7s %6s %6s %9s\n", "bench", "D", "H", "M",
+            "pattern", "kernels", "S", "act/tok", "ovf", "path", "ms", "dense_ms", "speedup", "TFLOP/s", "floor%",
+            "mem", "relerr");
+    c.table_header = true;
+  }
+  if (!err.empty()) {
+    fprintf(stderr, "%-17s %5lld %6lld %7lld %-8s %-8s %4d  FAILED: %s\n", bench, (long long)cfg.D, (long long)cfg.H,
+            (long long)cfg.M, cfg.pattern.c_str(), kern, slots, err.c_str());
+    return;
+  }
+  fprintf(stderr, "%-17s %5lld %6lld %7lld %-8s %-8s %4d %8.2f %7lld %-6s %9.4f %9.4f %7.2f %7.1f %6.1f %6.3f %9.2e\n",
+          bench, (long long)cfg.D, (long long)cfg.H, (long long)cfg.M, cfg.pattern.c_str(), kern, slots, act, ovf,
+          path, t.med, dense_ms, dense_ms / t.med, tflops, 100.0 * floor_frac, mem, rel);
+}
+
+static void common_fields(Ctx& c, Json& j, const char* bench, const Config& cfg, const char* kern, int slots,
+                          int nsets) {
+  j.str("bench", bench);
+  j.integer("D", cfg.D);
+  j.integer("H", cfg.H);
+  j.integer("M", cfg.M);
+  j.str("pattern", cfg.pattern);
+  j.num("p", cfg.p);
+  j.str("kernels", kern);
+  j.integer("slots", slots);
+  j.str("device", c.device_name);
+  j.str("cc", std::to_string(c.cc_major) + "." + std::to_string(c.cc_minor));
+  j.integer("reps", c.opt.reps);
+  j.integer("warmup", std::max(c.opt.warmup, 1));
+  j.integer("rotation_sets", nsets);
+  j.integer("seed", static_cast<long long>(c.opt.seed));
+  j.num("copy_gbps", c.copy_gbps);
+  j.num("gemm_peak_tflops", c.gemm_tflops);
+}
+
+static void timing_fields(Json& j, const Timing& t) {
+  j.num("ms", t.med);
+  j.num("p10_ms", t.p10);
+  j.num("p90_ms", t.p90);
+  j.num("mean_ms", t.mean);
+  j.boolean("blocking", t.blocked);
+  if (t.blocking_timeouts) j.integer("blocking_timeouts", t.blocking_timeouts);
+}
+
+static void emit(const Json& j) {
+  printf("%s\n", j.done().c_str());
+  fflush(stdout);
+}
+
+// ---------------------------------------------------------------------------
+// One configuration: generate the inputs, time the dense baselines, then
+// every (kernels, slots, bench) variant of twell.
+// ---------------------------------------------------------------------------
+static void run_config(Ctx& c, const Config& cfg) {
+  const int64_t D = cfg.D, H = cfg.H, M = cfg.M;
+  const int dev = c.device;
+  char label[256];
+  snprintf(label, sizeof(label), "D=%lld H=%lld M=%lld %s p=%g", (long long)D, (long long)H, (long long)M,
+           cfg.pattern.c_str(), cfg.p);
+  g_doing = std::string("setting up ") + label;
+
+  const bool any_ffn = has(cfg.benches, "ffn_sparse") || has(cfg.benches, "ffn_auto") || has(cfg.benches, "ffn_dense");
+  const bool any_pack = has(cfg.benches, "gate_pack");
+
+  // Rotation: enough input sets that one pass over them exceeds twice the L2.
+  const size_t set_bytes = size_t(2 * M * D + 3 * H * D) * sizeof(bf16);
+  int nsets = static_cast<int>(std::min<int64_t>(c.opt.max_sets, std::max<int64_t>(1, (2 * c.l2_bytes + set_bytes - 1) / set_bytes)));
+
+  // Memory check (inputs + dense intermediates + y_ref + twell workspace estimate).
+  const size_t inter_bytes = size_t(3) * M * H * sizeof(bf16);
+  size_t free_b = 0, total_b = 0;
+  CK(cudaMemGetInfo(&free_b, &total_b));
+  const size_t packed_est = size_t(M) * ((H + 255) / 256) * 128 * 4;
+  const size_t need = nsets * set_bytes + inter_bytes + size_t(M) * D * 2 + 2 * packed_est + (size_t(256) << 20);
+  if (need > free_b) {
+    Json j;
+    common_fields(c, j, "config", cfg, "-", 0, nsets);
+    j.str("error", "skipped: needs about " + std::to_string(need >> 20) + " MiB of GPU memory, " +
+                       std::to_string(free_b >> 20) + " MiB free");
+    emit(j);
+    fprintf(stderr, "SKIPPED %s: not enough GPU memory\n", label);
+    ++c.failures;
+    return;
+  }
+
+  // Thresholds: gate pre-activations are N(thr, 1), so P(active) = p.
+  const double p = cfg.pattern == "dense" ? 0.5 : cfg.p;
+  const float thr = static_cast<float>(-norm_ppf(1.0 - p));
+  const bool hot = cfg.pattern == "hot";
+  const int64_t n_hot = hot ? std::min<int64_t>(16, H) : 0;
+  const float thr_hot = static_cast<float>(-norm_ppf(1.0 - 0.6));  // ~60% of tokens
+  const int64_t hot_stride = n_hot > 0 ? H / n_hot : 1;
+
+  std::vector<Set> sets(nsets);
+  for (int s = 0; s < nsets; ++s) {
+    Set& S = sets[s];
+    S.x = dalloc<bf16>(M * D);
+    S.y = dalloc<bf16>(M * D);
+    S.wg = dalloc<bf16>(H * D);
+    S.wu = dalloc<bf16>(H * D);
+    S.wd = dalloc<bf16>(H * D);
+    fill_x_kernel<<<grid_for(M * D), 256, 0, c.stream>>>(S.x, M, D, tensor_key(c.opt.seed, s, 0),
+                                                         tensor_key(c.opt.seed, s, 5), cfg.pattern == "skewed");
+    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wg, H, D, 1.0f / sqrtf(float(D - 1)),
+                                                         tensor_key(c.opt.seed, s, 1), 1, thr, hot_stride, n_hot,
+                                                         thr_hot);
+    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wu, H, D, 1.0f / sqrtf(float(D)),
+                                                         tensor_key(c.opt.seed, s, 2), 0, 0, 1, 0, 0);
+    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wd, H, D, 1.0f / sqrtf(float(H)),
+                                                         tensor_key(c.opt.seed, s, 3), 0, 0, 1, 0, 0);
+    CK(cudaGetLastError());
+    CK(cudaMemsetAsync(S.y, 0, size_t(M) * D * 2, c.stream));  // defined, never read before written
+    S.tx.set(S.x, kDLBfloat, 16, M, D, dev);
+    S.ty.set(S.y, kDLBfloat, 16, M, D, dev);
+    S.twg.set(S.wg, kDLBfloat, 16, H, D, dev);
+    S.twu.set(S.wu, kDLBfloat, 16, H, D, dev);
+    S.twd.set(S.wd, kDLBfloat, 16, H, D, dev);  // TWELL_LAYOUT_HD
+  }
+  bf16* g = dalloc<bf16>(M * H);
+  bf16* u = dalloc<bf16>(M * H);
+  bf16* h = dalloc<bf16>(M * H);
+  bf16* y_ref = dalloc<bf16>(M * D);
+
+  // ---- dense baselines (cuBLASLt) ----
+  g_doing = std::string("timing the cuBLASLt baselines, ") + label;
+  LtGemm gemm_gate, gemm_down;
+  init_linear(gemm_gate, c.lt, M, H, D, c.lt_ws_bytes);
+  init_matmul(gemm_down, c.lt, M, D, H, c.lt_ws_bytes);
+  auto dense_ffn = [&](const Set& S, bf16* y) {
+    gemm_gate.run(c.lt, S.wg, S.x, g, c.lt_ws, c.lt_ws_bytes, c.stream);
+    gemm_gate.run(c.lt, S.wu, S.x, u, c.lt_ws, c.lt_ws_bytes, c.stream);
+    relu_mul_kernel<<<grid_for(M * H / 8), 256, 0, c.stream>>>(g, u, h, M * H / 8);
+    CK(cudaGetLastError());
+    gemm_down.run(c.lt, S.wd, h, y, c.lt_ws, c.lt_ws_bytes, c.stream);
+  };
+  Timing t_dense, t_gemm;
+  if (any_ffn) {
+    c.timer.time([&](int, int s) {
+      dense_ffn(sets[s], sets[s].y);
+      return std::string();
+    }, c.opt, nsets, c.stream, &t_dense);
+  }
+  c.timer.time([&](int, int s) {
+    gemm_gate.run(c.lt, sets[s].wg, sets[s].x, g, c.lt_ws, c.lt_ws_bytes, c.stream);
+    return std::string();
+  }, c.opt, nsets, c.stream, &t_gemm);
+
+  // Reference on set 0: y_ref, and g/u/h of set 0 (g is read below).
+  g_doing = std::string("computing the reference, ") + label;
+  dense_ffn(sets[0], y_ref);
+  uint8_t* col_active = dalloc<uint8_t>(H);
+  unsigned long long* cnt = dalloc<unsigned long long>(1024);
+  CK(cudaMemsetAsync(col_active, 0, H, c.stream));
+  const int ablocks = std::min(grid_for(M * H), 1024);
+  active_kernel<<<ablocks, 256, 0, c.stream>>>(g, M, H, col_active, cnt);
+  CK(cudaGetLastError());
+  std::vector<uint8_t> hcol(H);
+  std::vector<unsigned long long> hcnt(ablocks);
+  CK(cudaMemcpyAsync(hcol.data(), col_active, H, cudaMemcpyDeviceToHost, c.stream));
+  CK(cudaMemcpyAsync(hcnt.data(), cnt, ablocks * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c.stream));
+  CK(cudaStreamSynchronize(c.stream));
+  int64_t union_active = 0;
+  for (uint8_t v : hcol) union_active += v;
+  unsigned long long pos = 0;
+  for (auto v : hcnt) pos += v;
+  const double density_ref = double(pos) / (double(M) * H);
+  dfree(col_active);
+  dfree(cnt);
+
+  // Floors (bench/README.md): compute floor = FLOPs / cuBLAS GEMM rate;
+  // bytes floor = least bytes / copy bandwidth; floor = the larger.
+  const double gate_flops = 2.0 * M * D * H;
+  const double w_bytes = double(H) * D * 2;
+  const double xy_bytes = 2.0 * M * D * 2;
+  const double sparse_bytes = w_bytes + 2.0 * union_active * D * 2 + xy_bytes;  // W_g + active rows of W_u, W_d
+  auto floor_ms = [&](double flops, double bytes, double* fc, double* fb) {
+    *fc = flops / (c.gemm_tflops * 1e12) * 1e3;
+    *fb = bytes / (c.copy_gbps * 1e9) * 1e3;
+    return std::max(*fc, *fb);
+  };
+
+  const size_t dense_inter = inter_bytes;
+  if (any_ffn) {
+    Json j;
+    common_fields(c, j, "dense_cublas", cfg, "cublasLt", 0, nsets);
+    j.num("density", density_ref);
+    j.num("active_per_token", density_ref * H);
+    j.integer("union_active_neurons", union_active);
+    timing_fields(j, t_dense);
+    j.num("dense_ms", t_dense.med);
+    j.str("baseline", "cublasLt dense gated FFN (g, u GEMMs + relu*mul kernel + down GEMM)");
+    j.num("speedup_vs_dense", 1.0);
+    j.num("gate_gemm_ms", t_gemm.med);
+    j.num("tflops", gate_flops / (t_dense.med * 1e9));
+    j.num("effective_tflops", 3 * gate_flops / (t_dense.med * 1e9));
+    double fc, fb;
+    const double fl = floor_ms(3 * gate_flops, 3 * w_bytes + xy_bytes, &fc, &fb);
+    j.num("floor_ms", fl);
+    j.num("floor_compute_ms", fc);
+    j.num("floor_bytes_ms", fb);
+    j.num("floor_fraction", fl / t_dense.med);
+    j.num("gbps", (3 * w_bytes + xy_bytes) / (t_dense.med * 1e6));
+    j.integer("intermediate_bytes", static_cast<long long>(dense_inter));
+    emit(j);
+    table_row(c, "dense_cublas", cfg, "cublasLt", 0, density_ref * H, 0, "dense", t_dense, t_dense.med,
+              3 * gate_flops / (t_dense.med * 1e9), fl / t_dense.med, 1.0, NAN, "");
+  }
+  {
+    Json j;
+    common_fields(c, j, "gate_gemm_cublas", cfg, "cublasLt", 0, nsets);
+    timing_fields(j, t_gemm);
+    j.num("dense_ms", t_gemm.med);
+    j.str("baseline", "cublasLt x W_g^T");
+    j.num("speedup_vs_dense", 1.0);
+    j.num("tflops", gate_flops / (t_gemm.med * 1e9));
+    double fc, fb;
+    const double fl = floor_ms(gate_flops, w_bytes + M * D * 2.0 + M * H * 2.0, &fc, &fb);
+    j.num("floor_ms", fl);
+    j.num("floor_compute_ms", fc);
+    j.num("floor_bytes_ms", fb);
+    j.num("floor_fraction", fl / t_gemm.med);
+    emit(j);
+    table_row(c, "gate_gemm_cublas", cfg, "cublasLt", 0, density_ref * H, 0, "dense", t_gemm, t_gemm.med,
+              gate_flops / (t_gemm.med * 1e9), fl / t_gemm.med, NAN, NAN, "");
+  }
+  gemm_gate.destroy();
+  gemm_down.destroy();
+
+  // ---- twell ----
+  const int total_runs = std::max(c.opt.warmup, 1) + c.opt.reps + 1;  // + the correctness run
+  uint64_t* stats_all = dalloc<uint64_t>(size_t(total_runs) * TWELL_STATS_WORDS);
+  std::vector<uint64_t> hstats(size_t(total_runs) * TWELL_STATS_WORDS);
+  int32_t* overflow_list = any_pack ? dalloc<int32_t>(M) : nullptr;
+
+  for (const std::string& kern : cfg.kernels) {
+    for (int slots : cfg.slots) {
+      for (const char* bench : kAllBenches) {
+        if (!has(cfg.benches, bench)) continue;
+        const bool is_pack = strcmp(bench, "gate_pack") == 0;
+        g_doing = std::string(bench) + " (kernels=" + kern + ", slots=" + std::to_string(slots) + "), " + label;
+        Json j;
+        common_fields(c, j, bench, cfg, kern.c_str(), slots, nsets);
+        std::string err;
+
+        twell_ffn_options o;
+        twell_ffn_options_default(&o);
+        o.slots = slots;
+        o.w_down_layout = TWELL_LAYOUT_HD;
+        o.path = strcmp(bench, "ffn_sparse") == 0 || is_pack ? TWELL_PATH_SPARSE
+                 : strcmp(bench, "ffn_dense") == 0         ? TWELL_PATH_DENSE
+                                                           : TWELL_PATH_AUTO;
+        o.kernels = kern == "portable" ? TWELL_KERNELS_PORTABLE : kern == "sm90" ? TWELL_KERNELS_SM90 : TWELL_KERNELS_AUTO;
+        twell_ffn_plan* plan = nullptr;
+        size_t ws_bytes = 0;
+        void* ws = nullptr;
+        uint32_t* packed = nullptr;
+        int64_t row_words = 0;
+        Tensor tpacked, tlist, tdense;
+        err = twell_msg("twell_ffn_supported", twell_ffn_supported(D, H, &o));
+        if (err.empty()) err = twell_msg("twell_ffn_plan_create", twell_ffn_plan_create(&plan, D, H, &o, dev));
+        if (err.empty()) err = twell_msg("twell_ffn_workspace_size", twell_ffn_workspace_size(plan, M, &ws_bytes));
+        if (err.empty()) ws = dalloc<char>(ws_bytes);  // cudaMalloc: 256-byte aligned
+        if (err.empty() && is_pack) {
+          err = twell_msg("twell_packed_row_words", twell_packed_row_words(H, slots, &row_words));
+          if (err.empty()) {
+            packed = dalloc<uint32_t>(size_t(M) * row_words);
+            tpacked.set(packed, kDLUInt, 32, M, row_words, dev);
+            tlist.set(overflow_list, kDLInt, 32, 1, M, dev, 1);
+          }
+        }
+        CK(cudaMemsetAsync(stats_all, 0, size_t(total_runs) * TWELL_STATS_WORDS * 8, c.stream));
+
+        // One call of twell on set s; run r writes its own statistics slot,
+        // so nothing is read back (and nothing synchronises) while timing.
+        auto call = [&](int r, int s) -> std::string {
+          Tensor tstats;
+          tstats.set(stats_all + size_t(r) * TWELL_STATS_WORDS, kDLUInt, 64, 1, TWELL_STATS_WORDS, dev, 1);
+          Set& S = sets[s];
+          twell_status st;
+          if (is_pack) {
+            st = twell_gate_pack(plan, &S.tx.dl, &S.twg.dl, &tpacked.dl, &tlist.dl, &tstats.dl, ws, ws_bytes, c.stream);
+            return twell_msg("twell_gate_pack", st);
+          }
+          st = twell_ffn_run(plan, &S.tx.dl, &S.twg.dl, &S.twu.dl, &S.twd.dl, &S.ty.dl, &tstats.dl, ws, ws_bytes, c.stream);
+          return twell_msg("twell_ffn_run", st);
+        };
+        Timing t;
+        if (err.empty()) err = c.timer.time(call, c.opt, nsets, c.stream, &t);
+
+        // Correctness on set 0 (poisoned output first: NaN bf16 everywhere).
+        double rel = NAN;
+        const int corr = total_runs - 1;
+        if (err.empty()) {
+          if (is_pack) {
+            CK(cudaMemsetAsync(packed, 0xFF, size_t(M) * row_words * 4, c.stream));
+            err = call(corr, 0);
+            if (err.empty()) {
+              tdense.set(h, kDLBfloat, 16, M, H, dev);  // h is free now: unpack into it
+              CK(cudaMemsetAsync(h, 0xFF, size_t(M) * H * 2, c.stream));
+              err = twell_msg("twell_unpack", twell_unpack(&tpacked.dl, slots, &tdense.dl, c.stream));
+            }
+            if (err.empty()) rel = relerr(c, h, g, M * H, true);  // vs relu(g) of cuBLAS
+          } else {
+            CK(cudaMemsetAsync(sets[0].y, 0xFF, size_t(M) * D * 2, c.stream));
+            err = call(corr, 0);
+            if (err.empty()) rel = relerr(c, sets[0].y, y_ref, M * D, false);
+          }
+        }
+        if (!err.empty()) {
+          // Did the failure break the CUDA context? Then nothing else can run.
+          cudaError_t e = cudaStreamSynchronize(c.stream);
+          if (e == cudaSuccess) e = cudaDeviceSynchronize();
+          if (e != cudaSuccess) {
+            j.str("error", err + " (then CUDA: " + cudaGetErrorString(e) + ")");
+            emit(j);
+            fatal("the CUDA context is broken after %s: %s", bench, cudaGetErrorString(e));
+          }
+          cudaGetLastError();
+        }
+
+        if (err.empty()) {
+          CK(cudaMemcpyAsync(hstats.data(), stats_all, hstats.size() * 8, cudaMemcpyDeviceToHost, c.stream));
+          CK(cudaStreamSynchronize(c.stream));
+          // Statistics of the timed runs (every rotated set), averaged.
+          const int first = std::max(c.opt.warmup, 1);
+          double active = 0, rows = 0, ovf_rows = 0, ovf_tiles = 0;
+          uint64_t max_row = 0, max_tile = 0;
+          int n_sparse = 0, n_dense = 0;
+          uint64_t last_path = 0;
+          for (int r = first; r < first + c.opt.reps; ++r) {
+            const uint64_t* s = &hstats[size_t(r) * TWELL_STATS_WORDS];
+            rows += double(s[TWELL_STAT_ROWS]);
+            active += double(s[TWELL_STAT_ACTIVE]);
+            ovf_rows += double(s[TWELL_STAT_OVERFLOW_ROWS]);
+            ovf_tiles += double(s[TWELL_STAT_OVERFLOW_TILES]);
+            max_row = std::max<uint64_t>(max_row, s[TWELL_STAT_MAX_ROW_COUNT]);
+            max_tile = std::max<uint64_t>(max_tile, s[TWELL_STAT_MAX_TILE_COUNT]);
+            last_path = s[TWELL_STAT_PATH];
+            (last_path == TWELL_PATH_DENSE ? n_dense : n_sparse) += 1;
+          }
+          const double nr = std::max(1, c.opt.reps);
+          const double density = rows > 0 ? active / (rows * H) : NAN;
+          const uint64_t* sc = &hstats[size_t(corr) * TWELL_STATS_WORDS];
+          const double baseline_ms = is_pack ? t_gemm.med : t_dense.med;
+          const bool rel_ok = std::isfinite(rel) && rel <= c.opt.tol;
+
+          j.num("density", density);
+          j.num("density_ref", density_ref);
+          j.num("active_per_token", density * H);
+          j.integer("max_row_active", static_cast<long long>(max_row));
+          j.integer("max_tile_count", static_cast<long long>(max_tile));
+          j.num("overflow_rows", ovf_rows / nr);
+          j.num("overflow_tiles", ovf_tiles / nr);
+          j.num("overflow_row_fraction", ovf_rows / std::max(rows, 1.0));
+          j.str("path", path_name(last_path));
+          j.raw("path_counts", "{\"sparse\": " + std::to_string(n_sparse) + ", \"dense\": " + std::to_string(n_dense) + "}");
+          j.integer("stats_format", static_cast<long long>(sc[TWELL_STAT_FORMAT]));
+          j.integer("union_active_neurons", union_active);
+          timing_fields(j, t);
+          j.num("dense_ms", baseline_ms);
+          j.str("baseline", is_pack ? "cublasLt x W_g^T" : "cublasLt dense gated FFN");
+          j.num("dense_ffn_ms", t_dense.med);
+          j.num("gate_gemm_ms", t_gemm.med);
+          j.num("speedup_vs_dense", baseline_ms / t.med);
+          j.num("relerr", rel);
+          j.boolean("relerr_ok", rel_ok);
+          j.str("relerr_vs", is_pack ? "relu(cuBLAS x W_g^T), set 0, after twell_unpack" : "cuBLAS dense y, set 0");
+          j.num("tflops", gate_flops / (t.med * 1e9));
+          double fc, fb, fl, mem;
+          if (is_pack) {
+            const double out_bytes = double(M) * row_words * 4;
+            fl = floor_ms(gate_flops, w_bytes + M * D * 2.0 + out_bytes, &fc, &fb);
+            j.num("gbps", (w_bytes + M * D * 2.0 + out_bytes) / (t.med * 1e6));
+            mem = (double(ws_bytes) + out_bytes + 4.0 * M) / (double(M) * H * 2);  // vs a dense [M, H] gate output
+            j.integer("packed_bytes", static_cast<long long>(out_bytes));
+          } else {
+            const bool dense_path = last_path == TWELL_PATH_DENSE;
+            fl = dense_path ? floor_ms(3 * gate_flops, 3 * w_bytes + xy_bytes, &fc, &fb)
+                            : floor_ms(gate_flops, sparse_bytes, &fc, &fb);
+            j.num("effective_tflops", 3 * gate_flops / (t.med * 1e9));
+            j.num("gbps", (dense_path ? 3 * w_bytes + xy_bytes : sparse_bytes) / (t.med * 1e6));
+            mem = double(ws_bytes) / double(dense_inter);
+            j.integer("dense_intermediate_bytes", static_cast<long long>(dense_inter));
+          }
+          j.num("floor_ms", fl);
+          j.num("floor_compute_ms", fc);
+          j.num("floor_bytes_ms", fb);
+          j.num("floor_fraction", fl / t.med);
+          j.integer("workspace_bytes", static_cast<long long>(ws_bytes));
+          j.num("peak_mem_ratio", mem);
+          if (!rel_ok) {
+            j.str("error", "relerr " + std::to_string(rel) + " is not <= tol " + std::to_string(c.opt.tol));
+            ++c.failures;
+          }
+          emit(j);
+          table_row(c, bench, cfg, kern.c_str(), slots, density * H, static_cast<long long>(ovf_rows / nr + 0.5),
+                    path_name(last_path), t, baseline_ms, gate_flops / (t.med * 1e9), fl / t.med, mem, rel,
+                    rel_ok ? "" : "relerr over tolerance");
+        } else {
+          j.str("error", err);
+          emit(j);
+          table_row(c, bench, cfg, kern.c_str(), slots, NAN, 0, "-", t, NAN, NAN, NAN, NAN, NAN, err);
+          ++c.failures;
+        }
+        if (plan) twell_ffn_plan_destroy(plan);
+        dfree(ws);
+        dfree(packed);
+      }
+    }
+  }
+
+  dfree(stats_all);
+  dfree(overflow_list);
+  dfree(g);
+  dfree(u);
+  dfree(h);
+  dfree(y_ref);
+  for (Set& S : sets) {
+    dfree(S.x);
+    dfree(S.y);
+    dfree(S.wg);
+    dfree(S.wu);
+    dfree(S.wd);
+  }
+}
+
+// ---------------------------------------------------------------------------
+int main(int argc, char** argv) {
+  Options opt;
+  std::string suite_name;
+  Config custom;
+  std::vector<int64_t> Ms{custom.M};
+  std::vector<std::string> patterns{"uniform"};
+  std::vector<std::string> kernels_arg;
+  bool p_given = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "bench_ffn: %s needs a value\n", a.c_str());
+        exit(64);
+      }
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    } else if (a == "--suite") {
+      suite_name = val();
+    } else if (a == "--D") {
+      custom.D = parse_int(val(), "--D");
+    } else if (a == "--H") {
+      custom.H = parse_int(val(), "--H");
+    } else if (a == "--M") {
+      Ms.clear();
+      for (auto& s : split(val())) Ms.push_back(parse_int(s, "--M"));
+    } else if (a == "--pattern") {
+      patterns = split(val());
+    } else if (a == "--p") {
+      custom.p = parse_double(val(), "--p");
+      p_given = true;
+    } else if (a == "--slots") {
+      custom.slots.clear();
+      for (auto& s : split(val())) custom.slots.push_back(static_cast<int>(parse_int(s, "--slots")));
+    } else if (a == "--kernels") {
+      kernels_arg = split(val());
+    } else if (a == "--benches") {
+      custom.benches = split(val());
+    } else if (a == "--reps") {
+      opt.reps = static_cast<int>(parse_int(val(), "--reps"));
+    } else if (a == "--warmup") {
+      opt.warmup = static_cast<int>(parse_int(val(), "--warmup"));
+    } else if (a == "--seed") {
+      opt.seed = static_cast<uint64_t>(parse_int(val(), "--seed"));
+    } else if (a == "--device") {
+      opt.device = static_cast<int>(parse_int(val(), "--device"));
+    } else if (a == "--tol") {
+      opt.tol = parse_double(val(), "--tol");
+    } else if (a == "--max-sets") {
+      opt.max_sets = static_cast<int>(parse_int(val(), "--max-sets"));
+    } else if (a == "--no-blocking") {
+      opt.blocking = false;
+    } else if (a == "--no-table") {
+      opt.table = false;
+    } else if (a == "--dry-run") {
+      opt.dry_run = true;
+    } else {
+      fprintf(stderr, "bench_ffn: unknown argument '%s' (--help)\n", a.c_str());
+      return 64;
+    }
+  }
+  for (auto& k : kernels_arg) {
+    if (k != "auto" && k != "portable" && k != "sm90") {
+      fprintf(stderr, "bench_ffn: --kernels: '%s' is not auto, portable or sm90\n", k.c_str());
+      return 64;
+    }
+  }
+  for (auto& b : custom.benches) {
+    bool ok = false;
+    for (const char* k : kAllBenches) ok = ok || b == k;
+    if (!ok) {
+      fprintf(stderr, "bench_ffn: --benches: '%s' is not one of ffn_sparse, ffn_auto, ffn_dense, gate_pack\n", b.c_str());
+      return 64;
+    }
+  }
+  if (opt.reps < 1 || opt.warmup < 0 || opt.max_sets < 1) {
+    fprintf(stderr, "bench_ffn: --reps must be >= 1, --warmup >= 0, --max-sets >= 1\n");
+    return 64;
+  }
+
+  std::vector<Config> configs;
+  if (!suite_name.empty()) {
+    configs = suite(suite_name, kernels_arg);
+  } else {
+    if (!kernels_arg.empty()) custom.kernels = kernels_arg;
+    for (auto& pat : patterns) {
+      if (pat != "uniform" && pat != "skewed" && pat != "hot" && pat != "dense") {
+        fprintf(stderr, "bench_ffn: --pattern: '%s' is not uniform, skewed, hot or dense\n", pat.c_str());
+        return 64;
+      }
+      for (int64_t M : Ms) {
+        Config c = custom;
+        c.M = M;
+        c.pattern = pat;
+        if (pat == "dense") c.p = 0.5;
+        else if (!p_given) c.p = 0.005;
+        configs.push_back(c);
+      }
+    }
+  }
+  for (const Config& c : configs) {
+    if (c.D < 16 || c.H < 8 || c.M < 1 || c.D % 8 || c.H % 8 || !(c.p > 0 && c.p < 1)) {
+      fprintf(stderr, "bench_ffn: bad configuration D=%lld H=%lld M=%lld p=%g (D >= 16, H >= 8 multiples of 8, M >= 1, 0 < p < 1)\n",
+              (long long)c.D, (long long)c.H, (long long)c.M, c.p);
+      return 64;
+    }
+  }
+
+  if (opt.dry_run) {
+    for (const Config& c : configs) {
+      Json j;
+      j.str("config", "dry-run");
+      j.integer("D", c.D);
+      j.integer("H", c.H);
+      j.integer("M", c.M);
+      j.str("pattern", c.pattern);
+      j.num("p", c.p);
+      std::string s = "[", k = "[", b = "[";
+      for (size_t i = 0; i < c.slots.size(); ++i) s += (i ? ", " : "") + std::to_string(c.slots[i]);
+      for (size_t i = 0; i < c.kernels.size(); ++i) k += (i ? ", \"" : "\"") + c.kernels[i] + "\"";
+      for (size_t i = 0; i < c.benches.size(); ++i) b += (i ? ", \"" : "\"") + c.benches[i] + "\"";
+      j.raw("slots", s + "]");
+      j.raw("kernels", k + "]");
+      j.raw("benches", b + "]");
+      emit(j);
+    }
+    return 0;
+  }
+
+  // ---- device ----
+  Ctx c;
+  c.opt = opt;
+  c.device = opt.device;
+  if (twell_version() != TWELL_VERSION) {
+    fprintf(stderr, "bench_ffn: warning: libtwell is version %d, the header is %d\n", twell_version(), TWELL_VERSION);
+  }
+  int32_t ndev = 0;
+  twell_status st = twell_device_count(&ndev);
+  if (st != TWELL_SUCCESS || ndev == 0) {
+    fprintf(stderr, "bench_ffn: no GPU: %s\n", st != TWELL_SUCCESS ? twell_last_error() : "no CUDA device is visible");
+    return 2;
+  }
+  if (opt.device >= ndev) {
+    fprintf(stderr, "bench_ffn: --device %d, but there are %d devices\n", opt.device, ndev);
+    return 64;
+  }
+  twell_device_info info;
+  st = twell_get_device_info(opt.device, &info);
+  if (st != TWELL_SUCCESS) {
+    fprintf(stderr, "bench_ffn: twell_get_device_info: %s\n", twell_last_error());
+    return 3;
+  }
+  c.device_name = info.name;
+  c.cc_major = info.cc_major;
+  c.cc_minor = info.cc_minor;
+  c.l2_bytes = info.l2_bytes > 0 ? info.l2_bytes : (50 << 20);
+  c.sm90a = info.has_sm90a_kernels != 0;
+  CK(cudaSetDevice(opt.device));
+  CK(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking));
+  LT(cublasLtCreate(&c.lt));
+  CK(cudaMalloc(&c.lt_ws, c.lt_ws_bytes));
+  c.partials = dalloc<double>(2 * 1024);
+  c.timer.init();
+  {
+    time_t now = time(nullptr);
+    char date[64];
+    strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(stderr, "# bench_ffn on %s (cc %d.%d, %d SMs, L2 %lld MiB, sm90a kernels %s), %s\n# twell %s\n",
+            info.name, info.cc_major, info.cc_minor, info.sm_count, (long long)(c.l2_bytes >> 20),
+            c.sm90a ? "yes" : "no", date, twell_build_info());
+    fprintf(stderr, "# %zu configurations, reps %d, warm-up %d, %s\n", configs.size(), opt.reps, std::max(opt.warmup, 1),
+            opt.blocking ? "calls under 1 ms queued behind a blocking kernel (GPU time)" : "no blocking kernel");
+    Json j;
+    j.str("bench", "environment");
+    j.str("device", info.name);
+    j.str("cc", std::to_string(info.cc_major) + "." + std::to_string(info.cc_minor));
+    j.integer("sm_count", info.sm_count);
+    j.integer("l2_bytes", c.l2_bytes);
+    j.boolean("sm90a_kernels", c.sm90a);
+    j.str("twell_build", twell_build_info());
+    j.integer("twell_version", twell_version());
+    int cuda_rt = 0, cublas_v = static_cast<int>(cublasLtGetVersion());
+    cudaRuntimeGetVersion(&cuda_rt);
+    j.integer("cuda_runtime", cuda_rt);
+    j.integer("cublaslt_version", cublas_v);
+    j.str("date", date);
+    measure_ceilings(c);
+    j.num("copy_gbps", c.copy_gbps);
+    j.num("gemm_peak_tflops", c.gemm_tflops);
+    emit(j);
+  }
+
+  for (const Config& cfg : configs) run_config(c, cfg);
+
+  g_doing = "shutting down";
+  CK(cudaDeviceSynchronize());
+  cublasLtDestroy(c.lt);
+  fprintf(stderr, "# done: %zu configurations, %d failure(s)\n", configs.size(), c.failures);
+  return c.failures ? 1 : 0;
+}
