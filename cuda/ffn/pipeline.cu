@@ -40,7 +40,7 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
   const size_t common_end = off;
 
   const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
-  w.flags = take(static_cast<size_t>(p.M));
+  w.flags = take(static_cast<size_t>(p.M) + 16);
   w.rows = take(static_cast<size_t>(p.M) * 4);
   w.compact = take(compact_workspace_bytes(p.M));
   w.packed = take(static_cast<size_t>(p.M) * tiles_for(p.H) * p.slots * 4);
@@ -63,8 +63,7 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
 static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
                                    const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
                                    char* ws, cudaStream_t stream) {
-  TWELL_STEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(p.M), stream), "clearing the row flags");
-  GatePackArgs a;
+  GatePackArgs a;  // row flags were zeroed by stats_init
   a.x = x;
   a.ldx = ldx;
   a.w = wt;
@@ -86,8 +85,8 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
 twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* wt, int64_t ldw,
                            uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream) {
   const FfnWorkspace w = ffn_workspace(p);
-  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream), "stats init");
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
+  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
   TWELL_STATUS_TRY(gate_pack_into(p, w, x, ldx, wt, ldw, packed, flags, stats, ws, stream));
   TWELL_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream), "overflow compaction");
   return TWELL_SUCCESS;
@@ -99,7 +98,7 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
   auto* rows = reinterpret_cast<int32_t*>(ws + w.rows);
   auto* packed = reinterpret_cast<uint32_t*>(ws + w.packed);
-  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream), "stats init");
+  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
 
   // Non-gated: the "gate" GEMM packs h = relu(x W_u^T) itself.
   const bf16* gate_w = p.gated ? t.w_gate : t.w_up;

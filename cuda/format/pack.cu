@@ -111,9 +111,16 @@ pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, in
   flush_stats(stats, active, over_tiles, max_tile);
 }
 
-__global__ void stats_init_kernel(u64* stats, int64_t rows, int path) {
+__global__ void stats_init_kernel(u64* stats, int64_t rows, int path, uint8_t* __restrict__ row_flags) {
+  if (row_flags != nullptr) {  // 16-byte stores over the 256-byte aligned flag buffer
+    const int64_t vecs = (rows + 15) / 16;
+    for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vecs;
+         v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      reinterpret_cast<uint4*>(row_flags)[v] = make_uint4(0, 0, 0, 0);
+    }
+  }
   const int i = threadIdx.x;
-  if (i < TWELL_STATS_WORDS) {
+  if (blockIdx.x == 0 && i < TWELL_STATS_WORDS) {
     u64 v = 0;
     if (i == TWELL_STAT_ROWS) v = static_cast<u64>(rows);
     if (i == TWELL_STAT_PATH) v = static_cast<u64>(path);
@@ -216,8 +223,11 @@ int grid_for(int64_t warps) {
 
 }  // namespace
 
-cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream) {
-  stats_init_kernel<<<1, 32, 0, stream>>>(stats, rows, path);
+cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, uint8_t* row_flags) {
+  // row_flags (when given) must be 16-byte aligned with room rounded up to 16 bytes.
+  int64_t blocks = row_flags != nullptr ? (rows + 16 * 256 - 1) / (16 * 256) : 1;
+  blocks = blocks < 1 ? 1 : (blocks > 256 ? 256 : blocks);
+  stats_init_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(stats, rows, path, row_flags);
   return cudaGetLastError();
 }
 
@@ -239,8 +249,10 @@ cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* r
   if (M == 0) return cudaSuccess;
   const int64_t blocks = (M + kRowsPerCompactBlock - 1) / kRowsPerCompactBlock;
   auto* block_counts = static_cast<uint32_t*>(workspace);
-  count_flags_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts);
-  TWELL_LAUNCH_CHECK();
+  if (blocks > 1) {  // one block needs no offsets (decode-sized calls save a launch)
+    count_flags_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts);
+    TWELL_LAUNCH_CHECK();
+  }
   emit_rows_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts,
                                                                                    rows_out, stats);
   return cudaGetLastError();

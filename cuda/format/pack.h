@@ -6,8 +6,9 @@
 
 namespace twell {
 
-// Zeroes stats and sets the per-call constants (rows, path, format version).
-cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream);
+// Zeroes stats and sets the per-call constants (rows, path, format version);
+// also zeroes row_flags[0, rows) when row_flags != nullptr (one launch for both).
+cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, uint8_t* row_flags = nullptr);
 
 // Packs rows [0, M) of `pre` (fp32 if is_f32 else bf16; row stride ld
 // elements, 16-byte aligned, ld and H multiples of 8) into packed rows of

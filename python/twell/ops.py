@@ -208,7 +208,7 @@ class FFNPlan:
 
     def __init__(self, d_model: int, hidden: int, *, gated: bool = True, slots: int = 32,
                  w_down_layout: str = "hd", path: str = "auto", kernels: str = "auto",
-                 chunk_rows: int = 0, dense_threshold: float = 0.02, device: int = 0):
+                 chunk_rows: int = 0, dense_threshold: float = 0.008, device: int = 0):
         lib = _ffi.require()
         if w_down_layout not in _LAYOUTS:
             raise _ffi.InvalidArgumentError(f"w_down_layout must be one of {sorted(_LAYOUTS)}, got {w_down_layout!r}")
