@@ -251,7 +251,11 @@ typedef struct {
   int32_t kernels;        /* a twell_kernels; default TWELL_KERNELS_AUTO */
   int32_t chunk_rows;     /* rows per chunk of the dense paths' workspace; 0 = default (8192) */
   double dense_threshold; /* AUTO goes dense when the last call had more than this fraction
-                             of active gate entries (default 0.02) or overflow rows (x4) */
+                             of active gate entries (default 0.008) or of overflow rows (x4).
+                             Why 0.008: the sparse consumer reads 4*D bytes of weights per
+                             active entry through L2 (~5 TB/s on an H100) while the dense
+                             path adds two GEMMs (~650 TFLOP/s): they break even near
+                             density = L2 bandwidth [B/s] / GEMM rate [FLOP/s] ~ 0.8% */
 } twell_ffn_options;
 
 typedef struct twell_ffn_plan twell_ffn_plan;
@@ -379,8 +383,8 @@ TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, 
  *   x [M, D], w_gate / w_up [H, D], w_down per the plan's layout: bf16 CUDA
  *   y       [M, D] bf16 (output)
  *   l1      [1] float32 (output, may be NULL): sum over tokens and neurons of |h|
- *   active  [M] int32 (output, may be NULL): active (h != 0 candidates,
- *           relu(g) > 0) neurons per token, the true L0 count
+ *   active  [M] int32 (output, may be NULL): neurons with g > 0 per token
+ *           (the true L0 count, never clamped)
  *   saved   >= twell_train_saved_size(M) bytes, 256-byte aligned (output)
  *   stats   [TWELL_TRAIN_STATS_WORDS] uint64 (output, may be NULL)
  *   workspace >= twell_train_workspace_size(M) bytes, 256-byte aligned

@@ -1,0 +1,437 @@
+// C ABI: the training plan (hybrid ELL + dense-tail forward and backward).
+// Every argument is checked before any CUDA call; device properties are read
+// lazily at the first run.
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <new>
+
+#include "capi/device_guard.h"
+#include "capi/errors.h"
+#include "capi/tensor_check.h"
+#include "gate_gemm/gate_gemm.h"
+#include "train/train.h"
+
+using namespace twell;
+
+struct twell_train_plan {
+  int64_t D = 0, H = 0;
+  twell_train_options opt{};
+  int device = 0;
+  int sm_count = 1;
+  bool use_sm90 = false;
+  bool device_ready = false;
+};
+
+namespace {
+
+#define TRY(expr)                       \
+  do {                                  \
+    twell_status s_ = (expr);           \
+    if (s_ != TWELL_SUCCESS) return s_; \
+  } while (0)
+
+constexpr int64_t kMaxDim = int64_t(1) << 20;
+
+twell_status check_options(int64_t D, int64_t H, const twell_train_options* o) {
+  if (o == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options is NULL (use twell_train_options_default)");
+  if (D < 8 || D % 8 != 0 || D > 16384) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "d_model is %" PRId64 ", expected a multiple of 8 in [8, 16384]", D);
+  }
+  if (H < 8 || H % 8 != 0 || H > kMaxDim) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "hidden is %" PRId64 ", expected a multiple of 8 in [8, %" PRId64 "]", H, kMaxDim);
+  }
+  if (o->ell_width < 8 || o->ell_width > 256 || o->ell_width % 8 != 0) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.ell_width is %d, expected a multiple of 8 in [8, 256]", o->ell_width);
+  }
+  if (o->slots != 32 && o->slots != 64 && o->slots != 128) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.slots is %d, expected 32, 64 or 128", o->slots);
+  }
+  if (o->w_down_layout != TWELL_LAYOUT_HD && o->w_down_layout != TWELL_LAYOUT_DH) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.w_down_layout is %d, expected TWELL_LAYOUT_HD (0) or TWELL_LAYOUT_DH (1)",
+                o->w_down_layout);
+  }
+  if (o->path < TWELL_PATH_AUTO || o->path > TWELL_PATH_DENSE) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.path is %d, expected 0 (auto), 1 (sparse) or 2 (dense)", o->path);
+  }
+  if (o->kernels < TWELL_KERNELS_AUTO || o->kernels > TWELL_KERNELS_SM90) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.kernels is %d, expected 0 (auto), 1 (portable) or 2 (sm90)", o->kernels);
+  }
+  if (o->kernels == TWELL_KERNELS_SM90 && !gate_pack_sm90_compiled()) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but this build has no sm_90a kernels");
+  }
+  if (o->tail_chunk_rows < 0 || (o->tail_chunk_rows > 0 && o->tail_chunk_rows < 16)) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.tail_chunk_rows is %d, expected 0 (default) or >= 16",
+                o->tail_chunk_rows);
+  }
+  return TWELL_SUCCESS;
+}
+
+TrainProblem problem_of(const twell_train_plan* plan, int64_t M) {
+  TrainProblem p;
+  p.M = M;
+  p.D = plan->D;
+  p.H = plan->H;
+  p.W = plan->opt.ell_width;
+  p.slots = plan->opt.slots;
+  p.w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
+  p.force_dense = plan->opt.path == TWELL_PATH_DENSE;
+  p.use_sm90 = plan->use_sm90;
+  p.sm_count = plan->sm_count;
+  p.chunk = plan->opt.tail_chunk_rows > 0 ? plan->opt.tail_chunk_rows : TWELL_TRAIN_TAIL_CHUNK_DEFAULT;
+  return p;
+}
+
+twell_status check_buffer(const void* ptr, size_t bytes, size_t need, const char* name, twell_status short_status,
+                          const char* query) {
+  if (ptr == nullptr || bytes < need) {
+    return fail(short_status, "%s is %s (%zu bytes), need %zu bytes (%s)", name, ptr == nullptr ? "NULL" : "too small",
+                bytes, need, query);
+  }
+  if (reinterpret_cast<uintptr_t>(ptr) % 256 != 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is not 256-byte aligned", name);
+  return TWELL_SUCCESS;
+}
+
+twell_status check_plan_device(const twell_train_plan* plan, const Mat& m, const char* name) {
+  if (m.ptr != nullptr && m.device != plan->device) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is on CUDA device %d but the plan was made for device %d", name, m.device,
+                plan->device);
+  }
+  return TWELL_SUCCESS;
+}
+
+twell_status check_stats(DLTensor* stats, Mat* out) {
+  MatSpec ss{"stats", DType::kU64, 1};
+  ss.cols = TWELL_TRAIN_STATS_WORDS;
+  ss.vector_aligned = false;
+  return check_tensor(stats, ss, out, true);
+}
+
+// A raw buffer [ptr, ptr + bytes) must not overlap a tensor.
+twell_status check_buffer_alias(const void* ptr, size_t bytes, const char* name, const Mat& m, const char* mname) {
+  if (ptr == nullptr || m.ptr == nullptr) return TWELL_SUCCESS;
+  const char* a0 = static_cast<const char*>(ptr);
+  const char* a1 = a0 + bytes;
+  const char* b0 = m.ptr;
+  const char* b1 = m.ptr + m.bytes_span();
+  if (a0 < b1 && b0 < a1) return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s overlaps %s in memory", name, mname);
+  return TWELL_SUCCESS;
+}
+
+twell_status check_weights(const twell_train_plan* plan, const DLTensor* w_gate, const DLTensor* w_up,
+                           const DLTensor* w_down, Mat* mg, Mat* mu, Mat* md) {
+  const int64_t D = plan->D, H = plan->H;
+  const bool dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
+  MatSpec gs{"w_gate", DType::kBF16};
+  gs.rows = H;
+  gs.cols = D;
+  TRY(check_tensor(w_gate, gs, mg));
+  MatSpec us{"w_up", DType::kBF16};
+  us.rows = H;
+  us.cols = D;
+  TRY(check_tensor(w_up, us, mu));
+  MatSpec ds{dh ? "w_down (layout TWELL_LAYOUT_DH, [D, H])" : "w_down (layout TWELL_LAYOUT_HD, [H, D])", DType::kBF16};
+  ds.rows = dh ? D : H;
+  ds.cols = dh ? H : D;
+  TRY(check_tensor(w_down, ds, md));
+  return TWELL_SUCCESS;
+}
+
+twell_status ensure_device(twell_train_plan* p) {
+  if (p->device_ready) return TWELL_SUCCESS;
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return fail_cuda(err, "cudaGetDeviceCount");
+  }
+  if (n == 0) return fail(TWELL_ERROR_NO_DEVICE, "no CUDA device is visible");
+  if (p->device >= n) return fail(TWELL_ERROR_INVALID_ARGUMENT, "the plan's device is %d, expected 0..%d", p->device, n - 1);
+  cudaDeviceProp prop;
+  if ((err = cudaGetDeviceProperties(&prop, p->device)) != cudaSuccess) return fail_cuda(err, "cudaGetDeviceProperties");
+  if (prop.major < 8) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "device %d has compute capability %d.%d; twell needs 8.0 or newer", p->device,
+                prop.major, prop.minor);
+  }
+  const bool hopper = prop.major == 9 && prop.minor == 0 && gate_pack_sm90_compiled();
+  if (p->opt.kernels == TWELL_KERNELS_SM90 && !hopper) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but device %d (%s, cc %d.%d) cannot run them",
+                p->device, prop.name, prop.major, prop.minor);
+  }
+  p->sm_count = prop.multiProcessorCount;
+  p->use_sm90 = hopper && p->opt.kernels != TWELL_KERNELS_PORTABLE;
+  p->device_ready = true;
+  return TWELL_SUCCESS;
+}
+
+twell_status write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
+  if (stats == nullptr) return TWELL_SUCCESS;
+  u64 v[TWELL_TRAIN_STATS_WORDS] = {};
+  v[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;
+  v[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+  v[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+  v[TWELL_TSTAT_PHASE] = static_cast<u64>(phase);
+  cudaError_t err = cudaMemcpyAsync(stats, v, sizeof(v), cudaMemcpyHostToDevice, s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);  // v lives on this stack frame
+  return err == cudaSuccess ? TWELL_SUCCESS : fail_cuda(err, "writing the statistics");
+}
+
+}  // namespace
+
+extern "C" {
+
+TWELL_API twell_status twell_train_options_default(twell_train_options* o) {
+  if (o == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options is NULL");
+  memset(o, 0, sizeof(*o));
+  o->ell_width = TWELL_TRAIN_ELL_WIDTH_DEFAULT;
+  o->slots = TWELL_SLOTS_DEFAULT;
+  o->w_down_layout = TWELL_LAYOUT_HD;
+  o->path = TWELL_PATH_AUTO;
+  o->kernels = TWELL_KERNELS_AUTO;
+  o->tail_chunk_rows = 0;
+  return ok();
+}
+
+TWELL_API twell_status twell_train_supported(int64_t d_model, int64_t hidden, const twell_train_options* options) {
+  TRY(check_options(d_model, hidden, options));
+  return ok();
+}
+
+TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t d_model, int64_t hidden,
+                                               const twell_train_options* options, int32_t device) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  *plan = nullptr;
+  TRY(check_options(d_model, hidden, options));
+  if (device < 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "device is %d, expected a CUDA ordinal >= 0", device);
+  auto* p = new (std::nothrow) twell_train_plan;
+  if (p == nullptr) return fail(TWELL_ERROR_OUT_OF_MEMORY, "plan allocation failed");
+  p->D = d_model;
+  p->H = hidden;
+  p->opt = *options;
+  p->device = device;
+  *plan = p;
+  return ok();
+}
+
+TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan) {
+  delete plan;
+  return ok();
+}
+
+TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows, size_t* bytes) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (bytes == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+  if (rows < 0 || rows > INT32_MAX) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "rows is %" PRId64 ", expected 0..2^31-1", rows);
+  }
+  *bytes = train_saved_layout(rows, plan->opt.ell_width).total;
+  return ok();
+}
+
+TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows, size_t* bytes) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (bytes == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+  if (rows < 0 || rows > INT32_MAX) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "rows is %" PRId64 ", expected 0..2^31-1", rows);
+  }
+  *bytes = train_workspace(problem_of(plan, rows)).total;
+  return ok();
+}
+
+TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTensor* x, const DLTensor* w_gate,
+                                           const DLTensor* w_up, const DLTensor* w_down, DLTensor* y, DLTensor* l1,
+                                           DLTensor* active, void* saved, size_t saved_bytes, DLTensor* stats,
+                                           void* workspace, size_t workspace_bytes, void* stream) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  const int64_t D = plan->D;
+  Mat mx, mg, mu, md, my, ml, ma, ms;
+  MatSpec xs{"x", DType::kBF16};
+  xs.cols = D;
+  TRY(check_tensor(x, xs, &mx));
+  const int64_t M = mx.rows;
+  if (M > INT32_MAX) return fail(TWELL_ERROR_UNSUPPORTED, "x has %" PRId64 " rows; at most 2^31-1 per call", M);
+  TRY(check_weights(plan, w_gate, w_up, w_down, &mg, &mu, &md));
+  MatSpec ys{"y", DType::kBF16};
+  ys.rows = M;
+  ys.cols = D;
+  TRY(check_tensor(y, ys, &my));
+  MatSpec ls{"l1", DType::kF32, 1};
+  ls.cols = 1;
+  ls.vector_aligned = false;
+  TRY(check_tensor(l1, ls, &ml, true));
+  MatSpec as{"active", DType::kI32, 1};
+  as.cols = M;
+  as.vector_aligned = false;
+  as.compact = true;
+  TRY(check_tensor(active, as, &ma, true));
+  TRY(check_stats(stats, &ms));
+  const Mat* ins[] = {&mx, &mg, &mu, &md};
+  const char* in_names[] = {"x", "w_gate", "w_up", "w_down"};
+  const Mat* outs[] = {&my, &ml, &ma, &ms};
+  const char* out_names[] = {"y", "l1", "active", "stats"};
+  for (int i = 0; i < 4; ++i) TRY(check_plan_device(plan, *ins[i], in_names[i]));
+  for (int o = 0; o < 4; ++o) {
+    TRY(check_plan_device(plan, *outs[o], out_names[o]));
+    for (int i = 0; i < 4; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
+    for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
+  }
+  const TrainProblem prob = problem_of(plan, M);
+  const size_t saved_need = train_saved_layout(M, plan->opt.ell_width).total;
+  TRY(check_buffer(saved, saved_bytes, saved_need, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
+  TRY(check_buffer(workspace, workspace_bytes, train_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
+                   "twell_train_workspace_size"));
+  for (int i = 0; i < 4; ++i) {
+    TRY(check_buffer_alias(saved, saved_need, "saved", *ins[i], in_names[i]));
+    TRY(check_buffer_alias(saved, saved_need, "saved", *outs[i], out_names[i]));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[i], out_names[i]));
+  }
+  {
+    const char* a0 = static_cast<const char*>(saved);
+    const char* b0 = static_cast<const char*>(workspace);
+    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_need) {
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
+    }
+  }
+
+  DeviceGuard guard;
+  cudaError_t err = guard.enter(plan->device);
+  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(ensure_device(plan));
+  const TrainProblem run = problem_of(plan, M);
+  TrainWeights w;
+  w.x = reinterpret_cast<const bf16*>(mx.ptr);
+  w.ldx = mx.ld;
+  w.w_gate = reinterpret_cast<const bf16*>(mg.ptr);
+  w.ldw_gate = mg.ld;
+  w.w_up = reinterpret_cast<const bf16*>(mu.ptr);
+  w.ldw_up = mu.ld;
+  w.w_down = reinterpret_cast<const bf16*>(md.ptr);
+  w.ldw_down = md.ld;
+  TrainForwardOut o;
+  o.y = reinterpret_cast<bf16*>(my.ptr);
+  o.ldy = my.ld;
+  o.l1 = reinterpret_cast<float*>(ml.ptr);
+  o.active = reinterpret_cast<int32_t*>(ma.ptr);
+  o.stats = reinterpret_cast<u64*>(ms.ptr);
+  TRY(train_forward_run(run, w, o, static_cast<char*>(saved), static_cast<char*>(workspace),
+                        static_cast<cudaStream_t>(stream)));
+  return ok();
+}
+
+TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTensor* dy, double l1_coeff,
+                                            const DLTensor* x, const DLTensor* w_gate, const DLTensor* w_up,
+                                            const DLTensor* w_down, const void* saved, size_t saved_bytes, DLTensor* dx,
+                                            DLTensor* dw_gate, DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
+                                            DLTensor* stats, void* workspace, size_t workspace_bytes, void* stream) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  const int64_t D = plan->D, H = plan->H;
+  const bool dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
+  Mat mdy, mx, mg, mu, md, mdx, mdg, mdu, mdd, ms;
+  MatSpec dys{"dy", DType::kBF16};
+  dys.cols = D;
+  TRY(check_tensor(dy, dys, &mdy));
+  const int64_t M = mdy.rows;
+  if (M > INT32_MAX) return fail(TWELL_ERROR_UNSUPPORTED, "dy has %" PRId64 " rows; at most 2^31-1 per call", M);
+  MatSpec xs{"x", DType::kBF16};
+  xs.rows = M;
+  xs.cols = D;
+  TRY(check_tensor(x, xs, &mx));
+  TRY(check_weights(plan, w_gate, w_up, w_down, &mg, &mu, &md));
+  if (!(l1_coeff == l1_coeff) || l1_coeff > 3.0e38 || l1_coeff < -3.0e38) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "l1_coeff is %g, expected a finite float", l1_coeff);
+  }
+  if (accumulate != 0 && accumulate != 1) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "accumulate is %d, expected 0 or 1", accumulate);
+  }
+  MatSpec dxs{"dx", DType::kBF16};
+  dxs.rows = M;
+  dxs.cols = D;
+  TRY(check_tensor(dx, dxs, &mdx));
+  MatSpec dgs{"dw_gate", DType::kBF16};
+  dgs.rows = H;
+  dgs.cols = D;
+  TRY(check_tensor(dw_gate, dgs, &mdg));
+  MatSpec dus{"dw_up", DType::kBF16};
+  dus.rows = H;
+  dus.cols = D;
+  TRY(check_tensor(dw_up, dus, &mdu));
+  MatSpec dds{dh ? "dw_down (layout TWELL_LAYOUT_DH, [D, H])" : "dw_down (layout TWELL_LAYOUT_HD, [H, D])", DType::kBF16};
+  dds.rows = dh ? D : H;
+  dds.cols = dh ? H : D;
+  TRY(check_tensor(dw_down, dds, &mdd));
+  TRY(check_stats(stats, &ms));
+  const Mat* ins[] = {&mdy, &mx, &mg, &mu, &md};
+  const char* in_names[] = {"dy", "x", "w_gate", "w_up", "w_down"};
+  const Mat* outs[] = {&mdx, &mdg, &mdu, &mdd, &ms};
+  const char* out_names[] = {"dx", "dw_gate", "dw_up", "dw_down", "stats"};
+  for (int i = 0; i < 5; ++i) TRY(check_plan_device(plan, *ins[i], in_names[i]));
+  for (int o = 0; o < 5; ++o) {
+    TRY(check_plan_device(plan, *outs[o], out_names[o]));
+    for (int i = 0; i < 5; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
+    for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
+  }
+  const TrainProblem prob = problem_of(plan, M);
+  const size_t saved_need = train_saved_layout(M, plan->opt.ell_width).total;
+  TRY(check_buffer(saved, saved_bytes, saved_need, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
+  TRY(check_buffer(workspace, workspace_bytes, train_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
+                   "twell_train_workspace_size"));
+  for (int o = 0; o < 5; ++o) {
+    TRY(check_buffer_alias(saved, saved_need, "saved", *outs[o], out_names[o]));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[o], out_names[o]));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *ins[o], in_names[o]));
+  }
+  {
+    const char* a0 = static_cast<const char*>(saved);
+    const char* b0 = static_cast<const char*>(workspace);
+    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_need) {
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
+    }
+  }
+
+  DeviceGuard guard;
+  cudaError_t err = guard.enter(plan->device);
+  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(ensure_device(plan));
+  auto s = static_cast<cudaStream_t>(stream);
+  if (M == 0) {
+    TRY(write_empty_stats(reinterpret_cast<u64*>(ms.ptr), 2, plan->opt.ell_width, s));
+    if (!accumulate) {  // the gradient of an empty batch is zero
+      Mat* ws_[] = {&mdg, &mdu, &mdd};
+      for (Mat* m : ws_) {
+        if ((err = cudaMemset2DAsync(m->ptr, static_cast<size_t>(m->ld) * 2, 0, static_cast<size_t>(m->cols) * 2,
+                                     static_cast<size_t>(m->rows), s)) != cudaSuccess) {
+          return fail_cuda(err, "zeroing the weight gradients");
+        }
+      }
+    }
+    return ok();
+  }
+  const TrainProblem run = problem_of(plan, M);
+  TrainWeights w;
+  w.x = reinterpret_cast<const bf16*>(mx.ptr);
+  w.ldx = mx.ld;
+  w.w_gate = reinterpret_cast<const bf16*>(mg.ptr);
+  w.ldw_gate = mg.ld;
+  w.w_up = reinterpret_cast<const bf16*>(mu.ptr);
+  w.ldw_up = mu.ld;
+  w.w_down = reinterpret_cast<const bf16*>(md.ptr);
+  w.ldw_down = md.ld;
+  TrainBackwardIO io;
+  io.dy = reinterpret_cast<const bf16*>(mdy.ptr);
+  io.lddy = mdy.ld;
+  io.l1_coeff = static_cast<float>(l1_coeff);
+  io.dx = reinterpret_cast<bf16*>(mdx.ptr);
+  io.lddx = mdx.ld;
+  io.dw_gate = reinterpret_cast<bf16*>(mdg.ptr);
+  io.ld_dwg = mdg.ld;
+  io.dw_up = reinterpret_cast<bf16*>(mdu.ptr);
+  io.ld_dwu = mdu.ld;
+  io.dw_down = reinterpret_cast<bf16*>(mdd.ptr);
+  io.ld_dwd = mdd.ld;
+  io.accumulate = accumulate == 1;
+  io.stats = reinterpret_cast<u64*>(ms.ptr);
+  TRY(train_backward_run(run, w, io, static_cast<const char*>(saved), static_cast<char*>(workspace), s));
+  return ok();
+}
+
+}  // extern "C"

@@ -1,0 +1,632 @@
+// Kernels of the training forward/backward (launched from train.cu).
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include "train/train.h"
+
+namespace twell {
+namespace train {
+
+constexpr int kRowThreads = 128;     // per-row kernels: 4 warps
+constexpr int kChunkRowsSort = 256;  // rows per counting-sort chunk
+constexpr int kScanBlock = 2048;     // elements per scan block (256 threads x 8)
+constexpr int kColsPerBlock = 256;   // weight-gradient kernels: columns per CTA
+
+struct Item {   // weight-gradient work item: entries [e0, e1) of neuron j
+  int64_t j, e0, e1, slot;  // slot < 0: final; else partial slot
+};
+struct Fin {    // neurons split over several items: sum slots [slot0, slot0 + nseg)
+  int64_t j, slot0, nseg, pad;
+};
+
+__device__ __forceinline__ void bf8_to_f(const uint4& v, float f[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ uint4 f_to_bf8(const float f[8]) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  float fa[8], fb[8];
+  bf8_to_f(a, fa);
+  bf8_to_f(b, fb);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s = fmaf(fa[i], fb[i], s);
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
+// ---- forward ----------------------------------------------------------------
+
+__global__ void init_kernel(u64* stats, u64* header, int64_t M, int W, int64_t D, int64_t H, int path) {
+  const int t = threadIdx.x;
+  if (t < kTrainStatsWords) stats[t] = 0;
+  __syncthreads();
+  if (t == 0) {
+    stats[TWELL_STAT_ROWS] = static_cast<u64>(M);
+    stats[TWELL_STAT_PATH] = static_cast<u64>(path);
+    stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+    stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+    stats[TWELL_TSTAT_PHASE] = 1;
+    header[0] = kSavedMagic;
+    header[1] = static_cast<u64>(M);
+    header[2] = 0;
+    header[3] = static_cast<u64>(W);
+    header[4] = static_cast<u64>(D);
+    header[5] = static_cast<u64>(H);
+    header[6] = 0;
+    header[7] = 0;
+  }
+}
+
+// TwELL row -> ELL row (warp per row). A row goes to the tail when a tile
+// overflowed, its true count exceeds W, or force_dense.
+__global__ void convert_kernel(const uint32_t* __restrict__ packed, int64_t M, int64_t H, int slots, int W,
+                               uint8_t* __restrict__ flags, int32_t* __restrict__ counts, int32_t* __restrict__ cols,
+                               float* __restrict__ gv, float* __restrict__ uv, u64* __restrict__ stats) {
+  const int lane = threadIdx.x % 32;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (m >= M) return;
+  const int tiles = static_cast<int>(tiles_for(H));
+  const uint32_t* pr = packed + m * static_cast<int64_t>(tiles) * slots;
+  int total = 0;
+  bool over = false;
+  for (int t0 = 0; t0 < tiles; t0 += 32) {
+    const int t = t0 + lane;
+    const int c = t < tiles ? static_cast<int>(pr[static_cast<int64_t>(t) * slots]) : 0;
+    over |= c > slots - 1;
+    total += c;
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) total += __shfl_xor_sync(0xffffffffu, total, d);
+  over = __any_sync(0xffffffffu, over);
+  const bool tail = over || total > W || flags[m] != 0;
+  const int64_t base = m * W;
+  if (lane == 0) {
+    counts[m] = total;
+    flags[m] = tail ? 1 : 0;
+    if (total > 0) atomicMax(&stats[TWELL_STAT_MAX_ROW_COUNT], static_cast<u64>(total));
+    if (over) atomicAdd(&stats[TWELL_STAT_OVERFLOW_ROWS], 1ull);
+  }
+  int stored = 0;
+  if (!tail) {
+    int carry = 0;
+    for (int t0 = 0; t0 < tiles; t0 += 32) {
+      const int t = t0 + lane;
+      const int c = t < tiles ? static_cast<int>(pr[static_cast<int64_t>(t) * slots]) : 0;
+      int incl = c;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int o = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += o;
+      }
+      const int off = carry + incl - c;
+      for (int i = 0; i < c; ++i) {
+        const uint32_t e = pr[static_cast<int64_t>(t) * slots + 1 + i];
+        const int col = t * kTileCols + static_cast<int>(e & 0xFFFFu);
+        const float v = __uint_as_float((e >> 16) << 16);
+        cols[base + off + i] = col;
+        gv[base + off + i] = v;
+      }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    stored = total;
+  }
+  for (int k = stored + lane; k < W; k += 32) {
+    cols[base + k] = 0;
+    gv[base + k] = 0.f;
+    uv[base + k] = 0.f;
+  }
+}
+
+struct EllFwdArgs {
+  const bf16* x;
+  int64_t ldx;
+  const bf16* wu;
+  int64_t ldwu;
+  const bf16* wd;  // [H, D]
+  int64_t ldwd;
+  const uint8_t* flags;
+  const int32_t* counts;
+  const int32_t* cols;
+  const float* g;
+  float* u;
+  bf16* y;
+  int64_t ldy;
+  float* row_l1;
+  int64_t D;
+  int W;
+};
+
+// One CTA per ELL row: u at the active columns, h = g * u, y = h W_d, L1.
+__global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) {
+  extern __shared__ uint4 smem[];
+  const int nv = static_cast<int>(a.D / 8);
+  uint4* xs = smem;
+  float* hs = reinterpret_cast<float*>(xs + nv);
+  int* js = reinterpret_cast<int*>(hs + a.W);
+  const int64_t m = blockIdx.x;
+  if (a.flags[m] != 0) return;
+  const int n = a.counts[m];
+  const int64_t base = m * a.W;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
+  const uint4* xr = reinterpret_cast<const uint4*>(a.x + m * a.ldx);
+  for (int v = tid; v < nv; v += blockDim.x) xs[v] = xr[v];
+  for (int k = tid; k < n; k += blockDim.x) js[k] = a.cols[base + k];
+  __syncthreads();
+  for (int k = warp; k < n; k += nwarps) {
+    const uint4* wr = reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu);
+    float s = 0.f;
+    for (int v = lane; v < nv; v += 32) s += dot8(xs[v], wr[v]);
+    s = warp_sum(s);
+    if (lane == 0) {
+      a.u[base + k] = s;
+      hs[k] = a.g[base + k] * s;
+    }
+  }
+  __syncthreads();
+  uint4* yr = reinterpret_cast<uint4*>(a.y + m * a.ldy);
+  for (int v = tid; v < nv; v += blockDim.x) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < n; ++k) {
+      float w[8];
+      bf8_to_f(reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd)[v], w);
+      const float h = hs[k];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(h, w[i], acc[i]);
+    }
+    yr[v] = f_to_bf8(acc);
+  }
+  if (tid == 0) {
+    float s = 0.f;
+    for (int k = 0; k < n; ++k) s += fabsf(hs[k]);
+    a.row_l1[m] = s;
+  }
+}
+
+__global__ void gather_rows_kernel(const bf16* __restrict__ src, int64_t ld, const int32_t* __restrict__ rows,
+                                   int64_t D, bf16* __restrict__ out) {
+  const int64_t i = blockIdx.x;
+  const int64_t r = rows[i];
+  const uint4* s = reinterpret_cast<const uint4*>(src + r * ld);
+  uint4* o = reinterpret_cast<uint4*>(out + i * D);
+  for (int v = threadIdx.x; v < D / 8; v += blockDim.x) o[v] = s[v];
+}
+
+__global__ void scatter_rows_kernel(const bf16* __restrict__ src, const int32_t* __restrict__ rows, int64_t D,
+                                    bf16* __restrict__ dst, int64_t ld) {
+  const int64_t i = blockIdx.x;
+  const int64_t r = rows[i];
+  const uint4* s = reinterpret_cast<const uint4*>(src + i * D);
+  uint4* o = reinterpret_cast<uint4*>(dst + r * ld);
+  for (int v = threadIdx.x; v < D / 8; v += blockDim.x) o[v] = s[v];
+}
+
+__device__ __forceinline__ float block_sum_fixed(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// Dense tail rows (forward): h = relu(g) * u in fp32 -> bf16 for the y GEMM;
+// per-row L1 (fixed-order block reduction) and L0 count.
+__global__ void __launch_bounds__(256) tail_forward_act_kernel(const float* __restrict__ G, const float* __restrict__ U,
+                                                               int64_t H, const int32_t* __restrict__ rows,
+                                                               bf16* __restrict__ hb, float* __restrict__ row_l1,
+                                                               int32_t* __restrict__ counts, u64* __restrict__ stats,
+                                                               int count_active) {
+  __shared__ float sh[256];
+  const int64_t i = blockIdx.x;
+  float l1 = 0.f;
+  int cnt = 0;
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
+    const float g = G[i * H + c], u = U[i * H + c];
+    const float h = g > 0.f ? g * u : 0.f;
+    cnt += g > 0.f ? 1 : 0;
+    hb[i * H + c] = __float2bfloat16_rn(h);
+    l1 += fabsf(h);
+  }
+  const float tot = block_sum_fixed(l1, sh);
+  const float ctot = block_sum_fixed(static_cast<float>(cnt), sh);  // exact: < 2^24
+  if (threadIdx.x == 0) {
+    const int64_t r = rows[i];
+    row_l1[r] = tot;
+    const int n = static_cast<int>(ctot);
+    if (count_active) {
+      counts[r] = n;
+      if (n > 0) {
+        atomicAdd(&stats[TWELL_STAT_ACTIVE], static_cast<u64>(n));
+        atomicMax(&stats[TWELL_STAT_MAX_ROW_COUNT], static_cast<u64>(n));
+      }
+    }
+  }
+}
+
+// L1 sum (fixed order, double accumulation) and the forward's final statistics.
+__global__ void __launch_bounds__(1024) forward_final_kernel(const float* __restrict__ row_l1,
+                                                             const uint8_t* __restrict__ flags,
+                                                             const int32_t* __restrict__ counts, int64_t M,
+                                                             const u64* __restrict__ header, float* l1_out,
+                                                             u64* stats, int force_dense, int64_t chunks) {
+  __shared__ double sd[1024];
+  __shared__ long long sl[1024];
+  double s = 0.0;
+  long long e = 0;
+  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
+    s += static_cast<double>(row_l1[i]);
+    if (flags[i] == 0) e += counts[i];
+  }
+  sd[threadIdx.x] = s;
+  sl[threadIdx.x] = e;
+  __syncthreads();
+  for (int k = blockDim.x / 2; k > 0; k /= 2) {
+    if (threadIdx.x < k) {
+      sd[threadIdx.x] += sd[threadIdx.x + k];
+      sl[threadIdx.x] += sl[threadIdx.x + k];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (l1_out != nullptr) *l1_out = static_cast<float>(sd[0]);
+    const u64 T = header[2];
+    const u64 Mu = static_cast<u64>(M);
+    stats[TWELL_TSTAT_TAIL_ROWS] = T;
+    stats[TWELL_TSTAT_ELL_ROWS] = Mu - T;
+    stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
+    stats[TWELL_TSTAT_HOST_SYNCS] = 1;
+    stats[TWELL_TSTAT_ELL_ENTRIES] = static_cast<u64>(sl[0]);
+    stats[TWELL_STAT_PATH] = force_dense ? TWELL_PATH_DENSE
+                                         : (T == 0 ? TWELL_PATH_SPARSE : (T == Mu ? TWELL_PATH_DENSE : TWELL_TRAIN_PATH_HYBRID));
+  }
+}
+
+// ---- backward ---------------------------------------------------------------
+
+struct EllBwdArgs {
+  const bf16* dy;
+  int64_t lddy;
+  const bf16* wg;
+  int64_t ldwg;
+  const bf16* wu;
+  int64_t ldwu;
+  const bf16* wd;  // [H, D]
+  int64_t ldwd;
+  const uint8_t* flags;
+  const int32_t* counts;
+  const int32_t* cols;
+  const float* g;
+  const float* u;
+  float* dg;
+  float* du;
+  bf16* dx;
+  int64_t lddx;
+  float coef;
+  int64_t D;
+  int W;
+};
+
+// One CTA per ELL row: dh at the active columns (+ L1 term), dg, du, dx row.
+__global__ void __launch_bounds__(kRowThreads) ell_backward_kernel(EllBwdArgs a) {
+  extern __shared__ uint4 smem[];
+  const int nv = static_cast<int>(a.D / 8);
+  uint4* ys = smem;
+  float* dgs = reinterpret_cast<float*>(ys + nv);
+  float* dus = dgs + a.W;
+  int* js = reinterpret_cast<int*>(dus + a.W);
+  const int64_t m = blockIdx.x;
+  if (a.flags[m] != 0) return;
+  const int n = a.counts[m];
+  const int64_t base = m * a.W;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
+  const uint4* yr = reinterpret_cast<const uint4*>(a.dy + m * a.lddy);
+  for (int v = tid; v < nv; v += blockDim.x) ys[v] = yr[v];
+  for (int k = tid; k < n; k += blockDim.x) js[k] = a.cols[base + k];
+  __syncthreads();
+  for (int k = warp; k < n; k += nwarps) {
+    const uint4* wr = reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd);
+    float s = 0.f;
+    for (int v = lane; v < nv; v += 32) s += dot8(ys[v], wr[v]);
+    s = warp_sum(s);
+    if (lane == 0) {
+      const float uu = a.u[base + k], gg = a.g[base + k];
+      const float h = gg * uu;
+      const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
+      const float dh = s + a.coef * sg;
+      const float dgv = dh * uu, duv = dh * gg;
+      a.dg[base + k] = dgv;
+      a.du[base + k] = duv;
+      dgs[k] = dgv;
+      dus[k] = duv;
+    }
+  }
+  __syncthreads();
+  uint4* xr = reinterpret_cast<uint4*>(a.dx + m * a.lddx);
+  for (int v = tid; v < nv; v += blockDim.x) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < n; ++k) {
+      float w[8], w2[8];
+      bf8_to_f(reinterpret_cast<const uint4*>(a.wg + static_cast<int64_t>(js[k]) * a.ldwg)[v], w);
+      bf8_to_f(reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu)[v], w2);
+      const float p = dgs[k], q = dus[k];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(q, w2[i], fmaf(p, w[i], acc[i]));
+    }
+    xr[v] = f_to_bf8(acc);
+  }
+}
+
+// Counting sort, step 1: hist[j * nchunks + chunk(m)] += 1 for every ELL entry (warp per row).
+__global__ void hist_kernel(const uint8_t* __restrict__ flags, const int32_t* __restrict__ counts,
+                            const int32_t* __restrict__ cols, int64_t M, int W, int64_t nchunks,
+                            unsigned long long* __restrict__ hist) {
+  const int lane = threadIdx.x % 32;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (m >= M || flags[m] != 0) return;
+  const int n = counts[m];
+  const int64_t c = m / kChunkRowsSort;
+  for (int k = lane; k < n; k += 32) {
+    const int64_t j = cols[m * W + k];
+    atomicAdd(&hist[j * nchunks + c], 1ull);
+  }
+}
+
+// Exclusive scan of n uint64 in place: block sums, scan of the sums, apply.
+__global__ void __launch_bounds__(256) scan_sums_kernel(const unsigned long long* __restrict__ v, int64_t n,
+                                                        unsigned long long* __restrict__ bsum) {
+  __shared__ unsigned long long sh[256];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kScanBlock + threadIdx.x * 8;
+  unsigned long long s = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s += (i0 + i < n) ? v[i0 + i] : 0ull;
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (int k = 128; k > 0; k /= 2) {
+    if (threadIdx.x < k) sh[threadIdx.x] += sh[threadIdx.x + k];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) bsum[blockIdx.x] = sh[0];
+}
+
+__global__ void __launch_bounds__(1024) scan_block_sums_kernel(unsigned long long* bsum, int64_t nb) {
+  using Scan = cub::BlockScan<unsigned long long, 1024>;
+  __shared__ typename Scan::TempStorage tmp;
+  unsigned long long carry = 0;
+  for (int64_t b0 = 0; b0 < nb; b0 += 1024) {
+    const int64_t i = b0 + threadIdx.x;
+    const unsigned long long v = i < nb ? bsum[i] : 0ull;
+    unsigned long long out, total;
+    Scan(tmp).ExclusiveSum(v, out, total);
+    if (i < nb) bsum[i] = out + carry;
+    carry += total;
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(256) scan_apply_kernel(unsigned long long* __restrict__ v, int64_t n,
+                                                         const unsigned long long* __restrict__ bsum) {
+  using Scan = cub::BlockScan<unsigned long long, 256>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kScanBlock + threadIdx.x * 8;
+  unsigned long long loc[8];
+  unsigned long long s = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    loc[i] = s;
+    s += (i0 + i < n) ? v[i0 + i] : 0ull;
+  }
+  unsigned long long off;
+  Scan(tmp).ExclusiveSum(s, off);
+  const unsigned long long b = bsum[blockIdx.x] + off;
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i0 + i < n) v[i0 + i] = b + loc[i];
+}
+
+__global__ void nstart_kernel(const unsigned long long* __restrict__ scan, int64_t H, int64_t nchunks,
+                              long long* __restrict__ nstart) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j <= H) nstart[j] = static_cast<long long>(scan[j * nchunks]);
+}
+
+// Counting sort, step 3: one CTA per chunk of rows, rows in ascending order,
+// so every neuron's list is in ascending token order (deterministic).
+__global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __restrict__ flags,
+                                                           const int32_t* __restrict__ counts,
+                                                           const int32_t* __restrict__ cols, int64_t M, int W,
+                                                           int64_t nchunks, unsigned long long* cursor,
+                                                           long long* __restrict__ trans) {
+  const int64_t c = blockIdx.x;
+  for (int r = 0; r < kChunkRowsSort; ++r) {
+    const int64_t m = c * kChunkRowsSort + r;
+    if (m >= M) break;
+    if (flags[m] == 0) {
+      const int n = counts[m];
+      if (static_cast<int>(threadIdx.x) < n) {
+        const int64_t j = cols[m * W + threadIdx.x];
+        const int64_t idx = j * nchunks + c;
+        const unsigned long long pos = cursor[idx];
+        cursor[idx] = pos + 1;
+        trans[pos] = m * W + threadIdx.x;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Dense tail rows (backward): dg, du (bf16 GEMM operands) and h (for dW_d).
+__global__ void __launch_bounds__(256) tail_backward_elem_kernel(const float* __restrict__ G, const float* __restrict__ U,
+                                                                 const float* __restrict__ DH, int64_t H, float coef,
+                                                                 bf16* __restrict__ dG, bf16* __restrict__ dU,
+                                                                 bf16* __restrict__ hb) {
+  const int64_t i = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
+    const int64_t o = i * H + c;
+    const float g = G[o], u = U[o];
+    const bool on = g > 0.f;
+    const float h = on ? g * u : 0.f;
+    const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
+    const float dh = DH[o] + coef * sg;
+    dG[o] = __float2bfloat16_rn(on ? dh * u : 0.f);
+    dU[o] = __float2bfloat16_rn(on ? dh * g : 0.f);
+    hb[o] = __float2bfloat16_rn(h);
+  }
+}
+
+__global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __restrict__ b,
+                                  const int32_t* __restrict__ rows, int64_t D, bf16* __restrict__ dx, int64_t ld) {
+  const int64_t i = blockIdx.x;
+  const int64_t r = rows[i];
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
+}
+
+__global__ void add_kernel(float* __restrict__ acc, const float* __restrict__ t, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    acc[i] += t[i];
+}
+
+struct WgArgs {
+  const Item* items;
+  const Fin* fins;
+  const long long* trans;
+  const float* dg;
+  const float* du;
+  const float* g;
+  const float* u;
+  int W;
+  const bf16* x;
+  int64_t ldx;
+  const bf16* dy;
+  int64_t lddy;
+  int64_t D;
+  float* partials;  // [slots][3][D]
+  const float* acc[3];  // dense-tail parts [H, D] or nullptr
+  bf16* out[3];
+  int64_t ld[3];
+  int dwd_dh;   // dW_d written as [D, H]
+  int accumulate;
+};
+
+__device__ __forceinline__ void wg_store(const WgArgs& a, int q, int64_t j, int64_t col, float v) {
+  if (a.acc[q] != nullptr) v += a.acc[q][j * a.D + col];
+  bf16* p = (q == 2 && a.dwd_dh) ? a.out[2] + col * a.ld[2] + j : a.out[q] + j * a.ld[q] + col;
+  if (a.accumulate) v += __bfloat162float(*p);
+  *p = __float2bfloat16_rn(v);
+}
+
+// dW_g[j] += sum dg x_m, dW_u[j] += sum du x_m, dW_d[j] += sum h dy_m over one
+// item's entries of neuron j (ascending tokens). CTA = 8 warps x 256 columns;
+// warp w takes entries e0 + w, e0 + w + 8, ...; warps are summed in order.
+__global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
+  __shared__ float red[3][8][kColsPerBlock];
+  const Item it = a.items[blockIdx.x];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColsPerBlock;
+  const int64_t col = c0 + lane * 8;
+  const bool act = col < a.D;
+  float ag[8], au[8], ad[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) ag[i] = au[i] = ad[i] = 0.f;
+  for (int64_t e = it.e0 + warp; e < it.e1; e += 32) {
+    float cg[4], cu[4], ch[4];
+    uint4 xv[4], yv[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t ee = e + 8 * q;
+      cg[q] = cu[q] = ch[q] = 0.f;
+      xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
+      if (ee < it.e1) {
+        const long long p = a.trans[ee];
+        cg[q] = a.dg[p];
+        cu[q] = a.du[p];
+        ch[q] = a.g[p] * a.u[p];
+        const int64_t m = p / a.W;
+        if (act) {
+          xv[q] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + col);
+          yv[q] = *reinterpret_cast<const uint4*>(a.dy + m * a.lddy + col);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float xf[8], yf[8];
+      bf8_to_f(xv[q], xf);
+      bf8_to_f(yv[q], yf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        ag[i] = fmaf(cg[q], xf[i], ag[i]);
+        au[i] = fmaf(cu[q], xf[i], au[i]);
+        ad[i] = fmaf(ch[q], yf[i], ad[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    red[0][warp][lane * 8 + i] = ag[i];
+    red[1][warp][lane * 8 + i] = au[i];
+    red[2][warp][lane * 8 + i] = ad[i];
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  const int64_t oc = c0 + t;
+  if (oc < a.D) {
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) s += red[q][w][t];
+      if (it.slot < 0) {
+        wg_store(a, q, it.j, oc, s);
+      } else {
+        a.partials[(it.slot * 3 + q) * a.D + oc] = s;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(256) wgrad_finalize_kernel(WgArgs a) {
+  const Fin f = a.fins[blockIdx.x];
+  const int64_t oc = static_cast<int64_t>(blockIdx.y) * kColsPerBlock + threadIdx.x;
+  if (oc >= a.D) return;
+#pragma unroll
+  for (int q = 0; q < 3; ++q) {
+    float s = 0.f;
+    for (int64_t k = 0; k < f.nseg; ++k) s += a.partials[((f.slot0 + k) * 3 + q) * a.D + oc];
+    wg_store(a, q, f.j, oc, s);
+  }
+}
+
+struct StatsVals {
+  u64 v[kTrainStatsWords];
+};
+
+__global__ void write_stats_kernel(u64* stats, StatsVals s) {
+  if (threadIdx.x < kTrainStatsWords) stats[threadIdx.x] = s.v[threadIdx.x];
+}
+
+}  // namespace train
+}  // namespace twell
