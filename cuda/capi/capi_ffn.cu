@@ -6,6 +6,7 @@
 
 #include "capi/device_guard.h"
 #include "capi/errors.h"
+#include "capi/plan_common.h"
 #include "capi/tensor_check.h"
 #include "ffn/pipeline.h"
 #include "format/pack.h"
@@ -32,11 +33,7 @@ struct twell_ffn_plan {
 
 namespace {
 
-#define TRY(expr)                       \
-  do {                                  \
-    twell_status s_ = (expr);           \
-    if (s_ != TWELL_SUCCESS) return s_; \
-  } while (0)
+#define TRY TWELL_TRY
 
 constexpr int64_t kDefaultChunkRows = 4096;
 constexpr int64_t kMaxDim = int64_t(1) << 20;
@@ -111,23 +108,6 @@ int choose_path(twell_ffn_plan* plan) {
   return plan->last_path;
 }
 
-twell_status check_workspace(void* ws, size_t bytes, size_t need) {
-  if (ws == nullptr || bytes < need) {
-    return fail(TWELL_ERROR_WORKSPACE, "workspace is %s (%zu bytes), need %zu bytes (twell_ffn_workspace_size)",
-                ws == nullptr ? "NULL" : "too small", bytes, need);
-  }
-  if (reinterpret_cast<uintptr_t>(ws) % 256 != 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "workspace is not 256-byte aligned");
-  return TWELL_SUCCESS;
-}
-
-twell_status check_plan_device(const twell_ffn_plan* plan, const Mat& m, const char* name) {
-  if (m.ptr != nullptr && m.device != plan->device) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is on CUDA device %d but the plan was made for device %d", name, m.device,
-                plan->device);
-  }
-  return TWELL_SUCCESS;
-}
-
 twell_status check_stats(DLTensor* stats, Mat* out, bool required) {
   MatSpec ss{"stats", DType::kU64, 1};
   ss.cols = TWELL_STATS_WORDS;
@@ -140,27 +120,11 @@ twell_status check_stats(DLTensor* stats, Mat* out, bool required) {
 // so plans can be made, sized and argument-checked on machines without a GPU.
 twell_status ensure_device(twell_ffn_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return fail_cuda(err, "cudaGetDeviceCount");
-  }
-  if (n == 0) return fail(TWELL_ERROR_NO_DEVICE, "no CUDA device is visible");
-  if (p->device >= n) return fail(TWELL_ERROR_INVALID_ARGUMENT, "the plan's device is %d, expected 0..%d", p->device, n - 1);
-  cudaDeviceProp prop;
-  if ((err = cudaGetDeviceProperties(&prop, p->device)) != cudaSuccess) return fail_cuda(err, "cudaGetDeviceProperties");
-  if (prop.major < 8) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "device %d has compute capability %d.%d; twell needs 8.0 or newer", p->device,
-                prop.major, prop.minor);
-  }
-  const bool hopper = prop.major == 9 && prop.minor == 0 && gate_pack_sm90_compiled();
-  if (p->opt.kernels == TWELL_KERNELS_SM90 && !hopper) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but device %d (%s, cc %d.%d) cannot run them",
-                p->device, prop.name, prop.major, prop.minor);
-  }
-  p->sm_count = prop.multiProcessorCount;
-  p->use_sm90 = hopper && p->opt.kernels != TWELL_KERNELS_PORTABLE;
+  PlanDevice dev;
+  TRY(probe_plan_device(p->device, p->opt.kernels, &dev));
+  p->sm_count = dev.sm_count;
+  p->use_sm90 = dev.use_sm90;
+  cudaError_t err;
   if ((err = cudaHostAlloc(reinterpret_cast<void**>(&p->host_stats), TWELL_STATS_WORDS * sizeof(uint64_t),
                            cudaHostAllocDefault)) != cudaSuccess) {
     return fail_cuda(err, "allocating the plan's pinned statistics buffer");
@@ -264,9 +228,9 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   TRY(check_stats(stats, &ms, false));
   const Mat* ins[] = {&mx, &mg, &mu, &md};
   const char* in_names[] = {"x", "w_gate", "w_up", "w_down"};
-  for (int i = 0; i < 4; ++i) TRY(check_plan_device(plan, *ins[i], in_names[i]));
-  TRY(check_plan_device(plan, my, "y"));
-  TRY(check_plan_device(plan, ms, "stats"));
+  for (int i = 0; i < 4; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
+  TRY(check_on_plan_device(plan->device, my, "y"));
+  TRY(check_on_plan_device(plan->device, ms, "stats"));
   for (int i = 0; i < 4; ++i) {
     TRY(check_no_alias(my, "y", *ins[i], in_names[i]));
     TRY(check_no_alias(ms, "stats", *ins[i], in_names[i]));
@@ -274,7 +238,7 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   TRY(check_no_alias(ms, "stats", my, "y"));
   const FfnProblem prob = problem_of(plan, M);
   const FfnWorkspace wl = ffn_workspace(prob);
-  TRY(check_workspace(workspace, workspace_bytes, wl.total));
+  TRY(check_buffer(workspace, workspace_bytes, wl.total, "workspace", TWELL_ERROR_WORKSPACE, "twell_ffn_workspace_size"));
 
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
@@ -344,12 +308,13 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, 
   TRY(check_stats(stats, &ms, true));
   const Mat* all[] = {&mx, &mw, &mp, &mr, &ms};
   const char* names[] = {"x", "w", "packed", "overflow_rows", "stats"};
-  for (int i = 0; i < 5; ++i) TRY(check_plan_device(plan, *all[i], names[i]));
+  for (int i = 0; i < 5; ++i) TRY(check_on_plan_device(plan->device, *all[i], names[i]));
   for (int o = 2; o < 5; ++o) {
     for (int i = 0; i < o; ++i) TRY(check_no_alias(*all[o], names[o], *all[i], names[i]));
   }
   const FfnProblem prob = problem_of(plan, M);
-  TRY(check_workspace(workspace, workspace_bytes, ffn_workspace(prob).total));
+  TRY(check_buffer(workspace, workspace_bytes, ffn_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
+                   "twell_ffn_workspace_size"));
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
   if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");

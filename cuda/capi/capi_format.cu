@@ -4,6 +4,7 @@
 
 #include "capi/device_guard.h"
 #include "capi/errors.h"
+#include "capi/plan_common.h"
 #include "capi/tensor_check.h"
 #include "format/pack.h"
 
@@ -21,11 +22,7 @@ twell_status check_slots(int32_t slots) {
 size_t flag_bytes(int64_t rows) { return (static_cast<size_t>(rows) + 16 + 255) / 256 * 256; }
 size_t pack_workspace(int64_t rows) { return flag_bytes(rows) + compact_workspace_bytes(rows); }
 
-#define TRY(expr)                            \
-  do {                                       \
-    twell_status s_ = (expr);                \
-    if (s_ != TWELL_SUCCESS) return s_;      \
-  } while (0)
+#define TRY TWELL_TRY
 
 }  // namespace
 

@@ -8,6 +8,7 @@
 
 #include "capi/device_guard.h"
 #include "capi/errors.h"
+#include "capi/plan_common.h"
 #include "capi/tensor_check.h"
 #include "gate_gemm/gate_gemm.h"
 #include "train/train.h"
@@ -25,11 +26,7 @@ struct twell_train_plan {
 
 namespace {
 
-#define TRY(expr)                       \
-  do {                                  \
-    twell_status s_ = (expr);           \
-    if (s_ != TWELL_SUCCESS) return s_; \
-  } while (0)
+#define TRY TWELL_TRY
 
 constexpr int64_t kMaxDim = int64_t(1) << 20;
 
@@ -82,24 +79,6 @@ TrainProblem problem_of(const twell_train_plan* plan, int64_t M) {
   return p;
 }
 
-twell_status check_buffer(const void* ptr, size_t bytes, size_t need, const char* name, twell_status short_status,
-                          const char* query) {
-  if (ptr == nullptr || bytes < need) {
-    return fail(short_status, "%s is %s (%zu bytes), need %zu bytes (%s)", name, ptr == nullptr ? "NULL" : "too small",
-                bytes, need, query);
-  }
-  if (reinterpret_cast<uintptr_t>(ptr) % 256 != 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is not 256-byte aligned", name);
-  return TWELL_SUCCESS;
-}
-
-twell_status check_plan_device(const twell_train_plan* plan, const Mat& m, const char* name) {
-  if (m.ptr != nullptr && m.device != plan->device) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is on CUDA device %d but the plan was made for device %d", name, m.device,
-                plan->device);
-  }
-  return TWELL_SUCCESS;
-}
-
 twell_status check_stats(DLTensor* stats, Mat* out) {
   MatSpec ss{"stats", DType::kU64, 1};
   ss.cols = TWELL_TRAIN_STATS_WORDS;
@@ -139,27 +118,10 @@ twell_status check_weights(const twell_train_plan* plan, const DLTensor* w_gate,
 
 twell_status ensure_device(twell_train_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return fail_cuda(err, "cudaGetDeviceCount");
-  }
-  if (n == 0) return fail(TWELL_ERROR_NO_DEVICE, "no CUDA device is visible");
-  if (p->device >= n) return fail(TWELL_ERROR_INVALID_ARGUMENT, "the plan's device is %d, expected 0..%d", p->device, n - 1);
-  cudaDeviceProp prop;
-  if ((err = cudaGetDeviceProperties(&prop, p->device)) != cudaSuccess) return fail_cuda(err, "cudaGetDeviceProperties");
-  if (prop.major < 8) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "device %d has compute capability %d.%d; twell needs 8.0 or newer", p->device,
-                prop.major, prop.minor);
-  }
-  const bool hopper = prop.major == 9 && prop.minor == 0 && gate_pack_sm90_compiled();
-  if (p->opt.kernels == TWELL_KERNELS_SM90 && !hopper) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but device %d (%s, cc %d.%d) cannot run them",
-                p->device, prop.name, prop.major, prop.minor);
-  }
-  p->sm_count = prop.multiProcessorCount;
-  p->use_sm90 = hopper && p->opt.kernels != TWELL_KERNELS_PORTABLE;
+  PlanDevice dev;
+  TRY(probe_plan_device(p->device, p->opt.kernels, &dev));
+  p->sm_count = dev.sm_count;
+  p->use_sm90 = dev.use_sm90;
   p->device_ready = true;
   return TWELL_SUCCESS;
 }
@@ -269,9 +231,9 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   const char* in_names[] = {"x", "w_gate", "w_up", "w_down"};
   const Mat* outs[] = {&my, &ml, &ma, &ms};
   const char* out_names[] = {"y", "l1", "active", "stats"};
-  for (int i = 0; i < 4; ++i) TRY(check_plan_device(plan, *ins[i], in_names[i]));
+  for (int i = 0; i < 4; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
   for (int o = 0; o < 4; ++o) {
-    TRY(check_plan_device(plan, *outs[o], out_names[o]));
+    TRY(check_on_plan_device(plan->device, *outs[o], out_names[o]));
     for (int i = 0; i < 4; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
     for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
   }
@@ -364,9 +326,9 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   const char* in_names[] = {"dy", "x", "w_gate", "w_up", "w_down"};
   const Mat* outs[] = {&mdx, &mdg, &mdu, &mdd, &ms};
   const char* out_names[] = {"dx", "dw_gate", "dw_up", "dw_down", "stats"};
-  for (int i = 0; i < 5; ++i) TRY(check_plan_device(plan, *ins[i], in_names[i]));
+  for (int i = 0; i < 5; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
   for (int o = 0; o < 5; ++o) {
-    TRY(check_plan_device(plan, *outs[o], out_names[o]));
+    TRY(check_on_plan_device(plan->device, *outs[o], out_names[o]));
     for (int i = 0; i < 5; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
     for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
   }

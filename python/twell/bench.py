@@ -116,6 +116,9 @@ def gpu_available() -> tuple[bool, str]:
 
 
 def _git_commit() -> str:
+    env = os.environ.get("TWELL_COMMIT")  # set by bench/run_gpu.sh callers where the copy has no .git
+    if env:
+        return env
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10)
         if r.returncode == 0 and r.stdout.strip():

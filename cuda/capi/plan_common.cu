@@ -1,0 +1,52 @@
+#include <cstdint>
+
+#include "capi/errors.h"
+#include "capi/plan_common.h"
+#include "gate_gemm/gate_gemm.h"
+
+namespace twell {
+
+twell_status probe_plan_device(int device, int kernels, PlanDevice* out) {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return fail_cuda(err, "cudaGetDeviceCount");
+  }
+  if (n == 0) return fail(TWELL_ERROR_NO_DEVICE, "no CUDA device is visible");
+  if (device >= n) return fail(TWELL_ERROR_INVALID_ARGUMENT, "the plan's device is %d, expected 0..%d", device, n - 1);
+  cudaDeviceProp prop;
+  if ((err = cudaGetDeviceProperties(&prop, device)) != cudaSuccess) return fail_cuda(err, "cudaGetDeviceProperties");
+  if (prop.major < 8) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "device %d has compute capability %d.%d; twell needs 8.0 or newer", device,
+                prop.major, prop.minor);
+  }
+  const bool hopper = prop.major == 9 && prop.minor == 0 && gate_pack_sm90_compiled();
+  if (kernels == TWELL_KERNELS_SM90 && !hopper) {
+    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but device %d (%s, cc %d.%d) cannot run them",
+                device, prop.name, prop.major, prop.minor);
+  }
+  out->sm_count = prop.multiProcessorCount;
+  out->use_sm90 = hopper && kernels != TWELL_KERNELS_PORTABLE;
+  return TWELL_SUCCESS;
+}
+
+twell_status check_buffer(const void* ptr, size_t bytes, size_t need, const char* name, twell_status short_status,
+                          const char* query) {
+  if (ptr == nullptr || bytes < need) {
+    return fail(short_status, "%s is %s (%zu bytes), need %zu bytes (%s)", name, ptr == nullptr ? "NULL" : "too small",
+                bytes, need, query);
+  }
+  if (reinterpret_cast<uintptr_t>(ptr) % 256 != 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is not 256-byte aligned", name);
+  return TWELL_SUCCESS;
+}
+
+twell_status check_on_plan_device(int plan_device, const Mat& m, const char* name) {
+  if (m.ptr != nullptr && m.device != plan_device) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is on CUDA device %d but the plan was made for device %d", name, m.device,
+                plan_device);
+  }
+  return TWELL_SUCCESS;
+}
+
+}  // namespace twell

@@ -1,0 +1,37 @@
+// Checks and device set-up shared by the C ABI's plans (inference and training).
+#pragma once
+
+#include <cstddef>
+
+#include "capi/tensor_check.h"
+#include "twell/twell.h"
+
+namespace twell {
+
+// Status-propagating helper for the C ABI layer.
+#define TWELL_TRY(expr)                 \
+  do {                                  \
+    twell_status s_ = (expr);           \
+    if (s_ != TWELL_SUCCESS) return s_; \
+  } while (0)
+
+// What a plan learns about its device at its first run.
+struct PlanDevice {
+  int sm_count = 1;
+  bool use_sm90 = false;  // the sm_90a kernels can and may run
+};
+
+// Device checks done lazily at a plan's first run (after that call's argument
+// checks, so argument checking works without a GPU): a device is visible,
+// `device` exists, cc >= 8.0, and `kernels` (a twell_kernels) is satisfiable.
+twell_status probe_plan_device(int device, int kernels, PlanDevice* out);
+
+// A caller-owned device buffer: present, large enough (`short_status` names
+// the query function `query` otherwise) and 256-byte aligned.
+twell_status check_buffer(const void* ptr, size_t bytes, size_t need, const char* name, twell_status short_status,
+                          const char* query);
+
+// A tensor (if given) lives on the plan's device.
+twell_status check_on_plan_device(int plan_device, const Mat& m, const char* name);
+
+}  // namespace twell
