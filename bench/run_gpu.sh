@@ -70,6 +70,10 @@ if has bench; then
   timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_ffn.md" ] && cat "$OUT/bench_ffn.md"
+  t0=$(date +%s)
+  timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench_train --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
+  rc=$?; SUMMARY+=("bench-train: rc=$rc ($(( $(date +%s) - t0 )) s)")
+  [ -f "$OUT/bench_train.md" ] && cat "$OUT/bench_train.md"
 fi
 
 echo "== logs: gpu_log.txt ctest_log.txt pytest_log.txt sanitizer_log.txt bench_log.txt; results: bench_ffn.json"

@@ -65,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    b = sub.add_parser("bench", help="GPU benchmarks against cuBLAS dense (writes JSON + PNG)")
+    b = sub.add_parser("bench", help="GPU inference benchmarks against cuBLAS dense (writes JSON + PNG)")
     bench.add_bench_args(b)
     b.set_defaults(func=bench.main_bench)
+
+    from . import bench_train
+
+    bt = sub.add_parser("bench-train", help="GPU training-step benchmarks against PyTorch bf16 autograd (JSON + PNG)")
+    bench_train.add_bench_train_args(bt)
+    bt.set_defaults(func=bench_train.main_bench_train)
     return p
 
 
