@@ -53,6 +53,8 @@ if has tests; then
   rc=$?; SUMMARY+=("pytest (all, GPU included): rc=$rc ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_log.txt")")
 fi
 
+[ -f "$OUT/pytest_log.txt" ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest_log.txt" | head -20
+
 if has sanitizer; then
   t0=$(date +%s)
   ok=0; total=0
@@ -76,6 +78,18 @@ if has bench; then
   [ -f "$OUT/bench_train.md" ] && cat "$OUT/bench_train.md"
 fi
 
-echo "== logs: gpu_log.txt ctest_log.txt pytest_log.txt sanitizer_log.txt bench_log.txt; results: bench_ffn.json"
-grep -E "FAILED|Error|error:" "$OUT/pytest_log.txt" 2>/dev/null | head -15
+if has bench; then
+  # Ceiling of the sparse consumer's access pattern (random weight rows through L2).
+  if nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/l2_gather.cu -o "$BUILD/l2_gather" >> "$LOG" 2>&1; then
+    "$BUILD/l2_gather" 2048 5632 > "$OUT/l2_gather.jsonl" 2>&1
+    SUMMARY+=("L2 gather ceiling (D=2048, H=5632): $(grep -o '"TBps": [0-9.]*' "$OUT/l2_gather.jsonl" | tr '\n' ' ')")
+  fi
+fi
+
+# The device tool brings back at most 8 files: keep the records and plots, pack the rest.
+(cd "$OUT" && tar czf all_logs.tgz --exclude=all_logs.tgz ./* 2>/dev/null
+ keep=" gpu_log.txt bench_ffn.json bench_train.json speedup_vs_M.png train_speedup.png speedup_vs_density.png all_logs.tgz "
+ for f in *; do [[ "$keep" == *" $f "* ]] || rm -rf "$f"; done)
+echo "== records: bench_ffn.json bench_train.json; every log and table: all_logs.tgz"
+
 printf '%s\n' "${SUMMARY[@]}"

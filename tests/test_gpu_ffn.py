@@ -10,9 +10,6 @@ overflow plus 192 sampled rows are compared (the FFN is row-independent, so
 the reference on a subset of rows is exact).
 """
 
-from functools import lru_cache
-from statistics import NormalDist
-
 import numpy as np
 import pytest
 
@@ -24,35 +21,6 @@ pytestmark = pytest.mark.gpu
 
 SHAPES = [(2048, 5632), (4096, 14336), (896, 4864), (1024, 2816)]
 NAN_BF16 = 0xFFFF
-
-
-@lru_cache(maxsize=2)
-def _base_weights(d, h):
-    rng = np.random.default_rng()          # fresh weights once per shape and run
-    wg = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(d - 1))
-    wu = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(d))
-    wd = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(h))
-    return gs.round_bf16(wg), gs.round_bf16(wu), gs.round_bf16(wd)
-
-
-def _problem(rng, m, d, h, pattern):
-    wg, wu, wd = _base_weights(d, h)
-    wg = wg.copy()
-    p = {"uniform2": 0.02, "overflow": 0.25}.get(pattern, 0.005)
-    wg[:, -1] = gs.round_bf16(-NormalDist().inv_cdf(1 - p))
-    x = rng.standard_normal((m, d), dtype=np.float32)
-    x[:, -1] = 1.0
-    if pattern == "skewed":
-        x[:, :-1] *= np.exp(0.35 * rng.standard_normal((m, 1), dtype=np.float32))
-    elif pattern == "hot":
-        wg[rng.choice(h, 8, replace=False), -1] = gs.round_bf16(-NormalDist().inv_cdf(0.2))
-    elif pattern == "zero_rows":
-        x[rng.choice(m, max(1, m // 3), replace=False), :-1] = 0.0
-    elif pattern == "dense_rows":
-        rows = rng.choice(m, max(1, m // 5), replace=False)
-        x[rows, :-1] = 0.0
-        x[rows, -1] = -1.0
-    return gs.Problem(gs.round_bf16(x), wg, wu, wd, pattern)
 
 
 def _rows_to_check(dev, prob, xd, wgd, slots=32, gated=True, sample=192, rng=None):
@@ -110,7 +78,7 @@ def _run(dev, prob, *, gated=True, layout="hd", path="sparse", kernels="auto", s
 @pytest.mark.parametrize("m", [1, 7, 64, 129, 300, 4096])
 def test_ffn_2048x5632(rng, pattern, m):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, m, 2048, 5632, pattern)
+    prob = gs.synthetic_problem(rng, m, 2048, 5632, pattern)
     stats = dev.full((8,), "uint64", 0xABABABABABABABAB)
     y, x, wg = _run(dev, prob, stats=stats)
     _check(dev, prob, y, _rows_to_check(dev, prob, x, wg, rng=rng))
@@ -124,7 +92,7 @@ def test_ffn_2048x5632(rng, pattern, m):
 @pytest.mark.parametrize("m", [1, 129, 4096])
 def test_ffn_other_shapes(rng, shape, pattern, m):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, m, *shape, pattern)
+    prob = gs.synthetic_problem(rng, m, *shape, pattern)
     y, x, wg = _run(dev, prob)
     _check(dev, prob, y, _rows_to_check(dev, prob, x, wg, rng=rng))
 
@@ -132,7 +100,7 @@ def test_ffn_other_shapes(rng, shape, pattern, m):
 @pytest.mark.parametrize("pattern", ["uniform", "skewed", "overflow"])
 def test_ffn_65536_tokens(rng, pattern):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 65536, 2048, 5632, pattern)
+    prob = gs.synthetic_problem(rng, 65536, 2048, 5632, pattern)
     y, x, wg = _run(dev, prob)
     _check(dev, prob, y, _rows_to_check(dev, prob, x, wg, rng=rng))
 
@@ -142,7 +110,7 @@ def test_ffn_65536_tokens(rng, pattern):
 @pytest.mark.parametrize("slots", [32, 64, 128])
 def test_ffn_paths_kernels_slots(rng, kernels, path, slots):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 300, 1024, 2816, "skewed")
+    prob = gs.synthetic_problem(rng, 300, 1024, 2816, "skewed")
     for _ in range(2):    # AUTO decides from the previous call's statistics
         y, x, wg = _run(dev, prob, path=path, kernels=kernels, slots=slots)
         _check(dev, prob, y, np.arange(300))
@@ -152,7 +120,7 @@ def test_ffn_paths_kernels_slots(rng, kernels, path, slots):
 @pytest.mark.parametrize("gated", [True, False])
 def test_ffn_layouts_and_non_gated(rng, layout, gated):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 300, 896, 4864, "dense_rows")
+    prob = gs.synthetic_problem(rng, 300, 896, 4864, "dense_rows")
     if not gated:  # non-gated: h = relu(x W_u^T); shift W_u so it is sparse
         prob.w_up[:, -1] = prob.w_gate[:, -1]
     y, _, _ = _run(dev, prob, gated=gated, layout=layout)
@@ -161,7 +129,7 @@ def test_ffn_layouts_and_non_gated(rng, layout, gated):
 
 def test_ffn_is_deterministic(rng):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 4096, 2048, 5632, "skewed")
+    prob = gs.synthetic_problem(rng, 4096, 2048, 5632, "skewed")
     y1, _, _ = _run(dev, prob)
     y2, _, _ = _run(dev, prob)
     np.testing.assert_array_equal(dev.host(y1).view(np.uint16), dev.host(y2).view(np.uint16))
@@ -169,7 +137,7 @@ def test_ffn_is_deterministic(rng):
 
 def test_ffn_on_a_side_stream(rng):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 1000, 1024, 2816, "hot")
+    prob = gs.synthetic_problem(rng, 1000, 1024, 2816, "hot")
     s = dev.stream()
     with dev.use_stream(s):
         y, _, _ = _run(dev, prob)
@@ -180,7 +148,7 @@ def test_ffn_on_a_side_stream(rng):
 def test_ffn_with_torch_tensors(rng):
     pytest.importorskip("torch")
     dev = gs.adapter("torch")
-    prob = _problem(rng, 129, 1024, 2816, "skewed")
+    prob = gs.synthetic_problem(rng, 129, 1024, 2816, "skewed")
     y, _, _ = _run(dev, prob)
     _check(dev, prob, y, np.arange(129))
     import torch
@@ -192,7 +160,7 @@ def test_ffn_with_torch_tensors(rng):
 
 def test_twell_ffn_class_and_stats(rng):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 512, 1024, 2816, "overflow")
+    prob = gs.synthetic_problem(rng, 512, 1024, 2816, "overflow")
     layer = ops.TwellFFN(dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down))
     y = layer(dev.bf16(prob.x))
     _check(dev, prob, y, np.arange(512))
@@ -213,7 +181,7 @@ def test_gate_pack_matches_oracle(rng, kernels, slots, shape, m):
     """Exact positions except values within rounding of zero; values to bf16 tolerance."""
     dev = gs.adapter("cupy")
     d, h = shape
-    prob = _problem(rng, m, d, h, "overflow" if slots == 32 else "uniform2")
+    prob = gs.synthetic_problem(rng, m, d, h, "overflow" if slots == 32 else "uniform2")
     x, wg = dev.bf16(prob.x), dev.bf16(prob.w_gate)
     plan = ops.FFNPlan(d, h, slots=slots, kernels=kernels)
     packed = dev.full((m, fmt.row_words(h, slots)), "uint32", 0xDEADBEEF)
@@ -246,7 +214,7 @@ def test_gate_pack_matches_oracle(rng, kernels, slots, shape, m):
 
 def test_gate_pack_is_deterministic(rng):
     dev = gs.adapter("cupy")
-    prob = _problem(rng, 4096, 2048, 5632, "overflow")
+    prob = gs.synthetic_problem(rng, 4096, 2048, 5632, "overflow")
     x, wg = dev.bf16(prob.x), dev.bf16(prob.w_gate)
     a = dev.host(ops.gate_pack(x, wg)[0])
     b = dev.host(ops.gate_pack(x, wg)[0])

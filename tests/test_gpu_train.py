@@ -11,8 +11,6 @@ L0 per token exact up to a handful of gate values that round to the other
 side of 0 in fp32 versus float64. Rows whose reference is 0 must be 0.
 """
 
-from functools import lru_cache
-from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -27,36 +25,12 @@ NAN_BF16 = 0xFFFF
 L1C = 0.05
 
 
-@lru_cache(maxsize=2)
-def _base_weights(d, h):
-    rng = np.random.default_rng()
-    wg = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(d - 1))
-    wu = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(d))
-    wd = rng.standard_normal((h, d), dtype=np.float32) / np.float32(np.sqrt(h))
-    return gs.round_bf16(wg), gs.round_bf16(wu), gs.round_bf16(wd)
-
-
 def _problem(rng, m, d, h, pattern):
-    wg, wu, wd = _base_weights(d, h)
-    wg = wg.copy()
-    p = {"uniform2": 0.02, "overflow": 0.25}.get(pattern, 0.005)
-    wg[:, -1] = gs.round_bf16(-NormalDist().inv_cdf(1 - p))
-    x = rng.standard_normal((m, d), dtype=np.float32)
-    x[:, -1] = 1.0
-    if pattern == "skewed":
-        x[:, :-1] *= np.exp(0.35 * rng.standard_normal((m, 1), dtype=np.float32))
-    elif pattern == "hot":
-        wg[rng.choice(h, 8, replace=False), -1] = gs.round_bf16(-NormalDist().inv_cdf(0.2))
-    elif pattern == "zero_rows":
-        x[rng.choice(m, max(1, m // 3), replace=False), :-1] = 0.0
-    elif pattern == "dense_rows":
-        rows = rng.choice(m, max(1, m // 5), replace=False)
-        x[rows, :-1] = 0.0
-        x[rows, -1] = -1.0
-    x = gs.round_bf16(x)
+    prob = gs.synthetic_problem(rng, m, d, h, pattern)
+    x, wg = prob.x, prob.w_gate
     _avoid_ambiguous_gates(rng, x, wg, pattern)
     dy = gs.round_bf16(rng.standard_normal((m, d), dtype=np.float32))
-    return gs.Problem(x, wg, wu, wd, pattern), dy
+    return gs.Problem(x, wg, prob.w_up, prob.w_down, pattern), dy
 
 
 def _avoid_ambiguous_gates(rng, x, wg, pattern, tau=2e-4, chunk=16384):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _ffi
-from .ops import _Borrowed, _data_ptr, _device_of, _empty_like_framework, _framework, _workspace, current_stream
+from .ops import _Borrowed, _device_of, _empty_like_framework, _framework, _workspace, current_stream
 
 __all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN"]
 
