@@ -4,6 +4,7 @@
 #include "ffn/ffn_ops.h"
 #include "ffn/pipeline.h"
 #include "format/pack.h"
+#include "gate_gemm/gate_decode.h"
 #include "gate_gemm/gate_gemm.h"
 #include "gate_gemm/gate_portable.h"
 #include "sparse_ffn/sparse_ffn.h"
@@ -75,6 +76,12 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   a.packed = packed;
   a.row_flags = flags;
   a.stats = stats;
+  // Decode-sized calls: split-K over thread-block clusters streams W_g with
+  // every SM (the persistent wgmma kernel has only one CTA per column tile).
+  if (p.use_sm90 && p.M <= kGateDecodeMaxRows && gate_pack_decode_preferred(a, p.sm_count)) {
+    TWELL_STEP(gate_pack_decode(a, p.sm_count, stream), "gate GEMM (decode)");
+    return TWELL_SUCCESS;
+  }
   if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
     TWELL_STEP(gate_pack_sm90(a, p.sm_count, stream), "gate GEMM (sm_90a)");
     return TWELL_SUCCESS;

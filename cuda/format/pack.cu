@@ -170,6 +170,7 @@ emit_rows_kernel(const uint8_t* __restrict__ flags, int64_t M, const uint32_t* _
   int offset = block_sum(before, s_warp);
   const int64_t base = blockIdx.x * kRowsPerCompactBlock;
   for (int w = 0; w < kCompactWindows; ++w) {
+    if (base + w * kCompactThreads >= M) break;  // block-uniform: small M skips the empty windows' barriers
     const int64_t row = base + w * kCompactThreads + threadIdx.x;
     const bool f = row < M && flags[row] != 0;
     const unsigned ballot = __ballot_sync(0xffffffffu, f);
