@@ -237,7 +237,7 @@ struct RunOut {
 };
 
 RunOut run_decode(const Problem& pr, int slots, const bf16* x, const bf16* w, uint32_t* d_packed, uint8_t* d_flags,
-                  u64* d_stats, cudaStream_t s, bool* launched) {
+                  u64* d_stats, cudaStream_t s, bool* launched, int variant = -1) {
   const int64_t rw = twell::tiles_for(pr.H) * slots;
   const int64_t words = (pr.M + kGuardRows) * rw;
   fill_u32<<<256, 256, 0, s>>>(d_packed, words, kPoison);
@@ -260,7 +260,7 @@ RunOut run_decode(const Problem& pr, int slots, const bf16* x, const bf16* w, ui
   *launched = twell::gate_pack_decode_can_run(a);
   RunOut r;
   if (!*launched) return r;
-  CK(twell::gate_pack_decode(a, g_sm_count, s));
+  CK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant));
   CK(cudaStreamSynchronize(s));
   r.packed.resize(words);
   r.flags.resize(pr.M + kGuardRows);
@@ -371,7 +371,9 @@ int main(int argc, char** argv) {
             skipped = true;
             continue;
           }
-          RunOut r2 = run_decode(pr, slots, d_x, d_w, d_packed, d_flags, d_stats, s, &launched);
+          // second run with another main-loop variant: must be bitwise equal too
+          RunOut r2 = run_decode(pr, slots, d_x, d_w, d_packed, d_flags, d_stats, s, &launched,
+                                 static_cast<int>(cases % 3));
           Failures f = check(pr, slots, acc, typ, r1.packed, r1.flags, r1.stats, ref, rflags, rstats);
           if (r1.packed != r2.packed || r1.flags != r2.flags || r1.stats != r2.stats) ++f.determinism;
           ++cases;
@@ -437,7 +439,8 @@ int main(int argc, char** argv) {
     CK(cudaFree(ca));
     CK(cudaFree(cbuf));
 
-    std::printf("%6s %6s %4s %10s %10s %10s %10s\n", "D", "H", "M", "decode_us", "GB/s", "sm90_us", "GB/s");
+    std::printf("%6s %6s %4s %10s %8s %8s %8s %8s %10s %8s\n", "D", "H", "M", "decode_us", "GB/s", "v0_us", "v1_us",
+                "v2_us", "sm90_us", "GB/s");
     for (auto [D, H] : std::vector<std::pair<int64_t, int64_t>>{{2048, 5632}, {4096, 14336}, {896, 4864}}) {
       const size_t wbytes = static_cast<size_t>(H * D) * 2;
       const int copies = std::max<int>(4, static_cast<int>((size_t(200) << 20) / wbytes) + 1);
@@ -470,11 +473,11 @@ int main(int argc, char** argv) {
         a.packed = packed;
         a.row_flags = flags;
         a.stats = stats;
-        float t_dec = -1, t_sm90 = -1;
-        for (int variant = 0; variant < 2; ++variant) {
+        float t[5] = {-1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90
+        for (int variant = 0; variant < 5; ++variant) {
           a.w = ws[0];
-          if (variant == 0 && !twell::gate_pack_decode_can_run(a)) continue;
-          if (variant == 1 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
+          if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
+          if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
           ts.clear();
           // A sleeping kernel ahead of each timed launch keeps the GPU busy while
           // the host enqueues, so the events see the kernel, not the launch gap.
@@ -485,7 +488,7 @@ int main(int argc, char** argv) {
             a.w = ws[i % copies];
             sleep_kernel<<<1, 1, 0, s>>>(30000);
             CK(cudaEventRecord(ev[2 * i], s));
-            if (variant == 0) CK(twell::gate_pack_decode(a, g_sm_count, s));
+            if (variant < 4) CK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant - 1));
             else CK(twell::gate_pack_sm90(a, g_sm_count, s));
             CK(cudaEventRecord(ev[2 * i + 1], s));
           }
@@ -496,11 +499,11 @@ int main(int argc, char** argv) {
             ts.push_back(ms);
           }
           for (auto& e : ev) CK(cudaEventDestroy(e));
-          (variant == 0 ? t_dec : t_sm90) = median(ts) * 1e3f;
+          t[variant] = median(ts) * 1e3f;
         }
-        std::printf("%6lld %6lld %4lld %10.2f %10.0f %10.2f %10.0f\n", (long long)D, (long long)H, (long long)M, t_dec,
-                    t_dec > 0 ? wbytes / (t_dec * 1e-6) / 1e9 : 0.0, t_sm90,
-                    t_sm90 > 0 ? wbytes / (t_sm90 * 1e-6) / 1e9 : 0.0);
+        std::printf("%6lld %6lld %4lld %10.2f %8.0f %8.2f %8.2f %8.2f %10.2f %8.0f\n", (long long)D, (long long)H,
+                    (long long)M, t[0], t[0] > 0 ? wbytes / (t[0] * 1e-6) / 1e9 : 0.0, t[1], t[2], t[3], t[4],
+                    t[4] > 0 ? wbytes / (t[4] * 1e-6) / 1e9 : 0.0);
       }
       for (auto p : ws) CK(cudaFree(p));
       CK(cudaFree(x));
