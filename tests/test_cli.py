@@ -24,7 +24,9 @@ def test_info_json_runs_and_says_why_without_gpu(capsys):
 def test_subcommands_have_help(sub):
     import twell
 
-    env = dict(os.environ, PYTHONPATH=str(Path(twell.__file__).resolve().parent.parent))
+    # prepend (not replace): the packages twell needs may come through PYTHONPATH too
+    paths = [str(Path(twell.__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     r = subprocess.run([sys.executable, "-m", "twell.cli", sub, "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "usage" in r.stdout
