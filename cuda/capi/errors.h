@@ -14,4 +14,18 @@ twell_status ok();
 // Maps a CUDA error to a status and records "<what>: <cudaGetErrorName>: <string>".
 twell_status fail_cuda(cudaError_t err, const char* what);
 
+// Returns the status of a twell call when it is not TWELL_SUCCESS.
+#define TWELL_TRY(expr)                 \
+  do {                                  \
+    twell_status s_ = (expr);           \
+    if (s_ != TWELL_SUCCESS) return s_; \
+  } while (0)
+
+// Returns a recorded TWELL_ERROR_CUDA-family status when a CUDA call or launch fails.
+#define TWELL_CUDA_STEP(expr, what)                                   \
+  do {                                                                \
+    cudaError_t twell_e_ = (expr);                                    \
+    if (twell_e_ != cudaSuccess) return ::twell::fail_cuda(twell_e_, what); \
+  } while (0)
+
 }  // namespace twell

@@ -3,17 +3,11 @@
 
 #include <cstddef>
 
+#include "capi/errors.h"
 #include "capi/tensor_check.h"
 #include "twell/twell.h"
 
 namespace twell {
-
-// Status-propagating helper for the C ABI layer.
-#define TWELL_TRY(expr)                 \
-  do {                                  \
-    twell_status s_ = (expr);           \
-    if (s_ != TWELL_SUCCESS) return s_; \
-  } while (0)
 
 // What a plan learns about its device at its first run.
 struct PlanDevice {

@@ -14,18 +14,6 @@ namespace {
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-#define TWELL_STEP(expr, what)                              \
-  do {                                                      \
-    cudaError_t twell_e_ = (expr);                          \
-    if (twell_e_ != cudaSuccess) return fail_cuda(twell_e_, what); \
-  } while (0)
-
-#define TWELL_STATUS_TRY(expr)                 \
-  do {                                         \
-    twell_status twell_s_ = (expr);            \
-    if (twell_s_ != TWELL_SUCCESS) return twell_s_; \
-  } while (0)
-
 }  // namespace
 
 FfnWorkspace ffn_workspace(const FfnProblem& p) {
@@ -79,11 +67,11 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   // Decode-sized calls: split-K over thread-block clusters streams W_g with
   // every SM (the persistent wgmma kernel has only one CTA per column tile).
   if (p.use_sm90 && p.M <= kGateDecodeMaxRows && gate_pack_decode_preferred(a, p.sm_count)) {
-    TWELL_STEP(gate_pack_decode(a, p.sm_count, stream), "gate GEMM (decode)");
+    TWELL_CUDA_STEP(gate_pack_decode(a, p.sm_count, stream), "gate GEMM (decode)");
     return TWELL_SUCCESS;
   }
   if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
-    TWELL_STEP(gate_pack_sm90(a, p.sm_count, stream), "gate GEMM (sm_90a)");
+    TWELL_CUDA_STEP(gate_pack_sm90(a, p.sm_count, stream), "gate GEMM (sm_90a)");
     return TWELL_SUCCESS;
   }
   return gate_pack_portable(a, ws + w.gate_chunk, ws + w.lt, kLtWorkspaceBytes, stream);
@@ -93,9 +81,9 @@ twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, cons
                            uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream) {
   const FfnWorkspace w = ffn_workspace(p);
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
-  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
-  TWELL_STATUS_TRY(gate_pack_into(p, w, x, ldx, wt, ldw, packed, flags, stats, ws, stream));
-  TWELL_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream), "overflow compaction");
+  TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
+  TWELL_TRY(gate_pack_into(p, w, x, ldx, wt, ldw, packed, flags, stats, ws, stream));
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream), "overflow compaction");
   return TWELL_SUCCESS;
 }
 
@@ -105,19 +93,19 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
   auto* rows = reinterpret_cast<int32_t*>(ws + w.rows);
   auto* packed = reinterpret_cast<uint32_t*>(ws + w.packed);
-  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
+  TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
 
   // Non-gated: the "gate" GEMM packs h = relu(x W_u^T) itself.
   const bf16* gate_w = p.gated ? t.w_gate : t.w_up;
   const int64_t gate_ld = p.gated ? t.ldw_gate : t.ldw_up;
-  TWELL_STATUS_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, stats, ws, stream));
-  TWELL_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
+  TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, stats, ws, stream));
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
 
   const bf16* w_down = t.w_down;
   int64_t ldw_down = t.ldw_down;
   if (p.w_down_dh) {
     auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
-    TWELL_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
+    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
     w_down = wt;
     ldw_down = p.D;
   }
@@ -138,7 +126,7 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   c.ldy = t.ldy;
   c.row_flags = flags;
   c.stats = stats;
-  TWELL_STEP(sparse_ffn(c, p.sm_count, stream), "sparse consumer");
+  TWELL_CUDA_STEP(sparse_ffn(c, p.sm_count, stream), "sparse consumer");
 
   FallbackArgs f;
   f.x = t.x;
@@ -159,14 +147,14 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   f.max_rows = p.M;
   f.chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M;
   f.h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h);
-  TWELL_STEP(fallback_rows(f, stream), "dense fallback");
+  TWELL_CUDA_STEP(fallback_rows(f, stream), "dense fallback");
   return TWELL_SUCCESS;
 }
 
 twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream) {
   const FfnWorkspace w = ffn_workspace(p);
   u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
-  TWELL_STEP(stats_init(stats, p.M, TWELL_PATH_DENSE, stream), "stats init");
+  TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_DENSE, stream), "stats init");
   auto* g = reinterpret_cast<bf16*>(ws + w.dense_g);
   auto* u = reinterpret_cast<bf16*>(ws + w.dense_u);
   void* lt = ws + w.lt;
@@ -175,12 +163,12 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
     const int64_t n = p.M - r0 < chunk ? p.M - r0 : chunk;
     const bf16* x = t.x + r0 * t.ldx;
     if (p.gated) {
-      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_gate, t.ldw_gate, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
-      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
-      TWELL_STEP(dense_activation(g, u, n, p.H, p.H, p.slots, stats, stream), "dense activation");
+      TWELL_TRY(lt_linear(x, t.ldx, t.w_gate, t.ldw_gate, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_CUDA_STEP(dense_activation(g, u, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     } else {
-      TWELL_STATUS_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
-      TWELL_STEP(dense_activation(g, nullptr, n, p.H, p.H, p.slots, stats, stream), "dense activation");
+      TWELL_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_CUDA_STEP(dense_activation(g, nullptr, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     }
     // y[n, D] = h[n, H] W_d. Column-major view: y^T[D, n] = op(W_d) h^T, with
     // W_d [H, D] row-major = column-major [D, H] (op N), or [D, H] row-major
@@ -198,7 +186,7 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
     m.c = t.y + r0 * t.ldy;
     m.ldc = t.ldy;
     m.c_is_f32 = false;
-    TWELL_STATUS_TRY(lt_matmul(m, lt, kLtWorkspaceBytes, stream));
+    TWELL_TRY(lt_matmul(m, lt, kLtWorkspaceBytes, stream));
   }
   return TWELL_SUCCESS;
 }

@@ -21,18 +21,6 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 constexpr int64_t kPartialSlots = 256;  // partial rows for neurons split over several items
 constexpr int64_t kMinSegment = 1024;   // entries per weight-gradient item (at least)
 
-#define TSTEP(expr, what)                                            \
-  do {                                                               \
-    cudaError_t twell_e_ = (expr);                                   \
-    if (twell_e_ != cudaSuccess) return fail_cuda(twell_e_, what);   \
-  } while (0)
-
-#define TTRY(expr)                                  \
-  do {                                              \
-    twell_status twell_s_ = (expr);                 \
-    if (twell_s_ != TWELL_SUCCESS) return twell_s_; \
-  } while (0)
-
 struct Taker {
   size_t off = 0;
   size_t operator()(size_t bytes) {
@@ -138,9 +126,9 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   void* lt = ws + L.lt;
 
   init_kernel<<<1, 32, 0, s>>>(stats, header, M, W, D, H, p.force_dense ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE);
-  TSTEP(cudaGetLastError(), "training init kernel");
+  TWELL_CUDA_STEP(cudaGetLastError(), "training init kernel");
   if (M == 0) {
-    if (o.l1 != nullptr) TSTEP(cudaMemsetAsync(o.l1, 0, sizeof(float), s), "l1 init");
+    if (o.l1 != nullptr) TWELL_CUDA_STEP(cudaMemsetAsync(o.l1, 0, sizeof(float), s), "l1 init");
     return TWELL_SUCCESS;
   }
 
@@ -149,17 +137,17 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   int64_t ldwd = w.ldw_down;
   if (p.w_down_dh) {
     auto* wt = reinterpret_cast<bf16*>(ws + L.wdt);
-    TSTEP(transpose_bf16(w.w_down, D, H, w.ldw_down, wt, D, s), "W_d transpose");
+    TWELL_CUDA_STEP(transpose_bf16(w.w_down, D, H, w.ldw_down, wt, D, s), "W_d transpose");
     wd = wt;
     ldwd = D;
   }
 
   if (p.force_dense) {
-    TSTEP(cudaMemsetAsync(flags, 1, static_cast<size_t>(M), s), "tail flags");
-    TSTEP(cudaMemsetAsync(counts, 0, static_cast<size_t>(M) * 4, s), "counts");
+    TWELL_CUDA_STEP(cudaMemsetAsync(flags, 1, static_cast<size_t>(M), s), "tail flags");
+    TWELL_CUDA_STEP(cudaMemsetAsync(counts, 0, static_cast<size_t>(M) * 4, s), "counts");
   } else {
     // Gate GEMM -> TwELL (+ overflowed-row flags, stats).
-    TSTEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(M), s), "clearing the row flags");
+    TWELL_CUDA_STEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(M), s), "clearing the row flags");
     auto* packed = reinterpret_cast<uint32_t*>(ws + L.packed);
     GatePackArgs a;
     a.x = w.x;
@@ -174,16 +162,16 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     a.row_flags = flags;
     a.stats = stats;
     if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
-      TSTEP(gate_pack_sm90(a, p.sm_count, s), "gate GEMM (sm_90a)");
+      TWELL_CUDA_STEP(gate_pack_sm90(a, p.sm_count, s), "gate GEMM (sm_90a)");
     } else {
-      TTRY(gate_pack_portable(a, ws + L.gate_chunk, lt, kLtWorkspaceBytes, s));
+      TWELL_TRY(gate_pack_portable(a, ws + L.gate_chunk, lt, kLtWorkspaceBytes, s));
     }
     // TwELL -> ELL rows / tail flags.
     convert_kernel<<<grid1(M, 4), 128, 0, s>>>(packed, M, H, p.slots, W, flags, counts, cols, gv, uv, stats);
-    TSTEP(cudaGetLastError(), "TwELL -> ELL kernel");
+    TWELL_CUDA_STEP(cudaGetLastError(), "TwELL -> ELL kernel");
   }
   // Tail list (ascending) and its length -> header[2].
-  TSTEP(compact_flagged_rows(flags, M, tail, header, ws + L.compact, s), "tail-row compaction");
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, M, tail, header, ws + L.compact, s), "tail-row compaction");
 
   // ELL rows.
   if (!p.force_dense) {
@@ -206,13 +194,13 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     e.W = W;
     const size_t smem = static_cast<size_t>(D) * 2 + static_cast<size_t>(W) * 8;
     ell_forward_kernel<<<static_cast<unsigned>(M), kRowThreads, smem, s>>>(e);
-    TSTEP(cudaGetLastError(), "ELL forward kernel");
+    TWELL_CUDA_STEP(cudaGetLastError(), "ELL forward kernel");
   }
 
   // Host synchronisation #1: the tail-row count sizes the dense tail GEMMs.
   u64 T = 0;
-  TSTEP(cudaMemcpyAsync(&T, header + 2, sizeof(u64), cudaMemcpyDeviceToHost, s), "reading the tail count");
-  TSTEP(cudaStreamSynchronize(s), "waiting for the tail count");
+  TWELL_CUDA_STEP(cudaMemcpyAsync(&T, header + 2, sizeof(u64), cudaMemcpyDeviceToHost, s), "reading the tail count");
+  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the tail count");
   if (T > static_cast<u64>(M)) return fail(TWELL_ERROR_INTERNAL, "tail count %llu exceeds M", static_cast<unsigned long long>(T));
 
   const int64_t C = std::min<int64_t>(p.chunk, M);
@@ -226,12 +214,12 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     const int64_t n = std::min<int64_t>(C, static_cast<int64_t>(T) - r0);
     const int32_t* rows = tail + r0;
     gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x, w.ldx, rows, D, xt);
-    TSTEP(cudaGetLastError(), "tail gather");
-    TTRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TTRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
+    TWELL_TRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
     tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, H, rows, hb, row_l1, counts, stats,
                                                                       p.force_dense ? 1 : 0);
-    TSTEP(cudaGetLastError(), "tail activation");
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail activation");
     LtMatmul mm;  // yt[n, D] = hb[n, H] W_d[H, D]
     mm.trans_a = false;
     mm.trans_b = false;
@@ -245,14 +233,14 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     mm.c = yt;
     mm.ldc = D;
     mm.c_is_f32 = false;
-    TTRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
     scatter_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(yt, rows, D, o.y, o.ldy);
-    TSTEP(cudaGetLastError(), "tail scatter");
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail scatter");
   }
   forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, p.force_dense ? 1 : 0, chunks);
-  TSTEP(cudaGetLastError(), "forward final kernel");
+  TWELL_CUDA_STEP(cudaGetLastError(), "forward final kernel");
   if (o.active != nullptr) {
-    TSTEP(cudaMemcpyAsync(o.active, counts, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToDevice, s), "active counts");
+    TWELL_CUDA_STEP(cudaMemcpyAsync(o.active, counts, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToDevice, s), "active counts");
   }
   return TWELL_SUCCESS;
 }
@@ -277,8 +265,8 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
 
   // Host synchronisation #1: the saved header (checked against the plan) and T.
   u64 hdr[8];
-  TSTEP(cudaMemcpyAsync(hdr, header, sizeof(hdr), cudaMemcpyDeviceToHost, s), "reading the saved header");
-  TSTEP(cudaStreamSynchronize(s), "waiting for the saved header");
+  TWELL_CUDA_STEP(cudaMemcpyAsync(hdr, header, sizeof(hdr), cudaMemcpyDeviceToHost, s), "reading the saved header");
+  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the saved header");
   if (hdr[0] != kSavedMagic || hdr[1] != static_cast<u64>(M) || hdr[3] != static_cast<u64>(W) ||
       hdr[4] != static_cast<u64>(D) || hdr[5] != static_cast<u64>(H) || hdr[2] > static_cast<u64>(M)) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT,
@@ -294,7 +282,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   int64_t ldwd = w.ldw_down;
   if (p.w_down_dh) {
     auto* wt = reinterpret_cast<bf16*>(ws + L.wdt);
-    TSTEP(transpose_bf16(w.w_down, D, H, w.ldw_down, wt, D, s), "W_d transpose");
+    TWELL_CUDA_STEP(transpose_bf16(w.w_down, D, H, w.ldw_down, wt, D, s), "W_d transpose");
     wd = wt;
     ldwd = D;
   }
@@ -326,7 +314,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     e.W = W;
     const size_t smem = static_cast<size_t>(D) * 2 + static_cast<size_t>(W) * 12;
     ell_backward_kernel<<<static_cast<unsigned>(M), kRowThreads, smem, s>>>(e);
-    TSTEP(cudaGetLastError(), "ELL backward kernel");
+    TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel");
   }
 
   // Neuron-major view of the ELL entries: counting sort (deterministic).
@@ -334,27 +322,27 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   auto* bsum = reinterpret_cast<unsigned long long*>(ws + L.bsum);
   auto* nstart = reinterpret_cast<long long*>(ws + L.nstart);
   auto* trans = reinterpret_cast<long long*>(ws + L.trans);
-  TSTEP(cudaMemsetAsync(hist, 0, static_cast<size_t>(L.hist_len) * 8, s), "clearing the histogram");
+  TWELL_CUDA_STEP(cudaMemsetAsync(hist, 0, static_cast<size_t>(L.hist_len) * 8, s), "clearing the histogram");
   if (T < M) {
     hist_kernel<<<grid1(M, 4), 128, 0, s>>>(flags, counts, cols, M, W, L.nchunks, hist);
-    TSTEP(cudaGetLastError(), "histogram kernel");
+    TWELL_CUDA_STEP(cudaGetLastError(), "histogram kernel");
   }
   scan_sums_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, s>>>(hist, L.hist_len, bsum);
   scan_block_sums_kernel<<<1, 1024, 0, s>>>(bsum, L.scan_blocks);
   scan_apply_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, s>>>(hist, L.hist_len, bsum);
-  TSTEP(cudaGetLastError(), "scan kernels");
+  TWELL_CUDA_STEP(cudaGetLastError(), "scan kernels");
   nstart_kernel<<<grid1(H + 1, 256), 256, 0, s>>>(hist, H, L.nchunks, nstart);
-  TSTEP(cudaGetLastError(), "neuron offsets");
+  TWELL_CUDA_STEP(cudaGetLastError(), "neuron offsets");
   if (T < M) {
     sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, s>>>(flags, counts, cols, M, W, L.nchunks, hist,
                                                                          trans);
-    TSTEP(cudaGetLastError(), "counting-sort scatter");
+    TWELL_CUDA_STEP(cudaGetLastError(), "counting-sort scatter");
   }
 
   // Host synchronisation #2: per-neuron counts -> the weight-gradient schedule.
   std::vector<long long> ns(static_cast<size_t>(H + 1));
-  TSTEP(cudaMemcpyAsync(ns.data(), nstart, ns.size() * 8, cudaMemcpyDeviceToHost, s), "reading neuron offsets");
-  TSTEP(cudaStreamSynchronize(s), "waiting for neuron offsets");
+  TWELL_CUDA_STEP(cudaMemcpyAsync(ns.data(), nstart, ns.size() * 8, cudaMemcpyDeviceToHost, s), "reading neuron offsets");
+  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for neuron offsets");
   int64_t seg = kMinSegment;
   long long max_count = 0;
   for (int64_t j = 0; j < H; ++j) max_count = std::max(max_count, ns[j + 1] - ns[j]);
@@ -387,9 +375,9 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   }
   auto* d_items = reinterpret_cast<Item*>(ws + L.items);
   auto* d_fins = reinterpret_cast<Fin*>(ws + L.fin);
-  TSTEP(cudaMemcpyAsync(d_items, items.data(), items.size() * sizeof(Item), cudaMemcpyHostToDevice, s), "uploading items");
+  TWELL_CUDA_STEP(cudaMemcpyAsync(d_items, items.data(), items.size() * sizeof(Item), cudaMemcpyHostToDevice, s), "uploading items");
   if (!fins.empty()) {
-    TSTEP(cudaMemcpyAsync(d_fins, fins.data(), fins.size() * sizeof(Fin), cudaMemcpyHostToDevice, s), "uploading items");
+    TWELL_CUDA_STEP(cudaMemcpyAsync(d_fins, fins.data(), fins.size() * sizeof(Fin), cudaMemcpyHostToDevice, s), "uploading items");
   }
   // (pageable copies: the host vectors may go once the calls return)
 
@@ -414,12 +402,12 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     const int32_t* rows = tail + r0;
     gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x, w.ldx, rows, D, xt);
     gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(io.dy, io.lddy, rows, D, dyt);
-    TSTEP(cudaGetLastError(), "tail gather");
-    TTRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TTRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TTRY(lt_linear(dyt, D, wd, ldwd, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
+    TWELL_TRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_linear(dyt, D, wd, ldwd, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
     tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, dG, dU, hb);
-    TSTEP(cudaGetLastError(), "tail backward elementwise");
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail backward elementwise");
     // dx rows = dG W_g + dU W_u
     const bf16* wts[2] = {w.w_gate, w.w_up};
     const int64_t lds[2] = {w.ldw_gate, w.ldw_up};
@@ -437,10 +425,10 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
       mm.c = outs[q];
       mm.ldc = D;
       mm.c_is_f32 = true;
-      TTRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
+      TWELL_TRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
     }
     scatter_dx_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(dxa, dxb, rows, D, io.dx, io.lddx);
-    TSTEP(cudaGetLastError(), "tail dx scatter");
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail dx scatter");
     // weight gradients: acc_q[H, D] (+)= op_q^T in_q
     const bf16* lhs[3] = {dG, dU, hb};
     const bf16* rhs[3] = {xt, xt, dyt};
@@ -458,10 +446,10 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
       mm.c = r0 == 0 ? acc[q] : tmp;
       mm.ldc = D;
       mm.c_is_f32 = true;
-      TTRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
+      TWELL_TRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
       if (r0 != 0) {
         add_kernel<<<1024, 256, 0, s>>>(acc[q], tmp, H * D);
-        TSTEP(cudaGetLastError(), "tail gradient accumulation");
+        TWELL_CUDA_STEP(cudaGetLastError(), "tail gradient accumulation");
       }
     }
   }
@@ -493,10 +481,10 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   a.accumulate = io.accumulate ? 1 : 0;
   const unsigned ycols = static_cast<unsigned>((D + kColsPerBlock - 1) / kColsPerBlock);
   wgrad_kernel<<<dim3(static_cast<unsigned>(items.size()), ycols), 256, 0, s>>>(a);
-  TSTEP(cudaGetLastError(), "weight-gradient kernel");
+  TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");
   if (!fins.empty()) {
     wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(fins.size()), ycols), 256, 0, s>>>(a);
-    TSTEP(cudaGetLastError(), "weight-gradient finalize kernel");
+    TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient finalize kernel");
   }
 
   if (io.stats != nullptr) {
@@ -514,7 +502,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     v.v[TWELL_TSTAT_MAX_NEURON_COUNT] = static_cast<u64>(max_count);
     v.v[TWELL_TSTAT_PHASE] = 2;
     write_stats_kernel<<<1, 32, 0, s>>>(io.stats, v);
-    TSTEP(cudaGetLastError(), "backward statistics");
+    TWELL_CUDA_STEP(cudaGetLastError(), "backward statistics");
   }
   return TWELL_SUCCESS;
 }
