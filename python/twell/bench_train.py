@@ -54,15 +54,15 @@ import datetime as _dt
 import gc
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 import zlib
 from pathlib import Path
 from statistics import NormalDist
+
+from twell.bench import _fmt, _git_commit  # shared with the inference benchmark
 
 __all__ = ["add_bench_train_args", "main_bench_train", "suite_configs", "write_markdown", "write_plot"]
 
@@ -149,19 +149,6 @@ def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-def _git_commit() -> str:
-    env = os.environ.get("TWELL_COMMIT")
-    if env:
-        return env
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def _nbytes(t) -> int:
     return 0 if t is None else int(t.numel()) * int(t.element_size())
 
@@ -537,15 +524,6 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
-def _fmt(v, spec: str) -> str:
-    if v is None:
-        return "-"
-    try:
-        return format(v, spec)
-    except (TypeError, ValueError):
-        return str(v)
-
-
 def _label(r: dict) -> str:
     pat = r.get("pattern", "?")
     p = r.get("p")
