@@ -4,9 +4,9 @@
 #include "ffn/ffn_ops.h"
 #include "ffn/pipeline.h"
 #include "format/pack.h"
-#include "gate_gemm/gate_decode.h"
+#include "gate_gemm/gate_dispatch.h"
 #include "gate_gemm/gate_gemm.h"
-#include "gate_gemm/gate_portable.h"
+#include "gate_gemm/gate_portable.h"  // workspace size of the portable path
 #include "sparse_ffn/sparse_ffn.h"
 
 namespace twell {
@@ -64,17 +64,13 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   a.packed = packed;
   a.row_flags = flags;
   a.stats = stats;
-  // Decode-sized calls: split-K over thread-block clusters streams W_g with
-  // every SM (the persistent wgmma kernel has only one CTA per column tile).
-  if (p.use_sm90 && p.M <= kGateDecodeMaxRows && gate_pack_decode_preferred(a, p.sm_count)) {
-    TWELL_CUDA_STEP(gate_pack_decode(a, p.sm_count, stream), "gate GEMM (decode)");
-    return TWELL_SUCCESS;
-  }
-  if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
-    TWELL_CUDA_STEP(gate_pack_sm90(a, p.sm_count, stream), "gate GEMM (sm_90a)");
-    return TWELL_SUCCESS;
-  }
-  return gate_pack_portable(a, ws + w.gate_chunk, ws + w.lt, kLtWorkspaceBytes, stream);
+  GateRoute r;
+  r.use_sm90 = p.use_sm90;
+  r.sm_count = p.sm_count;
+  r.portable_chunk = ws + w.gate_chunk;
+  r.lt_workspace = ws + w.lt;
+  r.lt_bytes = kLtWorkspaceBytes;
+  return gate_pack_dispatch(a, r, stream);
 }
 
 twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* wt, int64_t ldw,

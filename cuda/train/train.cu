@@ -7,6 +7,7 @@
 #include "ffn/ffn_ops.h"
 #include "format/pack.h"
 #include "gate_gemm/gate_gemm.h"
+#include "gate_gemm/gate_dispatch.h"
 #include "gate_gemm/gate_portable.h"
 #include "train/train.h"
 #include "train/train_kernels.cuh"
@@ -161,11 +162,14 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     a.packed = packed;
     a.row_flags = flags;
     a.stats = stats;
-    if (p.use_sm90 && gate_pack_sm90_can_run(a)) {
-      TWELL_CUDA_STEP(gate_pack_sm90(a, p.sm_count, s), "gate GEMM (sm_90a)");
-    } else {
-      TWELL_TRY(gate_pack_portable(a, ws + L.gate_chunk, lt, kLtWorkspaceBytes, s));
-    }
+    GateRoute r;
+    r.use_sm90 = p.use_sm90;
+    r.allow_decode = false;  // the decode kernel is not yet GPU-tested inside training
+    r.sm_count = p.sm_count;
+    r.portable_chunk = ws + L.gate_chunk;
+    r.lt_workspace = lt;
+    r.lt_bytes = kLtWorkspaceBytes;
+    TWELL_TRY(gate_pack_dispatch(a, r, s));
     // TwELL -> ELL rows / tail flags.
     convert_kernel<<<grid1(M, 4), 128, 0, s>>>(packed, M, H, p.slots, W, flags, counts, cols, gv, uv, stats);
     TWELL_CUDA_STEP(cudaGetLastError(), "TwELL -> ELL kernel");
