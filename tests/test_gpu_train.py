@@ -123,6 +123,8 @@ def _oracle(prob, dy, c, chunk=16384, rows_out=None):
 
 
 def _run(dev, prob, dy, *, c=L1C, layout="hd", **opts):
+    """Forward + backward through the functional API; the hybrid route unless opts name another."""
+    opts.setdefault("path", "sparse")
     x = dev.bf16(prob.x)
     wg = dev.bf16(prob.w_gate)
     wu = dev.bf16(prob.w_up)
@@ -348,3 +350,79 @@ def test_train_layer_class_accumulates(rng):
         err = gs.rel_frobenius(dev.host_f32(layer.grads[k]), 2 * want["dw_" + k[2:]])
         assert err < 1e-2, f"{k}: {err}"
     assert layer.last_stats()["rows"] == 129
+
+
+# ---- the dense route (path="dense", and what path="auto" switches to) -----------------
+
+@pytest.mark.parametrize("pattern", ["uniform2", "skewed", "zero_rows", "dense_rows"])
+@pytest.mark.parametrize("m", [1, 129, 2048])
+def test_train_dense_route(rng, pattern, m):
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, m, 2048, 5632, pattern)
+    got = _run(dev, prob, dy, path="dense")
+    _check(got, _oracle(prob, dy, L1C), what="dense route: ")
+    fs, bs = got["fstats"], got["bstats"]
+    assert fs["path"] == 2 and bs["path"] == 2 and fs["tail_rows"] == m and fs["ell_rows"] == 0
+    assert fs["host_syncs"] == 0 and bs["host_syncs"] == 1 and fs["phase"] == 1 and bs["phase"] == 2
+    assert fs["active"] == int(got["l0"].sum()) and fs["max_row_count"] == int(got["l0"].max())
+
+
+@pytest.mark.parametrize("layout", ["hd", "dh"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_train_dense_route_chunks(rng, layout, accumulate):
+    """M = 20000 > 8192 rows per chunk: weight gradients summed over 3 chunks in fp32, both W_d layouts."""
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, 20000, 512, 1024, "uniform2")
+    m, d, h = prob.shape
+    x, wg, wu = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up)
+    wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
+    plan = train_ops.TrainPlan(d, h, path="dense", w_down_layout=layout)
+    y, saved = plan.forward(x, wg, wu, wd)
+    init = [gs.round_bf16(rng.standard_normal(s, dtype=np.float32))
+            for s in ((h, d), (h, d), (h, d) if layout == "hd" else (d, h))]
+    bufs = [dev.bf16(a) for a in init] if accumulate else [None] * 3
+    dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, dw_gate=bufs[0],
+                                      dw_up=bufs[1], dw_down=bufs[2], accumulate=accumulate)
+    want = _oracle(prob, dy, L1C)
+    assert saved.read_stats()["tail_chunks"] == 3
+    assert gs.rel_frobenius(dev.host_f32(y), want["y"]) < 1e-2
+    assert gs.rel_frobenius(dev.host_f32(dx), want["dx"]) < 1e-2
+    for k, got, a in zip(("dw_gate", "dw_up", "dw_down"), (dwg, dwu, dwd), init):
+        g = dev.host_f32(got)
+        g = g.T if (k == "dw_down" and layout == "dh") else g
+        base = (a.T if (k == "dw_down" and layout == "dh") else a) if accumulate else 0.0
+        err = gs.rel_frobenius(g, base + want[k])
+        assert err < 1e-2, f"{k}: {err}"
+
+
+def test_train_dense_route_deterministic(rng):
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, 4096, 2048, 5632, "skewed")
+    a = _run(dev, prob, dy, path="dense")
+    b = _run(dev, prob, dy, path="dense")
+    for k in ("y", "dx", "dw_gate", "dw_up", "dw_down", "l0"):
+        assert np.array_equal(a[k], b[k]), f"{k} differs between runs"
+    assert a["l1"] == b["l1"]
+
+
+def test_train_auto_switches_routes(rng):
+    """AUTO: hybrid at first; dense after a forward at 2% activity; back to hybrid after one at 0.5%."""
+    dev = gs.adapter("cupy")
+    d, h, m = 1024, 2816, 2048
+    plan = train_ops.TrainPlan(d, h, path="auto")
+    hybrid_size = plan.saved_size(m)
+    routes = []
+    for pattern in ("uniform2", "uniform2", "uniform2", "uniform", "uniform", "uniform"):
+        prob, dy = _problem(rng, m, d, h, pattern)
+        x, wg, wu, wd = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down)
+        y, saved = plan.forward(x, wg, wu, wd)
+        bstats = dev.full((16,), "uint64", 0)
+        dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, stats=bstats)
+        fs = saved.read_stats()
+        routes.append("dense" if fs["host_syncs"] == 0 else "hybrid")
+        got = dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
+                   dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu),
+                   dw_down=dev.host_f32(dwd), fstats=fs, bstats=train_ops.read_train_stats(bstats))
+        _check(got, _oracle(prob, dy, L1C), what=f"call {len(routes)} ({pattern}, {routes[-1]}): ")
+    assert routes == ["hybrid", "dense", "dense", "dense", "hybrid", "hybrid"], routes
+    assert plan.saved_size(m) == hybrid_size

@@ -1,6 +1,7 @@
 // C ABI: the training plan (hybrid ELL + dense-tail forward and backward).
 // Every argument is checked before any CUDA call; device properties are read
 // lazily at the first run.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
@@ -22,6 +23,14 @@ struct twell_train_plan {
   int sm_count = 1;
   bool use_sm90 = false;
   bool device_ready = false;
+  int64_t l2_bytes = 0;
+  // TWELL_PATH_AUTO: the route the next forward takes (hybrid until a forward
+  // shows that dense pays), and the asynchronous read-back of a dense
+  // forward's activity (pinned host words, completed when `readback` is).
+  bool prefer_dense = false;
+  u64* readback_host = nullptr;  // [active, rows over W, rows]
+  cudaEvent_t readback = nullptr;
+  bool readback_pending = false;
 };
 
 namespace {
@@ -72,11 +81,108 @@ TrainProblem problem_of(const twell_train_plan* plan, int64_t M) {
   p.W = plan->opt.ell_width;
   p.slots = plan->opt.slots;
   p.w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
-  p.force_dense = plan->opt.path == TWELL_PATH_DENSE;
   p.use_sm90 = plan->use_sm90;
   p.sm_count = plan->sm_count;
   p.chunk = plan->opt.tail_chunk_rows > 0 ? plan->opt.tail_chunk_rows : TWELL_TRAIN_TAIL_CHUNK_DEFAULT;
   return p;
+}
+
+// TWELL_PATH_AUTO's cost model (measured on an H100, D=2048, H=5632: the
+// hybrid step is ~0.75x of dense at 0.5% uniform activity, ~1x at a third of
+// the rows in the tail, ~2x at 2%): the dense route pays once more than a
+// quarter of the rows would go to the tail, or the mean activity exceeds
+// 0.75% of H (0.375% where W_u and W_d do not fit in L2 together, so the
+// hybrid's row gathers come from HBM).
+bool dense_pays(const twell_train_plan* p, u64 rows, u64 active, u64 tail_rows) {
+  if (rows == 0) return p->prefer_dense;
+  const double tail_share = static_cast<double>(tail_rows) / static_cast<double>(rows);
+  const double density = static_cast<double>(active) / (static_cast<double>(rows) * static_cast<double>(p->H));
+  const bool in_l2 = 4.0 * static_cast<double>(p->H) * static_cast<double>(p->D) <= static_cast<double>(p->l2_bytes);
+  return tail_share > 0.25 || density > (in_l2 ? 0.0075 : 0.00375);
+}
+
+enum class Route { kHybrid, kDense };
+
+// The route a forward over M rows takes with these buffers (host state only).
+Route forward_route(const twell_train_plan* plan, const TrainProblem& prob, size_t saved_bytes,
+                    size_t workspace_bytes) {
+  if (plan->opt.path == TWELL_PATH_DENSE) return Route::kDense;
+  if (plan->opt.path == TWELL_PATH_SPARSE || !plan->prefer_dense) return Route::kHybrid;
+  // AUTO preferring dense: only if the caller's buffers were sized for it.
+  const bool fits = saved_bytes >= train_dense_saved_layout(prob.M, prob.H).total &&
+                    train_dense_chunk(prob, workspace_bytes) > 0;
+  return fits ? Route::kDense : Route::kHybrid;
+}
+
+size_t saved_need(const twell_train_plan* plan, int64_t M, Route r) {
+  return r == Route::kDense ? train_dense_saved_layout(M, plan->H).total
+                            : train_saved_layout(M, plan->opt.ell_width).total;
+}
+
+// Workspace the plan asks for: its route's, or for AUTO enough for the hybrid
+// route and for the dense one with at least min(M, 1024) rows per chunk.
+size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
+  const size_t hybrid = train_workspace(prob).total;
+  switch (plan->opt.path) {
+    case TWELL_PATH_SPARSE: return hybrid;
+    case TWELL_PATH_DENSE: return train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), kDenseChunkMax));
+    default: return std::max(hybrid, train_dense_workspace_bytes(prob, std::min<int64_t>(std::max<int64_t>(prob.M, 1), 1024)));
+  }
+}
+
+// AUTO: take in a finished read-back of an earlier dense forward (never waits).
+void poll_readback(twell_train_plan* plan) {
+  if (!plan->readback_pending) return;
+  const cudaError_t q = cudaEventQuery(plan->readback);
+  if (q == cudaSuccess) {
+    plan->readback_pending = false;
+    const u64* h = plan->readback_host;
+    plan->prefer_dense = dense_pays(plan, h[2], h[0], h[1]);
+  } else if (q == cudaErrorNotReady) {
+    if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: clear it
+  } else {
+    plan->readback_pending = false;  // reported by the next CUDA step that checks
+  }
+}
+
+// AUTO bookkeeping after a forward was enqueued (never waits for the GPU): the
+// hybrid forward's numbers are on the host already; a dense forward's are
+// copied back asynchronously and taken in by a later poll_readback.
+void update_preference(twell_train_plan* plan, Route r, const TrainProblem& prob, const TrainForwardInfo& info,
+                       const char* ws, cudaStream_t s) {
+  if (plan->opt.path != TWELL_PATH_AUTO) return;
+  poll_readback(plan);
+  if (r == Route::kHybrid) {
+    plan->readback_pending = false;  // older than what the hybrid forward just read
+    plan->prefer_dense = dense_pays(plan, info.rows, info.active, info.tail_rows);
+    return;
+  }
+  if (plan->readback_pending) return;  // the host words are still in use
+  if (plan->readback_host == nullptr) {
+    void* hp = nullptr;
+    if (cudaHostAlloc(&hp, 4 * sizeof(u64), cudaHostAllocDefault) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;  // no read-back: AUTO keeps the dense route
+    }
+    plan->readback_host = static_cast<u64*>(hp);
+    if (cudaEventCreateWithFlags(&plan->readback, cudaEventDisableTiming) != cudaSuccess) {
+      (void)cudaGetLastError();
+      plan->readback = nullptr;
+      return;
+    }
+  }
+  if (plan->readback == nullptr) return;
+  const u64* stats = info.stats;
+  plan->readback_host[2] = static_cast<u64>(prob.M);
+  if (cudaMemcpyAsync(plan->readback_host, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s) ==
+          cudaSuccess &&
+      cudaMemcpyAsync(plan->readback_host + 1, train_dense_over_width(prob, ws), sizeof(u64),
+                      cudaMemcpyDeviceToHost, s) == cudaSuccess &&
+      cudaEventRecord(plan->readback, s) == cudaSuccess) {
+    plan->readback_pending = true;
+  } else {
+    (void)cudaGetLastError();
+  }
 }
 
 twell_status check_stats(DLTensor* stats, Mat* out) {
@@ -122,6 +228,9 @@ twell_status ensure_device(twell_train_plan* p) {
   TRY(probe_plan_device(p->device, p->opt.kernels, &dev));
   p->sm_count = dev.sm_count;
   p->use_sm90 = dev.use_sm90;
+  int l2 = 0;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, p->device) != cudaSuccess) (void)cudaGetLastError();
+  p->l2_bytes = l2;
   p->device_ready = true;
   return TWELL_SUCCESS;
 }
@@ -176,6 +285,10 @@ TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t 
 }
 
 TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan) {
+  if (plan != nullptr) {
+    if (plan->readback != nullptr) (void)cudaEventDestroy(plan->readback);
+    if (plan->readback_host != nullptr) (void)cudaFreeHost(plan->readback_host);
+  }
   delete plan;
   return ok();
 }
@@ -186,7 +299,10 @@ TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int6
   if (rows < 0 || rows > INT32_MAX) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "rows is %" PRId64 ", expected 0..2^31-1", rows);
   }
-  *bytes = train_saved_layout(rows, plan->opt.ell_width).total;
+  // AUTO: the size of the route the next forward prefers (ask again before
+  // each forward, or choose the route with options.path for a fixed size).
+  const bool dense = plan->opt.path == TWELL_PATH_DENSE || (plan->opt.path == TWELL_PATH_AUTO && plan->prefer_dense);
+  *bytes = saved_need(plan, rows, dense ? Route::kDense : Route::kHybrid);
   return ok();
 }
 
@@ -196,7 +312,7 @@ TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, 
   if (rows < 0 || rows > INT32_MAX) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "rows is %" PRId64 ", expected 0..2^31-1", rows);
   }
-  *bytes = train_workspace(problem_of(plan, rows)).total;
+  *bytes = workspace_need(plan, problem_of(plan, rows));
   return ok();
 }
 
@@ -238,19 +354,21 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
     for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
   }
   const TrainProblem prob = problem_of(plan, M);
-  const size_t saved_need = train_saved_layout(M, plan->opt.ell_width).total;
-  TRY(check_buffer(saved, saved_bytes, saved_need, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
-  TRY(check_buffer(workspace, workspace_bytes, train_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
+  if (plan->opt.path == TWELL_PATH_AUTO) poll_readback(plan);
+  const Route route = forward_route(plan, prob, saved_bytes, workspace_bytes);
+  const size_t saved_min = saved_need(plan, M, route);
+  TRY(check_buffer(saved, saved_bytes, saved_min, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
+  TRY(check_buffer(workspace, workspace_bytes, workspace_need(plan, prob), "workspace", TWELL_ERROR_WORKSPACE,
                    "twell_train_workspace_size"));
   for (int i = 0; i < 4; ++i) {
-    TRY(check_buffer_alias(saved, saved_need, "saved", *ins[i], in_names[i]));
-    TRY(check_buffer_alias(saved, saved_need, "saved", *outs[i], out_names[i]));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *ins[i], in_names[i]));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[i], out_names[i]));
     TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[i], out_names[i]));
   }
   {
     const char* a0 = static_cast<const char*>(saved);
     const char* b0 = static_cast<const char*>(workspace);
-    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_need) {
+    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_min) {
       return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
     }
   }
@@ -275,8 +393,16 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   o.l1 = reinterpret_cast<float*>(ml.ptr);
   o.active = reinterpret_cast<int32_t*>(ma.ptr);
   o.stats = reinterpret_cast<u64*>(ms.ptr);
-  TRY(train_forward_run(run, w, o, static_cast<char*>(saved), static_cast<char*>(workspace),
-                        static_cast<cudaStream_t>(stream)));
+  auto* ws = static_cast<char*>(workspace);
+  auto s = static_cast<cudaStream_t>(stream);
+  TrainForwardInfo info;
+  if (route == Route::kDense) {
+    TRY(train_dense_forward_run(run, w, o, static_cast<char*>(saved), ws, workspace_bytes, s));
+    info.stats = o.stats != nullptr ? o.stats : train_dense_stats(run, ws);
+  } else {
+    TRY(train_forward_run(run, w, o, static_cast<char*>(saved), ws, s, &info));
+  }
+  update_preference(plan, route, run, info, ws, s);
   return ok();
 }
 
@@ -333,19 +459,24 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
     for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
   }
   const TrainProblem prob = problem_of(plan, M);
-  const size_t saved_need = train_saved_layout(M, plan->opt.ell_width).total;
-  TRY(check_buffer(saved, saved_bytes, saved_need, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
-  TRY(check_buffer(workspace, workspace_bytes, train_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
+  // The route is in the saved header (read below); until then the smaller
+  // of the two sizes the plan allows.
+  const size_t hybrid_saved = saved_need(plan, M, Route::kHybrid), dense_saved = saved_need(plan, M, Route::kDense);
+  const size_t saved_min = plan->opt.path == TWELL_PATH_SPARSE  ? hybrid_saved
+                           : plan->opt.path == TWELL_PATH_DENSE ? dense_saved
+                                                                : std::min(hybrid_saved, dense_saved);
+  TRY(check_buffer(saved, saved_bytes, saved_min, "saved", TWELL_ERROR_INVALID_ARGUMENT, "twell_train_saved_size"));
+  TRY(check_buffer(workspace, workspace_bytes, workspace_need(plan, prob), "workspace", TWELL_ERROR_WORKSPACE,
                    "twell_train_workspace_size"));
   for (int o = 0; o < 5; ++o) {
-    TRY(check_buffer_alias(saved, saved_need, "saved", *outs[o], out_names[o]));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[o], out_names[o]));
     TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[o], out_names[o]));
     TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *ins[o], in_names[o]));
   }
   {
     const char* a0 = static_cast<const char*>(saved);
     const char* b0 = static_cast<const char*>(workspace);
-    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_need) {
+    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_min) {
       return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
     }
   }
@@ -392,7 +523,23 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   io.ld_dwd = mdd.ld;
   io.accumulate = accumulate == 1;
   io.stats = reinterpret_cast<u64*>(ms.ptr);
-  TRY(train_backward_run(run, w, io, static_cast<const char*>(saved), static_cast<char*>(workspace), s));
+  const auto* sv = static_cast<const char*>(saved);
+  auto* ws = static_cast<char*>(workspace);
+  SavedHeader hdr;
+  TRY(train_read_saved_header(run, sv, s, &hdr));
+  const Route route = hdr.route() == kRouteDense ? Route::kDense : Route::kHybrid;
+  const size_t need = route == Route::kDense ? dense_saved : hybrid_saved;
+  if (saved_bytes < need) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved_bytes is %zu but the %s forward that wrote saved needs %zu", saved_bytes,
+                route == Route::kDense ? "dense-route" : "hybrid", need);
+  }
+  // Outputs must not overlap the whole saved state either.
+  for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o], out_names[o]));
+  if (route == Route::kDense) {
+    TRY(train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, s));
+  } else {
+    TRY(train_backward_run(run, w, io, sv, static_cast<int64_t>(hdr.tail_rows()), ws, s));
+  }
   return ok();
 }
 

@@ -137,7 +137,7 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
       g_prepared[key] = p;
     }
   }
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = g.beta;
   cublasStatus_t s = a.matmul(handle, p.desc, &alpha, g.a, p.la, g.b, p.lb, &beta, g.c, p.lc, g.c, p.lc, &p.algo,
                               workspace, workspace_bytes, stream);
   if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmul");

@@ -25,6 +25,9 @@ struct LtMatmul {
   void* c = nullptr;
   int64_t ldc = 0;
   bool c_is_f32 = false;
+  // D = op(A) op(B) + beta * D (in place; beta = 1 accumulates in stream
+  // order, so sums over several calls stay deterministic).
+  float beta = 0.0f;
 };
 
 // Recommended cuBLASLt workspace (bytes) carved out of twell's workspace.

@@ -61,8 +61,8 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.wdt = t(p.w_down_dh ? H * D * 2 : 0);
   const size_t common = t.off;
   // forward
-  w.packed = t(p.force_dense ? 0 : M * static_cast<size_t>(tiles_for(p.H)) * p.slots * 4);
-  w.gate_chunk = t(p.force_dense ? 0 : gate_portable_workspace_bytes(p.M, p.H));
+  w.packed = t(M * static_cast<size_t>(tiles_for(p.H)) * p.slots * 4);
+  w.gate_chunk = t(gate_portable_workspace_bytes(p.M, p.H));
   w.compact = t(compact_workspace_bytes(p.M));
   w.row_l1 = t(M * 4);
   w.f_xt = t(C * D * 2);
@@ -110,7 +110,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
 // Forward
 // ---------------------------------------------------------------------------
 twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o, char* saved,
-                               char* ws, cudaStream_t s) {
+                               char* ws, cudaStream_t s, TrainForwardInfo* info) {
   const TrainWorkspace L = train_workspace(p);
   const SavedLayout S = train_saved_layout(p.M, p.W);
   const int64_t M = p.M, D = p.D, H = p.H;
@@ -126,7 +126,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   auto* row_l1 = reinterpret_cast<float*>(ws + L.row_l1);
   void* lt = ws + L.lt;
 
-  init_kernel<<<1, 32, 0, s>>>(stats, header, M, W, D, H, p.force_dense ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE);
+  init_kernel<<<1, 32, 0, s>>>(stats, header, M, W, D, H, TWELL_PATH_SPARSE);
   TWELL_CUDA_STEP(cudaGetLastError(), "training init kernel");
   if (M == 0) {
     if (o.l1 != nullptr) TWELL_CUDA_STEP(cudaMemsetAsync(o.l1, 0, sizeof(float), s), "l1 init");
@@ -143,10 +143,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     ldwd = D;
   }
 
-  if (p.force_dense) {
-    TWELL_CUDA_STEP(cudaMemsetAsync(flags, 1, static_cast<size_t>(M), s), "tail flags");
-    TWELL_CUDA_STEP(cudaMemsetAsync(counts, 0, static_cast<size_t>(M) * 4, s), "counts");
-  } else {
+  {
     // Gate GEMM -> TwELL (+ overflowed-row flags, stats).
     TWELL_CUDA_STEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(M), s), "clearing the row flags");
     auto* packed = reinterpret_cast<uint32_t*>(ws + L.packed);
@@ -178,7 +175,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   TWELL_CUDA_STEP(compact_flagged_rows(flags, M, tail, header, ws + L.compact, s), "tail-row compaction");
 
   // ELL rows.
-  if (!p.force_dense) {
+  {
     EllFwdArgs e;
     e.x = w.x;
     e.ldx = w.ldx;
@@ -202,9 +199,17 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   }
 
   // Host synchronisation #1: the tail-row count sizes the dense tail GEMMs.
-  u64 T = 0;
+  // The active total comes along (for TWELL_PATH_AUTO's next choice).
+  u64 T = 0, active = 0;
   TWELL_CUDA_STEP(cudaMemcpyAsync(&T, header + 2, sizeof(u64), cudaMemcpyDeviceToHost, s), "reading the tail count");
+  TWELL_CUDA_STEP(cudaMemcpyAsync(&active, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s),
+                  "reading the active count");
   TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the tail count");
+  if (info != nullptr) {
+    info->rows = static_cast<u64>(M);
+    info->active = active;
+    info->tail_rows = T;
+  }
   if (T > static_cast<u64>(M)) return fail(TWELL_ERROR_INTERNAL, "tail count %llu exceeds M", static_cast<unsigned long long>(T));
 
   const int64_t C = std::min<int64_t>(p.chunk, M);
@@ -221,8 +226,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
     TWELL_TRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
     TWELL_TRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, H, rows, hb, row_l1, counts, stats,
-                                                                      p.force_dense ? 1 : 0);
+    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, H, rows, hb, row_l1, counts, stats, 0);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail activation");
     LtMatmul mm;  // yt[n, D] = hb[n, H] W_d[H, D]
     mm.trans_a = false;
@@ -241,7 +245,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     scatter_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(yt, rows, D, o.y, o.ldy);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail scatter");
   }
-  forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, p.force_dense ? 1 : 0, chunks);
+  forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, 0, chunks);
   TWELL_CUDA_STEP(cudaGetLastError(), "forward final kernel");
   if (o.active != nullptr) {
     TWELL_CUDA_STEP(cudaMemcpyAsync(o.active, counts, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToDevice, s), "active counts");
@@ -252,13 +256,31 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
+twell_status train_read_saved_header(const TrainProblem& p, const char* saved, cudaStream_t s, SavedHeader* out) {
+  const int64_t M = p.M, D = p.D, H = p.H;
+  const int W = p.W;
+  u64* hdr = out->words;
+  TWELL_CUDA_STEP(cudaMemcpyAsync(hdr, saved, sizeof(out->words), cudaMemcpyDeviceToHost, s), "reading the saved header");
+  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the saved header");
+  if (hdr[0] != kSavedMagic || hdr[1] != static_cast<u64>(M) || hdr[3] != static_cast<u64>(W) ||
+      hdr[4] != static_cast<u64>(D) || hdr[5] != static_cast<u64>(H) || hdr[2] > static_cast<u64>(M) ||
+      (hdr[6] != kRouteHybrid && hdr[6] != kRouteDense)) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT,
+                "saved was not written by twell_train_forward for this plan and M = %lld (header: magic %s, M %llu, "
+                "W %llu, D %llu, H %llu, route %llu)",
+                static_cast<long long>(M), hdr[0] == kSavedMagic ? "ok" : "wrong", static_cast<unsigned long long>(hdr[1]),
+                static_cast<unsigned long long>(hdr[3]), static_cast<unsigned long long>(hdr[4]),
+                static_cast<unsigned long long>(hdr[5]), static_cast<unsigned long long>(hdr[6]));
+  }
+  return TWELL_SUCCESS;
+}
+
 twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
-                                const char* saved, char* ws, cudaStream_t s) {
+                                const char* saved, int64_t tail_rows, char* ws, cudaStream_t s) {
   const TrainWorkspace L = train_workspace(p);
   const SavedLayout S = train_saved_layout(p.M, p.W);
   const int64_t M = p.M, D = p.D, H = p.H;
   const int W = p.W;
-  const auto* header = reinterpret_cast<const u64*>(saved + S.header);
   const auto* counts = reinterpret_cast<const int32_t*>(saved + S.counts);
   const auto* flags = reinterpret_cast<const uint8_t*>(saved + S.flags);
   const auto* tail = reinterpret_cast<const int32_t*>(saved + S.tail);
@@ -267,20 +289,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   const auto* uv = reinterpret_cast<const float*>(saved + S.u);
   void* lt = ws + L.lt;
 
-  // Host synchronisation #1: the saved header (checked against the plan) and T.
-  u64 hdr[8];
-  TWELL_CUDA_STEP(cudaMemcpyAsync(hdr, header, sizeof(hdr), cudaMemcpyDeviceToHost, s), "reading the saved header");
-  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the saved header");
-  if (hdr[0] != kSavedMagic || hdr[1] != static_cast<u64>(M) || hdr[3] != static_cast<u64>(W) ||
-      hdr[4] != static_cast<u64>(D) || hdr[5] != static_cast<u64>(H) || hdr[2] > static_cast<u64>(M)) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT,
-                "saved was not written by twell_train_forward for this plan and M = %lld (header: magic %s, M %llu, "
-                "W %llu, D %llu, H %llu)",
-                static_cast<long long>(M), hdr[0] == kSavedMagic ? "ok" : "wrong", static_cast<unsigned long long>(hdr[1]),
-                static_cast<unsigned long long>(hdr[3]), static_cast<unsigned long long>(hdr[4]),
-                static_cast<unsigned long long>(hdr[5]));
-  }
-  const int64_t T = static_cast<int64_t>(hdr[2]);
+  const int64_t T = tail_rows;  // from the saved header (train_read_saved_header)
 
   const bf16* wd = w.w_down;
   int64_t ldwd = w.ldw_down;
@@ -494,7 +503,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   if (io.stats != nullptr) {
     StatsVals v{};
     v.v[TWELL_STAT_ROWS] = static_cast<u64>(M);
-    v.v[TWELL_STAT_PATH] = p.force_dense || (T == M && M > 0) ? TWELL_PATH_DENSE
+    v.v[TWELL_STAT_PATH] = T == M && M > 0 ? TWELL_PATH_DENSE
                                                                : (T == 0 ? TWELL_PATH_SPARSE : TWELL_TRAIN_PATH_HYBRID);
     v.v[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
     v.v[TWELL_TSTAT_TAIL_ROWS] = static_cast<u64>(T);

@@ -16,7 +16,6 @@ struct TrainProblem {
   int W = 64;               // ELL width
   int slots = 32;           // TwELL slots of the gate output
   bool w_down_dh = false;   // W_d given as [D, H]
-  bool force_dense = false; // every row through the dense tail
   bool use_sm90 = false;
   int sm_count = 1;
   int64_t chunk = 1024;     // tail rows per chunk
@@ -89,9 +88,57 @@ struct TrainBackwardIO {
   u64* stats = nullptr;
 };
 
+// What the hybrid forward learned on the host (it waits for the tail count
+// anyway): feeds TWELL_PATH_AUTO's choice of route for the next call.
+struct TrainForwardInfo {
+  u64 rows = 0, active = 0, tail_rows = 0;
+  const u64* stats = nullptr;  // the call's device statistics (dense route)
+};
+
 twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o, char* saved,
-                               char* ws, cudaStream_t stream);
+                               char* ws, cudaStream_t stream, TrainForwardInfo* info);
+
+// The saved state's header (both routes): magic, M, T (tail rows), W, D, H,
+// route, 0. Reading it is the backward's one unconditional host wait.
+constexpr u64 kRouteHybrid = 1, kRouteDense = 2;
+struct SavedHeader {
+  u64 words[8] = {};
+  u64 tail_rows() const { return words[2]; }
+  u64 route() const { return words[6]; }
+};
+twell_status train_read_saved_header(const TrainProblem& p, const char* saved, cudaStream_t stream, SavedHeader* h);
+
 twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
-                                const char* saved, char* ws, cudaStream_t stream);
+                                const char* saved, int64_t tail_rows, char* ws, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// The dense route (TWELL_PATH_DENSE, or AUTO when activity is high): the nine
+// GEMMs of a dense FFN step through cuBLASLt, chunked over rows, with g and u
+// saved in bf16 so the backward recomputes nothing (train_dense.cu).
+//   saved: header uint64[8] (route 2), counts int32[M], g bf16[M*H], u bf16[M*H]
+// The chunk (rows per GEMM) is the largest that fits the caller's workspace,
+// at most kDenseChunkMax; weight gradients of several chunks are summed in
+// fp32 accumulators (in chunk order), one chunk writes them directly.
+constexpr int64_t kDenseChunkMax = 8192;
+constexpr int64_t kDenseChunkMin = 128;
+struct DenseSavedLayout {
+  size_t header = 0, counts = 0, g = 0, u = 0, total = 0;
+};
+DenseSavedLayout train_dense_saved_layout(int64_t M, int64_t H);
+// Workspace bytes the dense route needs with `chunk` rows per GEMM.
+size_t train_dense_workspace_bytes(const TrainProblem& p, int64_t chunk);
+// Rows per chunk that fit `workspace_bytes` (0 if not even kDenseChunkMin do).
+int64_t train_dense_chunk(const TrainProblem& p, size_t workspace_bytes);
+
+twell_status train_dense_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o,
+                                     char* saved, char* ws, size_t ws_bytes, cudaStream_t stream);
+twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
+                                      const char* saved, char* ws, size_t ws_bytes, cudaStream_t stream);
+// Device address, inside `ws`, of the dense forward's count of rows with more
+// than W active neurons (the rows a hybrid forward would send to the tail),
+// which TWELL_PATH_AUTO reads back asynchronously.
+const u64* train_dense_over_width(const TrainProblem& p, const char* ws);
+// The dense route's statistics words inside `ws` (when the caller gave none).
+u64* train_dense_stats(const TrainProblem& p, char* ws);
 
 }  // namespace twell

@@ -72,13 +72,13 @@ __global__ void init_kernel(u64* stats, u64* header, int64_t M, int W, int64_t D
     header[3] = static_cast<u64>(W);
     header[4] = static_cast<u64>(D);
     header[5] = static_cast<u64>(H);
-    header[6] = 0;
+    header[6] = kRouteHybrid;
     header[7] = 0;
   }
 }
 
 // TwELL row -> ELL row (warp per row). A row goes to the tail when a tile
-// overflowed, its true count exceeds W, or force_dense.
+// overflowed or its true count exceeds W.
 __global__ void convert_kernel(const uint32_t* __restrict__ packed, int64_t M, int64_t H, int slots, int W,
                                uint8_t* __restrict__ flags, int32_t* __restrict__ counts, int32_t* __restrict__ cols,
                                float* __restrict__ gv, float* __restrict__ uv, u64* __restrict__ stats) {

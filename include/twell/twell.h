@@ -323,11 +323,26 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x,
 /* tail rows through dense GEMMs. All reductions have a fixed order:      */
 /* results are bitwise reproducible run to run.                           */
 /*                                                                       */
-/* Host synchronisation (version 1, documented limit): the forward waits  */
-/* once for the device-side tail-row count (to size the tail GEMMs); the  */
-/* backward waits for the saved header and for the per-neuron counts      */
-/* (to size the tail GEMMs and schedule the weight-gradient work). Not   */
-/* capturable in CUDA graphs yet.                                         */
+/* Routes (options.path): TWELL_PATH_SPARSE = the hybrid route above;    */
+/* TWELL_PATH_DENSE = the dense route: the nine GEMMs of a dense FFN step  */
+/* through cuBLASLt (chunks of up to 8192 rows), g and u of every row      */
+/* saved in bf16 (saved size ~4*M*H bytes), for activity where sparse      */
+/* does not pay; TWELL_PATH_AUTO (default) = hybrid until a forward shows  */
+/* that dense pays (more than a quarter of the rows in the tail, or mean   */
+/* activity over 0.75% of H; 0.375% when W_u and W_d exceed the L2 cache), */
+/* then dense until a dense forward shows the opposite. The choice follows */
+/* the plan's previous forward (use one plan per layer); an AUTO plan's    */
+/* twell_train_saved_size answers for the route its next forward takes,   */
+/* so query it before each forward (a smaller buffer keeps the hybrid     */
+/* route). The route taken is in the statistics (PATH 2 and HOST_SYNCS 0  */
+/* in a forward = dense route) and in the saved state's header.           */
+/*                                                                       */
+/* Host synchronisation (documented limit): the hybrid forward waits once */
+/* for the device-side tail-row count (to size the tail GEMMs); every     */
+/* backward waits for the saved header (checked against the call), and   */
+/* the hybrid backward also for the per-neuron counts (to schedule the   */
+/* weight-gradient work). The dense forward never waits. Not capturable  */
+/* in CUDA graphs yet.                                                    */
 /* ===================================================================== */
 #define TWELL_TRAIN_STATS_WORDS 16
 /* Words 0-7 as TWELL_STAT_* (ROWS, ACTIVE, OVERFLOW_ROWS = rows with a   */
@@ -343,8 +358,9 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x,
 #define TWELL_TSTAT_MAX_NEURON_COUNT 14 /* backward: most ELL tokens of one neuron */
 #define TWELL_TSTAT_PHASE 15           /* 1 = forward, 2 = backward */
 /* TWELL_STAT_PATH values of the training calls: TWELL_PATH_SPARSE (1) = */
-/* every row in ELL, TWELL_PATH_DENSE (2) = every row in the dense tail,  */
-/* TWELL_TRAIN_PATH_HYBRID = some of each. */
+/* every row in ELL, TWELL_PATH_DENSE (2) = every row dense (the dense    */
+/* route, or a hybrid call whose rows all went to the tail; TAIL_ROWS = M */
+/* either way), TWELL_TRAIN_PATH_HYBRID = some of each. */
 #define TWELL_TRAIN_PATH_HYBRID 3
 #define TWELL_TRAIN_ELL_WIDTH_DEFAULT 64
 #define TWELL_TRAIN_TAIL_CHUNK_DEFAULT 1024
@@ -353,8 +369,8 @@ typedef struct {
   int32_t ell_width;       /* W: ELL entries per row, multiple of 8 in [8, 256]; default 64 */
   int32_t slots;           /* TwELL words per tile of the gate output: 32 (default), 64, 128 */
   int32_t w_down_layout;   /* a twell_layout; default TWELL_LAYOUT_HD */
-  int32_t path;            /* TWELL_PATH_AUTO or _SPARSE: hybrid (default);
-                              TWELL_PATH_DENSE: every row through the dense tail */
+  int32_t path;            /* TWELL_PATH_AUTO (default): hybrid or dense route by
+                              the previous forward; _SPARSE: hybrid; _DENSE: dense */
   int32_t kernels;         /* a twell_kernels (gate GEMM); default TWELL_KERNELS_AUTO */
   int32_t tail_chunk_rows; /* rows per dense-tail chunk (workspace bound); 0 = default 1024 */
 } twell_train_options;
@@ -372,9 +388,13 @@ TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan);
 
 /* Bytes of the saved state a forward over M tokens writes (caller-owned, */
 /* 256-byte aligned device memory, kept until the matching backward).    */
+/* For a TWELL_PATH_AUTO plan: the size of the route its next forward    */
+/* prefers (it changes when the plan switches routes).                   */
 TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows,
                                               size_t* bytes);
-/* Device workspace bytes for a forward or a backward over M tokens. */
+/* Device workspace bytes for a forward or a backward over M tokens (AUTO */
+/* plans: enough for both routes; the dense route's chunk is the largest  */
+/* that fits the workspace given).                                        */
 TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows,
                                                   size_t* bytes);
 

@@ -68,16 +68,19 @@ __all__ = ["add_bench_train_args", "main_bench_train", "suite_configs", "write_m
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
-# (D, H, M, pattern, p, ell_width)
+# (D, H, M, pattern, p, ell_width, path); path "auto" is what a plan does by default (the route it
+# settles on after the warm-up steps is recorded), "sparse" forces the hybrid route for comparison.
 _QUICK = [
-    (2048, 5632, 16384, "uniform", 0.005, 64),
-    (2048, 5632, 65536, "uniform", 0.005, 64),
-    (2048, 5632, 16384, "skewed", 0.005, 64),
-    (2048, 5632, 65536, "skewed", 0.005, 64),
-    (2048, 5632, 16384, "uniform", 0.02, 64),
-    (2048, 5632, 16384, "uniform", 0.02, 256),
-    (4096, 14336, 8192, "uniform", 0.005, 64),
-    (4096, 14336, 8192, "uniform", 0.005, 128),    # p*H = 72 active per token: W = 64 sends most rows to the tail
+    (2048, 5632, 16384, "uniform", 0.005, 64, "auto"),
+    (2048, 5632, 65536, "uniform", 0.005, 64, "auto"),
+    (2048, 5632, 16384, "skewed", 0.005, 64, "auto"),
+    (2048, 5632, 16384, "skewed", 0.005, 64, "sparse"),
+    (2048, 5632, 65536, "skewed", 0.005, 64, "auto"),
+    (2048, 5632, 65536, "skewed", 0.005, 64, "sparse"),
+    (2048, 5632, 16384, "uniform", 0.02, 64, "auto"),
+    (2048, 5632, 16384, "uniform", 0.02, 256, "sparse"),
+    (4096, 14336, 8192, "uniform", 0.005, 64, "auto"),
+    (4096, 14336, 8192, "uniform", 0.005, 128, "sparse"),  # p*H = 72 per token: W = 64 sends most rows to the tail
 ]
 
 
@@ -85,11 +88,11 @@ def _full():
     out = []
     for m in (4096, 16384, 65536, 131072):
         for pat, p in (("uniform", 0.005), ("skewed", 0.005), ("uniform", 0.02)):
-            for w in ((64, 256) if p > 0.005 else (64,)):
-                out.append((2048, 5632, m, pat, p, w))
+            for path in ("auto", "sparse"):
+                out.append((2048, 5632, m, pat, p, 64, path))
     for m in (8192, 32768):
         for pat, p in (("uniform", 0.005), ("skewed", 0.005), ("uniform", 0.02)):
-            out.append((4096, 14336, m, pat, p, 64))
+            out.append((4096, 14336, m, pat, p, 128, "auto"))
     return out
 
 
@@ -103,7 +106,8 @@ def suite_configs(args) -> list[tuple]:
             for pat in (v.strip() for v in args.pattern.split(",") if v.strip()):
                 p = 0.02 if pat == "uniform2" else args.p
                 for w in (int(v) for v in str(args.ell_width).split(",") if v.strip()):
-                    out.append((d, h, m, "uniform" if pat == "uniform2" else pat, p, w))
+                    for path in (v.strip() for v in args.path.split(",") if v.strip()):
+                        out.append((d, h, m, "uniform" if pat == "uniform2" else pat, p, w, path))
         return out
     return list(_QUICK) if args.suite == "quick" else _full()
 
@@ -134,6 +138,8 @@ def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="for --M runs: uniform, uniform2 (p = 0.02), skewed (comma list; default uniform)")
     p.add_argument("--p", type=float, default=0.005, help="target active fraction of 'uniform' for --M runs (0.005)")
     p.add_argument("--ell-width", default="64", metavar="W[,W]", help="twell ELL width(s) for --M runs (default 64)")
+    p.add_argument("--path", default="auto", metavar="P[,P]",
+                   help="twell plan path(s) for --M runs: auto, sparse (= hybrid), dense (default auto)")
     p.add_argument("--reps", type=int, default=20, help="timed runs per measurement (median; default 20, at least 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--l1-coeff", type=float, default=1e-4, help="L1 coefficient c (loss += c * sum|h|; default 1e-4)")
@@ -399,11 +405,12 @@ def _reference_errors(torch, x, wg, wu, wd, dy, c, outs: dict, chunk_rows: int =
 # One configuration
 # ---------------------------------------------------------------------------
 def run_config(torch, train_ops, cfg: tuple, args) -> dict:
-    d, h, m, pattern, p, width = cfg
+    d, h, m, pattern, p, width = cfg[:6]
+    path = cfg[6] if len(cfg) > 6 else "auto"
     c = float(args.l1_coeff)
     reps, warmup = max(int(args.reps), 10), int(args.warmup)
     rec = {"bench": "train_step", "D": d, "H": h, "M": m, "pattern": pattern, "p": p, "ell_width": width,
-           "l1_coeff": c, "reps": reps, "warmup": warmup, "seed": args.seed, "dense": "torch bf16 autograd"}
+           "path_option": path, "l1_coeff": c, "reps": reps, "warmup": warmup, "seed": args.seed, "dense": "torch bf16 autograd"}
     sp_target, mem_target = _targets(pattern, p)
     rec["target_speedup"], rec["target_mem_ratio"] = sp_target, mem_target
     seed = args.seed * 1000003 + (zlib.crc32(repr((d, h, m, pattern, p)).encode()) & 0xFFFF)
@@ -411,7 +418,7 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
     torch.cuda.synchronize()
 
     # ---- twell ----
-    plan = train_ops.TrainPlan(d, h, ell_width=width)
+    plan = train_ops.TrainPlan(d, h, ell_width=width, path=path)
     bufs: dict = {}
     has_u64 = hasattr(torch, "uint64")
 
@@ -454,6 +461,8 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
     rec["max_row_count"] = fst["max_row_count"]
     rec["overflow_rows"] = fst["overflow_rows"]
     rec["path"] = fst["path"]
+    # The dense route's forward never waits for the host; the hybrid's waits once.
+    rec["route"] = "dense" if fst["path"] == 2 and fst["host_syncs"] == 0 else "hybrid"
     rec["host_syncs"] = fst["host_syncs"] + bst.get("host_syncs", 0)
     if bst:
         rec["max_neuron_count"] = bst["max_neuron_count"]
@@ -545,16 +554,17 @@ def write_markdown(doc: dict, path: Path) -> None:
         "the step beyond inputs, weights, y and gradients, from the allocator's trace); relerr = relative Frobenius "
         "error vs fp32 on the same bf16 inputs",
         "",
-        "| D | H | M | pattern | W | act/tok | tail rows | twell step ms | twell fwd ms | dense step ms "
+        "| D | H | M | pattern | W | path → route | act/tok | tail rows | twell step ms | twell fwd ms | dense step ms "
         "| dense fwd ms | dense TFLOP/s | step speedup | fwd speedup | target | mem | twell MiB | dense MiB "
         "| relerr y / dx / dWg / dWu / dWd |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     mib = 1024.0 * 1024.0
     for r in doc.get("records", []):
         if r.get("bench") != "train_step":
             continue
-        head = [str(r.get("D")), str(r.get("H")), str(r.get("M")), _label(r), str(r.get("ell_width"))]
+        head = [str(r.get("D")), str(r.get("H")), str(r.get("M")), _label(r), str(r.get("ell_width")),
+                f"{r.get('path_option', 'auto')} → {r.get('route', '?')}"]
         if r.get("ms") is None:
             lines.append("| " + " | ".join(head) + " | FAILED: " + str(r.get("error", "?")).replace("|", "/")
                          + " |" + " |" * 13)
@@ -592,7 +602,8 @@ def write_plot(doc: dict, out: Path) -> list[str]:
     if not recs:
         print("twell bench-train: no successful record to plot", file=sys.stderr)
         return []
-    labels = [f"{r['D']}x{r['H']}\nM={r['M']}\n{_label(r)}\nW={r.get('ell_width')}" for r in recs]
+    labels = [f"{r['D']}x{r['H']}\nM={r['M']}\n{_label(r)}\nW={r.get('ell_width')}\n{r.get('route', '')}"
+              for r in recs]
     xs = list(range(len(recs)))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(7, 1.3 * len(recs) + 2), 8), sharex=True)
     wdt = 0.38
@@ -689,9 +700,9 @@ def main_bench_train(args) -> int:
             rec = run_config(torch, train_ops, cfg, args)
         except Exception as e:  # keep going: one broken configuration must not lose the others
             traceback.print_exc()
-            d, h, m, pattern, p, w = cfg
+            d, h, m, pattern, p, w = cfg[:6]
             rec = {"bench": "train_step", "D": d, "H": h, "M": m, "pattern": pattern, "p": p, "ell_width": w,
-                   "error": f"{type(e).__name__}: {e}"}
+                   "path_option": cfg[6] if len(cfg) > 6 else "auto", "error": f"{type(e).__name__}: {e}"}
             gc.collect()
             torch.cuda.empty_cache()
         rec["wall_s"] = round(time.time() - t0, 2)

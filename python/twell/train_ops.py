@@ -24,7 +24,8 @@ from .ops import _Borrowed, _device_of, _empty_like_framework, _framework, _work
 __all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN"]
 
 _LAYOUTS = {"hd": 0, "dh": 1}
-_PATHS = {"auto": 0, "sparse": 1, "dense": 2}
+# "sparse" and "hybrid" both name the hybrid ELL + dense-tail route.
+_PATHS = {"auto": 0, "sparse": 1, "hybrid": 1, "dense": 2}
 _KERNELS = {"auto": 0, "portable": 1, "sm90": 2}
 
 TRAIN_STATS_FIELDS = ("rows", "active", "overflow_rows", "overflow_tiles", "max_tile_count", "max_row_count", "path",
@@ -59,7 +60,13 @@ class SavedState:
 
 
 class TrainPlan:
-    """A twell_train_plan: (D, H, options) fixed, tensors per call. Keeps a growing workspace."""
+    """A twell_train_plan: (D, H, options) fixed, tensors per call. Keeps a growing workspace.
+
+    ``path``: "hybrid" (= "sparse": ELL rows + dense tail), "dense" (nine cuBLASLt GEMMs, g and u
+    saved in bf16) or "auto" (default: hybrid until a forward shows dense pays, then dense until
+    activity drops again; the choice follows this plan's previous forward, so hold one plan per
+    layer). ``saved_size`` answers for the route the next forward takes.
+    """
 
     def __init__(self, d_model: int, hidden: int, *, ell_width: int = 64, slots: int = 32, w_down_layout: str = "hd",
                  path: str = "auto", kernels: str = "auto", tail_chunk_rows: int = 0, device: int = 0):

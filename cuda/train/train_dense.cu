@@ -1,0 +1,416 @@
+// The dense route of the training plan (see train.h and docs/training.md).
+//
+// When most tokens are active in more than ~1% of the neurons, the hybrid
+// format's per-entry gathers cost more than dense tensor-core GEMMs, so the
+// step is run as a dense FFN step: the nine GEMMs of forward + backward
+// through cuBLASLt, plus two elementwise passes, with g and u saved in bf16
+// (what an autograd framework saves, minus h and relu(g), which are cheap to
+// recompute). No host synchronisation in the forward; the backward's one wait
+// is the saved-header check the hybrid route makes too.
+//
+//   forward, per chunk of rows:  G = x W_g^T, U = x W_u^T  (bf16, into saved)
+//                                h = bf16(relu(G) * U), per-row L1 and L0
+//                                y = h W_d
+//   backward, per chunk:         dH = dy W_d^T
+//                                dh = dH + c sign(h); dG = dh U [G > 0]; dU = dh relu(G)
+//                                dx = dG W_g + dU W_u
+//                                dW_g += dG^T x, dW_u += dU^T x, dW_d += h^T dy
+//
+// Determinism: every reduction is either inside one cuBLASLt call (fixed
+// algorithm per shape, no atomics) or a fixed-order block reduction here;
+// chunks are summed in order by beta = 1 GEMMs.
+#include <algorithm>
+
+#include "capi/errors.h"
+#include "common/cublaslt.h"
+#include "train/train.h"
+
+namespace twell {
+namespace {
+
+constexpr int kThreads = 256;
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+struct Taker {
+  size_t off = 0;
+  size_t operator()(size_t bytes) {
+    const size_t at = off;
+    off += align256(bytes);
+    return at;
+  }
+};
+
+// Workspace regions of the dense route for `chunk` rows per GEMM.
+struct DenseWorkspace {
+  size_t lt = 0, stats = 0, misc = 0, row_l1 = 0, a = 0, b = 0, c = 0, acc = 0, total = 0;
+  bool accumulators = false;  // several chunks: weight gradients summed in fp32
+};
+
+DenseWorkspace dense_workspace(const TrainProblem& p, int64_t chunk) {
+  DenseWorkspace w;
+  Taker t;
+  const size_t M = static_cast<size_t>(p.M), D = static_cast<size_t>(p.D), H = static_cast<size_t>(p.H);
+  const size_t C = static_cast<size_t>(std::max<int64_t>(chunk, 1));
+  w.accumulators = chunk < p.M;
+  w.lt = t(kLtWorkspaceBytes);
+  w.stats = t(kTrainStatsWords * sizeof(u64));
+  w.misc = t(sizeof(u64));  // rows with more than W active neurons
+  w.row_l1 = t(M * 4);
+  w.a = t(C * H * 2);  // forward: h; backward: dH, then dG in place
+  w.b = t(C * H * 2);  // backward: dU
+  w.c = t(C * H * 2);  // backward: h
+  w.acc = t(w.accumulators ? 3 * H * D * 4 : 0);
+  w.total = t.off;
+  return w;
+}
+
+unsigned grid_for(int64_t n, int per) {
+  return static_cast<unsigned>(std::min<int64_t>((n + per - 1) / per, 1 << 16));
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float f[8]) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+// h = relu(g) * u as computed by both passes (same bits in forward and backward).
+__device__ __forceinline__ float gated(float g, float u) { return g > 0.f ? g * u : 0.f; }
+
+// Fixed-order block sum (every thread gets the result).
+__device__ float block_sum(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__global__ void dense_init_kernel(u64* stats, u64* header, int64_t M, int W, int64_t D, int64_t H, u64* over) {
+  const int t = threadIdx.x;
+  if (t < kTrainStatsWords) stats[t] = 0;
+  __syncthreads();
+  if (t == 0) {
+    *over = 0;
+    stats[TWELL_STAT_ROWS] = static_cast<u64>(M);
+    stats[TWELL_STAT_PATH] = TWELL_PATH_DENSE;
+    stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+    stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+    stats[TWELL_TSTAT_PHASE] = 1;
+    const u64 h[8] = {kSavedMagic, static_cast<u64>(M), static_cast<u64>(M), static_cast<u64>(W),
+                      static_cast<u64>(D), static_cast<u64>(H), kRouteDense, 0};
+    for (int i = 0; i < 8; ++i) header[i] = h[i];
+  }
+}
+
+// One CTA per row of the chunk: h (bf16, the y GEMM's operand), the row's L1
+// (fp32 |relu(g) u| in a fixed order) and L0.
+__global__ void __launch_bounds__(kThreads) dense_forward_act_kernel(const bf16* __restrict__ g,
+                                                                     const bf16* __restrict__ u, int64_t H,
+                                                                     bf16* __restrict__ h, float* __restrict__ row_l1,
+                                                                     int32_t* __restrict__ counts, int W,
+                                                                     u64* __restrict__ stats, u64* __restrict__ over) {
+  __shared__ float sh[kThreads];
+  const int64_t off = static_cast<int64_t>(blockIdx.x) * H;
+  const auto* g8 = reinterpret_cast<const uint4*>(g + off);
+  const auto* u8 = reinterpret_cast<const uint4*>(u + off);
+  auto* h8 = reinterpret_cast<uint4*>(h + off);
+  float l1 = 0.f;
+  int cnt = 0;
+  for (int64_t c = threadIdx.x; c < H / 8; c += kThreads) {
+    float gf[8], uf[8], hf[8];
+    unpack8(g8[c], gf);
+    unpack8(u8[c], uf);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      hf[i] = gated(gf[i], uf[i]);
+      l1 += fabsf(hf[i]);
+      cnt += gf[i] > 0.f ? 1 : 0;
+    }
+    h8[c] = pack8(hf);
+  }
+  const float tot = block_sum(l1, sh);
+  const float n = block_sum(static_cast<float>(cnt), sh);  // exact: H < 2^24
+  if (threadIdx.x == 0) {
+    const int k = static_cast<int>(n);
+    row_l1[blockIdx.x] = tot;
+    counts[blockIdx.x] = k;
+    if (k > 0) {  // integer atomics: order-independent
+      atomicAdd(&stats[TWELL_STAT_ACTIVE], static_cast<u64>(k));
+      atomicMax(&stats[TWELL_STAT_MAX_ROW_COUNT], static_cast<u64>(k));
+    }
+    if (k > W) atomicAdd(over, u64(1));
+  }
+}
+
+// L1 = sum of the row sums in a fixed order (double), and the final statistics.
+__global__ void __launch_bounds__(1024) dense_forward_final_kernel(const float* __restrict__ row_l1, int64_t M,
+                                                                   float* l1_out, u64* stats, int64_t chunks) {
+  __shared__ double sd[1024];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) s += static_cast<double>(row_l1[i]);
+  sd[threadIdx.x] = s;
+  __syncthreads();
+  for (int k = blockDim.x / 2; k > 0; k /= 2) {
+    if (threadIdx.x < k) sd[threadIdx.x] += sd[threadIdx.x + k];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (l1_out != nullptr) *l1_out = static_cast<float>(sd[0]);
+    stats[TWELL_TSTAT_TAIL_ROWS] = static_cast<u64>(M);
+    stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
+  }
+}
+
+// dH (in a) -> dG (in a), dU (in b), h (in c); flat over the chunk.
+__global__ void __launch_bounds__(kThreads) dense_backward_elem_kernel(bf16* __restrict__ a, const bf16* __restrict__ g,
+                                                                       const bf16* __restrict__ u,
+                                                                       bf16* __restrict__ b, bf16* __restrict__ c,
+                                                                       int64_t n8, float coef) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n8;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float dhf[8], gf[8], uf[8], dg[8], du[8], hf[8];
+    unpack8(reinterpret_cast<const uint4*>(a)[i], dhf);
+    unpack8(reinterpret_cast<const uint4*>(g)[i], gf);
+    unpack8(reinterpret_cast<const uint4*>(u)[i], uf);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const bool on = gf[k] > 0.f;
+      hf[k] = gated(gf[k], uf[k]);
+      const float sg = hf[k] > 0.f ? 1.f : (hf[k] < 0.f ? -1.f : 0.f);
+      const float dh = dhf[k] + coef * sg;
+      dg[k] = on ? dh * uf[k] : 0.f;
+      du[k] = on ? dh * gf[k] : 0.f;
+    }
+    reinterpret_cast<uint4*>(a)[i] = pack8(dg);
+    reinterpret_cast<uint4*>(b)[i] = pack8(du);
+    reinterpret_cast<uint4*>(c)[i] = pack8(hf);
+  }
+}
+
+// out[r, :] = bf16(acc[r, :] (+ out[r, :])): the fp32 sums of several chunks.
+__global__ void finalize_grad_kernel(const float* __restrict__ acc, int64_t rows, int64_t cols, bf16* __restrict__ out,
+                                     int64_t ld, int accumulate) {
+  const int64_t n = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    bf16* o = out + r * ld + c;
+    const float prev = accumulate ? __bfloat162float(*o) : 0.f;
+    *o = __float2bfloat16_rn(acc[i] + prev);
+  }
+}
+
+__global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_t chunks) {
+  const int t = threadIdx.x;
+  if (t < kTrainStatsWords) stats[t] = 0;
+  __syncthreads();
+  if (t == 0) {
+    stats[TWELL_STAT_ROWS] = static_cast<u64>(M);
+    stats[TWELL_STAT_PATH] = TWELL_PATH_DENSE;
+    stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+    stats[TWELL_TSTAT_TAIL_ROWS] = static_cast<u64>(M);
+    stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+    stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
+    stats[TWELL_TSTAT_HOST_SYNCS] = 1;
+    stats[TWELL_TSTAT_PHASE] = 2;
+  }
+}
+
+// Row-major C[m, n] (ld ldc) = op(A) op(B) + beta C, A op'd to [m, k], B to
+// [k, n]; expressed as cuBLASLt's column-major C^T = op(B)^T op(A)^T.
+twell_status gemm_rm(bool trans_a, const bf16* a, int64_t lda, bool trans_b, const bf16* b, int64_t ldb, void* c,
+                     int64_t ldc, bool c_f32, int64_t m, int64_t n, int64_t k, float beta, void* lt,
+                     cudaStream_t s) {
+  LtMatmul g;
+  g.trans_a = trans_b;
+  g.trans_b = trans_a;
+  g.m = n;
+  g.n = m;
+  g.k = k;
+  g.a = b;
+  g.lda = ldb;
+  g.b = a;
+  g.ldb = lda;
+  g.c = c;
+  g.ldc = ldc;
+  g.c_is_f32 = c_f32;
+  g.beta = beta;
+  return lt_matmul(g, lt, kLtWorkspaceBytes, s);
+}
+
+}  // namespace
+
+DenseSavedLayout train_dense_saved_layout(int64_t M, int64_t H) {
+  DenseSavedLayout s;
+  Taker t;
+  const size_t mh = static_cast<size_t>(M) * static_cast<size_t>(H);
+  s.header = t(8 * sizeof(u64));
+  s.counts = t(static_cast<size_t>(M) * 4);
+  s.g = t(mh * 2);
+  s.u = t(mh * 2);
+  s.total = t.off;
+  return s;
+}
+
+size_t train_dense_workspace_bytes(const TrainProblem& p, int64_t chunk) { return dense_workspace(p, chunk).total; }
+
+int64_t train_dense_chunk(const TrainProblem& p, size_t workspace_bytes) {
+  const int64_t M = std::max<int64_t>(p.M, 1);
+  int64_t c = std::min(M, kDenseChunkMax);
+  if (dense_workspace(p, c).total <= workspace_bytes) return c;
+  // Several chunks: the fixed part (with the accumulators) plus 3 H bf16 per row.
+  const size_t fixed = dense_workspace(p, 0).total + 3 * 256;
+  const size_t per_row = 3 * static_cast<size_t>(p.H) * 2;
+  if (workspace_bytes <= fixed) return 0;
+  c = static_cast<int64_t>((workspace_bytes - fixed) / per_row);
+  c = std::min(c, std::min(M, kDenseChunkMax)) / kDenseChunkMin * kDenseChunkMin;
+  while (c >= kDenseChunkMin && dense_workspace(p, c).total > workspace_bytes) c -= kDenseChunkMin;
+  return c >= kDenseChunkMin ? c : 0;
+}
+
+const u64* train_dense_over_width(const TrainProblem& p, const char* ws) {
+  return reinterpret_cast<const u64*>(ws + dense_workspace(p, 1).misc);
+}
+
+u64* train_dense_stats(const TrainProblem& p, char* ws) {
+  return reinterpret_cast<u64*>(ws + dense_workspace(p, 1).stats);
+}
+
+twell_status train_dense_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o,
+                                     char* saved, char* ws, size_t ws_bytes, cudaStream_t s) {
+  const int64_t M = p.M, D = p.D, H = p.H;
+  const int64_t C = train_dense_chunk(p, ws_bytes);
+  if (C == 0) {
+    return fail(TWELL_ERROR_WORKSPACE, "workspace_bytes (%zu) is too small for the dense route (%zu at least)",
+                ws_bytes, dense_workspace(p, std::min<int64_t>(M, kDenseChunkMin)).total);
+  }
+  const DenseWorkspace L = dense_workspace(p, C);
+  const DenseSavedLayout S = train_dense_saved_layout(M, H);
+  u64* stats = o.stats != nullptr ? o.stats : reinterpret_cast<u64*>(ws + L.stats);
+  auto* header = reinterpret_cast<u64*>(saved + S.header);
+  auto* counts = reinterpret_cast<int32_t*>(saved + S.counts);
+  auto* g = reinterpret_cast<bf16*>(saved + S.g);
+  auto* u = reinterpret_cast<bf16*>(saved + S.u);
+  auto* over = reinterpret_cast<u64*>(ws + L.misc);
+  auto* row_l1 = reinterpret_cast<float*>(ws + L.row_l1);
+  auto* hb = reinterpret_cast<bf16*>(ws + L.a);
+  void* lt = ws + L.lt;
+
+  dense_init_kernel<<<1, 32, 0, s>>>(stats, header, M, p.W, D, H, over);
+  TWELL_CUDA_STEP(cudaGetLastError(), "dense-route init kernel");
+  int64_t chunks = 0;
+  for (int64_t r0 = 0; r0 < M; r0 += C, ++chunks) {
+    const int64_t n = std::min(C, M - r0);
+    const bf16* x = w.x + r0 * w.ldx;
+    bf16* gc = g + r0 * H;
+    bf16* uc = u + r0 * H;
+    TWELL_TRY(gemm_rm(false, x, w.ldx, true, w.w_gate, w.ldw_gate, gc, H, false, n, H, D, 0.f, lt, s));
+    TWELL_TRY(gemm_rm(false, x, w.ldx, true, w.w_up, w.ldw_up, uc, H, false, n, H, D, 0.f, lt, s));
+    dense_forward_act_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(gc, uc, H, hb, row_l1 + r0, counts + r0,
+                                                                          p.W, stats, over);
+    TWELL_CUDA_STEP(cudaGetLastError(), "dense-route activation");
+    // y = h W_d: W_d [H, D] as is, or [D, H] transposed.
+    TWELL_TRY(gemm_rm(false, hb, H, p.w_down_dh, w.w_down, w.ldw_down, o.y + r0 * o.ldy, o.ldy, false, n, D, H, 0.f,
+                      lt, s));
+  }
+  dense_forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, M, o.l1, stats, chunks);
+  TWELL_CUDA_STEP(cudaGetLastError(), "dense-route final kernel");
+  if (o.active != nullptr) {
+    TWELL_CUDA_STEP(cudaMemcpyAsync(o.active, counts, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToDevice, s),
+                    "active counts");
+  }
+  return TWELL_SUCCESS;
+}
+
+twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
+                                      const char* saved, char* ws, size_t ws_bytes, cudaStream_t s) {
+  const int64_t M = p.M, D = p.D, H = p.H;
+  const int64_t C = train_dense_chunk(p, ws_bytes);
+  if (C == 0) {
+    return fail(TWELL_ERROR_WORKSPACE, "workspace_bytes (%zu) is too small for the dense route (%zu at least)",
+                ws_bytes, dense_workspace(p, std::min<int64_t>(M, kDenseChunkMin)).total);
+  }
+  const DenseWorkspace L = dense_workspace(p, C);
+  const DenseSavedLayout S = train_dense_saved_layout(M, H);
+  const auto* g = reinterpret_cast<const bf16*>(saved + S.g);
+  const auto* u = reinterpret_cast<const bf16*>(saved + S.u);
+  auto* A = reinterpret_cast<bf16*>(ws + L.a);
+  auto* B = reinterpret_cast<bf16*>(ws + L.b);
+  auto* Cb = reinterpret_cast<bf16*>(ws + L.c);
+  void* lt = ws + L.lt;
+  const bool dh = p.w_down_dh;
+  // Weight-gradient targets: the outputs themselves (one chunk; beta = 1 is
+  // then exactly "dw = bf16(fp32(dw) + gradient)"), else fp32 accumulators.
+  float* acc = reinterpret_cast<float*>(ws + L.acc);
+  const size_t hd = static_cast<size_t>(H) * static_cast<size_t>(D);
+  void* tgt[3] = {io.dw_gate, io.dw_up, io.dw_down};
+  int64_t ldt[3] = {io.ld_dwg, io.ld_dwu, io.ld_dwd};
+  if (L.accumulators) {
+    for (int q = 0; q < 3; ++q) {
+      tgt[q] = acc + q * hd;
+      ldt[q] = (q == 2 && dh) ? H : D;
+    }
+  }
+
+  int64_t chunks = 0;
+  for (int64_t r0 = 0; r0 < M; r0 += C, ++chunks) {
+    const int64_t n = std::min(C, M - r0);
+    const bf16* x = w.x + r0 * w.ldx;
+    const bf16* dy = io.dy + r0 * io.lddy;
+    bf16* dx = io.dx + r0 * io.lddx;
+    // dH = dy W_d^T
+    TWELL_TRY(gemm_rm(false, dy, io.lddy, !dh, w.w_down, w.ldw_down, A, H, false, n, H, D, 0.f, lt, s));
+    const int64_t n8 = n * H / 8;
+    dense_backward_elem_kernel<<<grid_for(n8, kThreads * 4), kThreads, 0, s>>>(A, g + r0 * H, u + r0 * H, B, Cb, n8,
+                                                                               io.l1_coeff);
+    TWELL_CUDA_STEP(cudaGetLastError(), "dense-route backward elementwise");
+    // dx = dG W_g + dU W_u (the second product added to the first's bf16 result)
+    TWELL_TRY(gemm_rm(false, A, H, false, w.w_gate, w.ldw_gate, dx, io.lddx, false, n, D, H, 0.f, lt, s));
+    TWELL_TRY(gemm_rm(false, B, H, false, w.w_up, w.ldw_up, dx, io.lddx, false, n, D, H, 1.f, lt, s));
+    // dW_g (+)= dG^T x, dW_u (+)= dU^T x, dW_d (+)= h^T dy ([H, D]) or dy^T h ([D, H])
+    const float beta = (chunks > 0 || (io.accumulate && !L.accumulators)) ? 1.f : 0.f;
+    const bool f32 = L.accumulators;
+    TWELL_TRY(gemm_rm(true, A, H, false, x, w.ldx, tgt[0], ldt[0], f32, H, D, n, beta, lt, s));
+    TWELL_TRY(gemm_rm(true, B, H, false, x, w.ldx, tgt[1], ldt[1], f32, H, D, n, beta, lt, s));
+    if (dh) {
+      TWELL_TRY(gemm_rm(true, dy, io.lddy, false, Cb, H, tgt[2], ldt[2], f32, D, H, n, beta, lt, s));
+    } else {
+      TWELL_TRY(gemm_rm(true, Cb, H, false, dy, io.lddy, tgt[2], ldt[2], f32, H, D, n, beta, lt, s));
+    }
+  }
+  if (L.accumulators) {
+    const int64_t rows[3] = {H, H, dh ? D : H}, cols[3] = {D, D, dh ? H : D};
+    const int64_t ld[3] = {io.ld_dwg, io.ld_dwu, io.ld_dwd};
+    bf16* out[3] = {io.dw_gate, io.dw_up, io.dw_down};
+    for (int q = 0; q < 3; ++q) {
+      finalize_grad_kernel<<<grid_for(rows[q] * cols[q], 1024), 256, 0, s>>>(acc + q * hd, rows[q], cols[q], out[q],
+                                                                             ld[q], io.accumulate ? 1 : 0);
+      TWELL_CUDA_STEP(cudaGetLastError(), "dense-route gradient finalize");
+    }
+  }
+  if (io.stats != nullptr) {
+    dense_backward_stats_kernel<<<1, 32, 0, s>>>(io.stats, M, p.W, chunks);
+    TWELL_CUDA_STEP(cudaGetLastError(), "dense-route backward statistics");
+  }
+  return TWELL_SUCCESS;
+}
+
+}  // namespace twell
