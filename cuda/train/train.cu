@@ -83,7 +83,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.hist = t(static_cast<size_t>(w.hist_len) * 8);
   w.bsum = t(static_cast<size_t>(w.scan_blocks) * 8);
   w.nstart = t((H + 1) * 8);
-  w.trans = t(mw * 8);
+  w.trans = t(mw * sizeof(WEntry));
   w.items = t(static_cast<size_t>(w.max_items) * sizeof(Item));
   w.fin = t(static_cast<size_t>(kPartialSlots) * sizeof(Fin));
   w.partials = t(static_cast<size_t>(kPartialSlots) * 3 * D * 4);
@@ -334,7 +334,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   auto* hist = reinterpret_cast<unsigned long long*>(ws + L.hist);
   auto* bsum = reinterpret_cast<unsigned long long*>(ws + L.bsum);
   auto* nstart = reinterpret_cast<long long*>(ws + L.nstart);
-  auto* trans = reinterpret_cast<long long*>(ws + L.trans);
+  auto* trans = reinterpret_cast<WEntry*>(ws + L.trans);
   TWELL_CUDA_STEP(cudaMemsetAsync(hist, 0, static_cast<size_t>(L.hist_len) * 8, s), "clearing the histogram");
   if (T < M) {
     hist_kernel<<<grid1(M, 4), 128, 0, s>>>(flags, counts, cols, M, W, L.nchunks, hist);
@@ -348,7 +348,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   TWELL_CUDA_STEP(cudaGetLastError(), "neuron offsets");
   if (T < M) {
     sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, s>>>(flags, counts, cols, M, W, L.nchunks, hist,
-                                                                         trans);
+                                                                         dg, du, gv, uv, trans);
     TWELL_CUDA_STEP(cudaGetLastError(), "counting-sort scatter");
   }
 
@@ -472,11 +472,6 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   a.items = d_items;
   a.fins = d_fins;
   a.trans = trans;
-  a.dg = dg;
-  a.du = du;
-  a.g = gv;
-  a.u = uv;
-  a.W = W;
   a.x = w.x;
   a.ldx = w.ldx;
   a.dy = io.dy;
@@ -493,7 +488,12 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   a.dwd_dh = p.w_down_dh ? 1 : 0;
   a.accumulate = io.accumulate ? 1 : 0;
   const unsigned ycols = static_cast<unsigned>((D + kColsPerBlock - 1) / kColsPerBlock);
-  wgrad_kernel<<<dim3(static_cast<unsigned>(items.size()), ycols), 256, 0, s>>>(a);
+  a.ycols = static_cast<int>(ycols);
+  a.nwork = static_cast<int64_t>(items.size()) * ycols;
+  int per_sm = 0;
+  TWELL_CUDA_STEP(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgrad_kernel, 256, 0), "weight-gradient occupancy");
+  const int64_t grid = std::min<int64_t>(a.nwork, static_cast<int64_t>(std::max(per_sm, 1)) * p.sm_count);
+  wgrad_kernel<<<static_cast<unsigned>(grid), 256, 0, s>>>(a);
   TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");
   if (!fins.empty()) {
     wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(fins.size()), ycols), 256, 0, s>>>(a);

@@ -19,6 +19,13 @@ struct Item {   // weight-gradient work item: entries [e0, e1) of neuron j
 struct Fin {    // neurons split over several items: sum slots [slot0, slot0 + nseg)
   int64_t j, slot0, nseg, pad;
 };
+// One ELL entry in the neuron-major (transposed) view, with everything the
+// weight gradients need from it, so that kernel reads 16 contiguous bytes per
+// entry instead of five scattered words: token, dg, du, h = g * u.
+struct alignas(16) WEntry {
+  int32_t m;
+  float dg, du, h;
+};
 
 __device__ __forceinline__ void bf8_to_f(const uint4& v, float f[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -458,7 +465,9 @@ __global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __rest
                                                            const int32_t* __restrict__ counts,
                                                            const int32_t* __restrict__ cols, int64_t M, int W,
                                                            int64_t nchunks, unsigned long long* cursor,
-                                                           long long* __restrict__ trans) {
+                                                           const float* __restrict__ dg, const float* __restrict__ du,
+                                                           const float* __restrict__ g, const float* __restrict__ u,
+                                                           WEntry* __restrict__ trans) {
   const int64_t c = blockIdx.x;
   for (int r = 0; r < kChunkRowsSort; ++r) {
     const int64_t m = c * kChunkRowsSort + r;
@@ -470,7 +479,8 @@ __global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __rest
         const int64_t idx = j * nchunks + c;
         const unsigned long long pos = cursor[idx];
         cursor[idx] = pos + 1;
-        trans[pos] = m * W + threadIdx.x;
+        const int64_t p = m * W + threadIdx.x;
+        trans[pos] = WEntry{static_cast<int32_t>(m), dg[p], du[p], g[p] * u[p]};
       }
     }
     __syncthreads();
@@ -512,12 +522,9 @@ __global__ void add_kernel(float* __restrict__ acc, const float* __restrict__ t,
 struct WgArgs {
   const Item* items;
   const Fin* fins;
-  const long long* trans;
-  const float* dg;
-  const float* du;
-  const float* g;
-  const float* u;
-  int W;
+  const WEntry* trans;
+  int64_t nwork;  // items x column slices
+  int ycols;      // column slices of kColsPerBlock
   const bf16* x;
   int64_t ldx;
   const bf16* dy;
@@ -539,72 +546,81 @@ __device__ __forceinline__ void wg_store(const WgArgs& a, int q, int64_t j, int6
 }
 
 // dW_g[j] += sum dg x_m, dW_u[j] += sum du x_m, dW_d[j] += sum h dy_m over one
-// item's entries of neuron j (ascending tokens). CTA = 8 warps x 256 columns;
-// warp w takes entries e0 + w, e0 + w + 8, ...; warps are summed in order.
+// item's entries of neuron j (ascending tokens). Work unit = (item, slice of
+// 256 columns): 8 warps, warp w takes entries e0 + w, e0 + w + 8, ...; warps
+// are summed in order. Persistent grid: CTA b takes units b, b + grid, ...
+// (slices fastest), so the CTAs resident at any time start their units
+// together and walk their token-sorted lists at the same pace: the x and dy
+// rows they read at a moment come from a narrow window of tokens that stays
+// in L2, instead of units at every stage of their lists sweeping all of x and
+// dy through HBM.
 __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   __shared__ float red[3][8][kColsPerBlock];
-  const Item it = a.items[blockIdx.x];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColsPerBlock;
-  const int64_t col = c0 + lane * 8;
-  const bool act = col < a.D;
-  float ag[8], au[8], ad[8];
+  for (int64_t unit = blockIdx.x; unit < a.nwork; unit += gridDim.x) {
+    const Item it = a.items[unit / a.ycols];
+    const int64_t c0 = (unit % a.ycols) * kColsPerBlock;
+    const int64_t col = c0 + lane * 8;
+    const bool act = col < a.D;
+    float ag[8], au[8], ad[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) ag[i] = au[i] = ad[i] = 0.f;
-  for (int64_t e = it.e0 + warp; e < it.e1; e += 32) {
-    float cg[4], cu[4], ch[4];
-    uint4 xv[4], yv[4];
+    for (int i = 0; i < 8; ++i) ag[i] = au[i] = ad[i] = 0.f;
+    for (int64_t e = it.e0 + warp; e < it.e1; e += 32) {
+      float cg[4], cu[4], ch[4];
+      uint4 xv[4], yv[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t ee = e + 8 * q;
-      cg[q] = cu[q] = ch[q] = 0.f;
-      xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
-      if (ee < it.e1) {
-        const long long p = a.trans[ee];
-        cg[q] = a.dg[p];
-        cu[q] = a.du[p];
-        ch[q] = a.g[p] * a.u[p];
-        const int64_t m = p / a.W;
-        if (act) {
-          xv[q] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + col);
-          yv[q] = *reinterpret_cast<const uint4*>(a.dy + m * a.lddy + col);
+      for (int q = 0; q < 4; ++q) {
+        const int64_t ee = e + 8 * q;
+        cg[q] = cu[q] = ch[q] = 0.f;
+        xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
+        if (ee < it.e1) {
+          const WEntry en = a.trans[ee];
+          cg[q] = en.dg;
+          cu[q] = en.du;
+          ch[q] = en.h;
+          const int64_t m = en.m;
+          if (act) {
+            xv[q] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + col);
+            yv[q] = *reinterpret_cast<const uint4*>(a.dy + m * a.lddy + col);
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float xf[8], yf[8];
+        bf8_to_f(xv[q], xf);
+        bf8_to_f(yv[q], yf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          ag[i] = fmaf(cg[q], xf[i], ag[i]);
+          au[i] = fmaf(cu[q], xf[i], au[i]);
+          ad[i] = fmaf(ch[q], yf[i], ad[i]);
         }
       }
     }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float xf[8], yf[8];
-      bf8_to_f(xv[q], xf);
-      bf8_to_f(yv[q], yf);
+    for (int i = 0; i < 8; ++i) {
+      red[0][warp][lane * 8 + i] = ag[i];
+      red[1][warp][lane * 8 + i] = au[i];
+      red[2][warp][lane * 8 + i] = ad[i];
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    const int64_t oc = c0 + t;
+    if (oc < a.D) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        ag[i] = fmaf(cg[q], xf[i], ag[i]);
-        au[i] = fmaf(cu[q], xf[i], au[i]);
-        ad[i] = fmaf(ch[q], yf[i], ad[i]);
+      for (int q = 0; q < 3; ++q) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) s += red[q][w][t];
+        if (it.slot < 0) {
+          wg_store(a, q, it.j, oc, s);
+        } else {
+          a.partials[(it.slot * 3 + q) * a.D + oc] = s;
+        }
       }
     }
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    red[0][warp][lane * 8 + i] = ag[i];
-    red[1][warp][lane * 8 + i] = au[i];
-    red[2][warp][lane * 8 + i] = ad[i];
-  }
-  __syncthreads();
-  const int t = threadIdx.x;
-  const int64_t oc = c0 + t;
-  if (oc < a.D) {
-#pragma unroll
-    for (int q = 0; q < 3; ++q) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) s += red[q][w][t];
-      if (it.slot < 0) {
-        wg_store(a, q, it.j, oc, s);
-      } else {
-        a.partials[(it.slot * 3 + q) * a.D + oc] = s;
-      }
-    }
+    __syncthreads();  // red is rewritten by the next unit
   }
 }
 
