@@ -565,36 +565,44 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
     float ag[8], au[8], ad[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) ag[i] = au[i] = ad[i] = 0.f;
-    for (int64_t e = it.e0 + warp; e < it.e1; e += 32) {
-      float cg[4], cu[4], ch[4];
-      uint4 xv[4], yv[4];
+    // Warp w's entries are e0 + w + 8 i (i = 0, 1, ...), accumulated in that
+    // order. They are fetched 32 at a time, one per lane, and broadcast by
+    // shuffles: the x / dy loads of 4 entries then issue without waiting
+    // for each entry's own (dependent) load.
+    for (int64_t base = it.e0 + warp; base < it.e1; base += 8 * 32) {
+      const int64_t mine = base + 8 * lane;
+      WEntry en{0, 0.f, 0.f, 0.f};
+      if (mine < it.e1) en = a.trans[mine];
+      const int64_t left = (it.e1 - base + 7) / 8;  // this warp's entries from base on
+      const int n = left < 32 ? static_cast<int>(left) : 32;
+      for (int k0 = 0; k0 < n; k0 += 4) {
+        float cg[4], cu[4], ch[4];
+        uint4 xv[4], yv[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t ee = e + 8 * q;
-        cg[q] = cu[q] = ch[q] = 0.f;
-        xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
-        if (ee < it.e1) {
-          const WEntry en = a.trans[ee];
-          cg[q] = en.dg;
-          cu[q] = en.du;
-          ch[q] = en.h;
-          const int64_t m = en.m;
-          if (act) {
-            xv[q] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + col);
-            yv[q] = *reinterpret_cast<const uint4*>(a.dy + m * a.lddy + col);
+        for (int q = 0; q < 4; ++q) {
+          const int k = k0 + q;
+          const int32_t m = __shfl_sync(0xffffffffu, en.m, k & 31);
+          cg[q] = __shfl_sync(0xffffffffu, en.dg, k & 31);
+          cu[q] = __shfl_sync(0xffffffffu, en.du, k & 31);
+          ch[q] = __shfl_sync(0xffffffffu, en.h, k & 31);
+          xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
+          if (k < n && act) {
+            xv[q] = *reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(m) * a.ldx + col);
+            yv[q] = *reinterpret_cast<const uint4*>(a.dy + static_cast<int64_t>(m) * a.lddy + col);
           }
+          if (k >= n) cg[q] = cu[q] = ch[q] = 0.f;
         }
-      }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float xf[8], yf[8];
-        bf8_to_f(xv[q], xf);
-        bf8_to_f(yv[q], yf);
+        for (int q = 0; q < 4; ++q) {
+          float xf[8], yf[8];
+          bf8_to_f(xv[q], xf);
+          bf8_to_f(yv[q], yf);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          ag[i] = fmaf(cg[q], xf[i], ag[i]);
-          au[i] = fmaf(cu[q], xf[i], au[i]);
-          ad[i] = fmaf(ch[q], yf[i], ad[i]);
+          for (int i = 0; i < 8; ++i) {
+            ag[i] = fmaf(cg[q], xf[i], ag[i]);
+            au[i] = fmaf(cu[q], xf[i], au[i]);
+            ad[i] = fmaf(ch[q], yf[i], ad[i]);
+          }
         }
       }
     }
