@@ -100,7 +100,6 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.acc_g = t(H * D * 4);
   w.acc_u = t(H * D * 4);
   w.acc_d = t(H * D * 4);
-  w.acc_tmp = t(H * D * 4);
   w.bwd_total = t.off;
   w.total = std::max(w.fwd_total, w.bwd_total);
   return w;
@@ -399,7 +398,6 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   int64_t chunks = 0;
   float* acc[3] = {reinterpret_cast<float*>(ws + L.acc_g), reinterpret_cast<float*>(ws + L.acc_u),
                    reinterpret_cast<float*>(ws + L.acc_d)};
-  auto* tmp = reinterpret_cast<float*>(ws + L.acc_tmp);
   auto* xt = reinterpret_cast<bf16*>(ws + L.b_xt);
   auto* dyt = reinterpret_cast<bf16*>(ws + L.b_dyt);
   auto* G = reinterpret_cast<float*>(ws + L.b_g);
@@ -456,14 +454,11 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
       mm.lda = D;
       mm.b = lhs[q];
       mm.ldb = H;
-      mm.c = r0 == 0 ? acc[q] : tmp;
+      mm.c = acc[q];  // later chunks add in place, in chunk order (deterministic)
       mm.ldc = D;
       mm.c_is_f32 = true;
+      mm.beta = r0 == 0 ? 0.f : 1.f;
       TWELL_TRY(lt_matmul(mm, lt, kLtWorkspaceBytes, s));
-      if (r0 != 0) {
-        add_kernel<<<1024, 256, 0, s>>>(acc[q], tmp, H * D);
-        TWELL_CUDA_STEP(cudaGetLastError(), "tail gradient accumulation");
-      }
     }
   }
 

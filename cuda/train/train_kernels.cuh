@@ -517,12 +517,6 @@ __global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __re
   for (int64_t c = threadIdx.x; c < D; c += blockDim.x) dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
 }
 
-__global__ void add_kernel(float* __restrict__ acc, const float* __restrict__ t, int64_t n) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    acc[i] += t[i];
-}
-
 struct WgArgs {
   const Item* items;
   const Fin* fins;
