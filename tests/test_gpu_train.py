@@ -6,7 +6,10 @@ small case), on the same bf16-rounded inputs the kernels get.
 
 Tolerances (relative Frobenius): y, dx, dW_* < 1e-2 (outputs are rounded to
 bf16 once, ~2e-3 rms; the gate values in the ELL are bf16 as in the TwELL
-words; the dense tail rounds h, dg, du to bf16 as GEMM operands); L1 < 2e-3;
+words; the dense tail rounds h, dg, du to bf16 as GEMM operands); L1 < 2e-3
+(hybrid route) or < 1e-2 (dense route: its L1 sums relu(g)·u over the bf16 g
+and u it saves, as bf16 autograd does, so with few active terms, e.g. M = 1,
+the rounding of each term, up to ~2^-8 relative, does not average out);
 L0 per token exact up to a handful of gate values that round to the other
 side of 0 in fp32 versus float64. Rows whose reference is 0 must be 0.
 """
@@ -171,11 +174,11 @@ def _diagnose(got, want, rows=None):
     return "; ".join(out)
 
 
-def _check(got, want, rows=None, tol=1e-2, what=""):
+def _check(got, want, rows=None, tol=1e-2, what="", l1_tol=2e-3):
     e = _errors(got, want, rows)
     bad = [k for k in ("y", "dx", "dw_gate", "dw_up", "dw_down") if not e[k] < tol]
     if want["l1"] > 0:
-        if not e["l1"] < 2e-3:
+        if not e["l1"] < l1_tol:
             bad.append("l1")
     elif got["l1"] != 0:
         bad.append("l1")
@@ -249,7 +252,7 @@ def test_train_options(rng, opts):
     prob, dy = _problem(rng, 300, 1024, 2816, "skewed")
     c = opts.pop("c", L1C)
     got = _run(dev, prob, dy, c=c, **opts)
-    _check(got, _oracle(prob, dy, c))
+    _check(got, _oracle(prob, dy, c), l1_tol=1e-2 if opts.get("path") == "dense" else 2e-3)
     if opts.get("path") == "dense":
         assert got["fstats"]["tail_rows"] == 300 and got["fstats"]["path"] == 2
 
@@ -360,7 +363,7 @@ def test_train_dense_route(rng, pattern, m):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, m, 2048, 5632, pattern)
     got = _run(dev, prob, dy, path="dense")
-    _check(got, _oracle(prob, dy, L1C), what="dense route: ")
+    _check(got, _oracle(prob, dy, L1C), what="dense route: ", l1_tol=1e-2)
     fs, bs = got["fstats"], got["bstats"]
     assert fs["path"] == 2 and bs["path"] == 2 and fs["tail_rows"] == m and fs["ell_rows"] == 0
     assert fs["host_syncs"] == 0 and bs["host_syncs"] == 1 and fs["phase"] == 1 and bs["phase"] == 2
@@ -423,6 +426,7 @@ def test_train_auto_switches_routes(rng):
         got = dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
                    dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu),
                    dw_down=dev.host_f32(dwd), fstats=fs, bstats=train_ops.read_train_stats(bstats))
-        _check(got, _oracle(prob, dy, L1C), what=f"call {len(routes)} ({pattern}, {routes[-1]}): ")
+        _check(got, _oracle(prob, dy, L1C), what=f"call {len(routes)} ({pattern}, {routes[-1]}): ",
+               l1_tol=1e-2 if routes[-1] == "dense" else 2e-3)
     assert routes == ["hybrid", "dense", "dense", "dense", "hybrid", "hybrid"], routes
     assert plan.saved_size(m) == hybrid_size

@@ -182,7 +182,6 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
   for (int k = warp; k < n; k += nwarps) {
     const uint4* wr = reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu);
     float s = 0.f;
-#pragma unroll 4
     for (int v = lane; v < nv; v += 32) s += dot8(xs[v], wr[v]);
     s = warp_sum(s);
     if (lane == 0) {
@@ -194,7 +193,6 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
   uint4* yr = reinterpret_cast<uint4*>(a.y + m * a.ldy);
   for (int v = tid; v < nv; v += blockDim.x) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4  // loads of several rows in flight (the sums keep their order)
     for (int k = 0; k < n; ++k) {
       float w[8];
       bf8_to_f(reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd)[v], w);
@@ -358,7 +356,6 @@ __global__ void __launch_bounds__(kRowThreads) ell_backward_kernel(EllBwdArgs a)
   for (int k = warp; k < n; k += nwarps) {
     const uint4* wr = reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd);
     float s = 0.f;
-#pragma unroll 4
     for (int v = lane; v < nv; v += 32) s += dot8(ys[v], wr[v]);
     s = warp_sum(s);
     if (lane == 0) {
@@ -377,7 +374,6 @@ __global__ void __launch_bounds__(kRowThreads) ell_backward_kernel(EllBwdArgs a)
   uint4* xr = reinterpret_cast<uint4*>(a.dx + m * a.lddx);
   for (int v = tid; v < nv; v += blockDim.x) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4  // loads of several rows in flight (the sums keep their order)
     for (int k = 0; k < n; ++k) {
       float w[8], w2[8];
       bf8_to_f(reinterpret_cast<const uint4*>(a.wg + static_cast<int64_t>(js[k]) * a.ldwg)[v], w);
@@ -552,7 +548,7 @@ __device__ __forceinline__ void wg_store(const WgArgs& a, int q, int64_t j, int6
 // rows they read at a moment come from a narrow window of tokens that stays
 // in L2, instead of units at every stage of their lists sweeping all of x and
 // dy through HBM.
-__global__ void __launch_bounds__(256, 3) wgrad_kernel(WgArgs a) {
+__global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   __shared__ float red[3][8][kColsPerBlock];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int64_t unit = blockIdx.x; unit < a.nwork; unit += gridDim.x) {
