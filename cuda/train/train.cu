@@ -324,9 +324,10 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     e.coef = io.l1_coeff;
     e.D = D;
     e.W = W;
-    const size_t smem = static_cast<size_t>(D) * 2 + static_cast<size_t>(W) * 12;
-    ell_backward_kernel<<<static_cast<unsigned>(M), kRowThreads, smem, s>>>(e);
-    TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel");
+    ell_dh_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(D) * 2, s>>>(e);
+    TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel (dh)");
+    ell_dx_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(W) * 12, s>>>(e);
+    TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel (dx)");
   }
 
   // Neuron-major view of the ELL entries: counting sort (deterministic).
