@@ -486,11 +486,16 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   const unsigned ycols = static_cast<unsigned>((D + kColsPerBlock - 1) / kColsPerBlock);
   a.ycols = static_cast<int>(ycols);
   a.nwork = static_cast<int64_t>(items.size()) * ycols;
-  int per_sm = 0;
-  TWELL_CUDA_STEP(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgrad_kernel, 256, 0), "weight-gradient occupancy");
-  const int64_t grid = std::min<int64_t>(a.nwork, static_cast<int64_t>(std::max(per_sm, 1)) * p.sm_count);
-  wgrad_kernel<<<static_cast<unsigned>(grid), 256, 0, s>>>(a);
-  TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");
+  const auto launch_wgrad = [&](auto kernel) -> twell_status {
+    int per_sm = 0;
+    TWELL_CUDA_STEP(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
+    const int64_t grid = std::min<int64_t>(a.nwork, static_cast<int64_t>(std::max(per_sm, 1)) * p.sm_count);
+    kernel<<<static_cast<unsigned>(grid), 256, 0, s>>>(a);
+    TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");
+    return TWELL_SUCCESS;
+  };
+  TWELL_TRY(launch_wgrad(wgrad_kernel<0>));  // dW_g, dW_u (gathers x)
+  TWELL_TRY(launch_wgrad(wgrad_kernel<1>));  // dW_d (gathers dy)
   if (!fins.empty()) {
     wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(fins.size()), ycols), 256, 0, s>>>(a);
     TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient finalize kernel");

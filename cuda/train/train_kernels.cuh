@@ -555,30 +555,34 @@ __device__ __forceinline__ void wg_store(const WgArgs& a, int q, int64_t j, int6
   *p = __float2bfloat16_rn(v);
 }
 
-// dW_g[j] += sum dg x_m, dW_u[j] += sum du x_m, dW_d[j] += sum h dy_m over one
-// item's entries of neuron j (ascending tokens). Work unit = (item, slice of
-// 256 columns): 8 warps, warp w takes entries e0 + w, e0 + w + 8, ...; warps
-// are summed in order. Persistent grid: CTA b takes units b, b + grid, ...
+// dW_g[j] += sum dg x_m, dW_u[j] += sum du x_m (pass 0), dW_d[j] += sum h dy_m
+// (pass 1) over one item's entries of neuron j (ascending tokens). Two passes,
+// so that the rows gathered at a time come from one matrix (x, then dy) and
+// their window fits L2 better. Work unit = (item, slice of 256 columns):
+// 8 warps, warp w takes entries e0 + w, e0 + w + 8, ... in that order; warps
+// are summed in order. The entries are fetched 32 at a time, one per lane, and
+// broadcast by shuffles, so the row loads of 4 entries issue without waiting
+// on each entry's own load. Persistent grid: CTA b takes units b, b + grid, ...
 // (slices fastest), so the CTAs resident at any time start their units
-// together and walk their token-sorted lists at the same pace: the x and dy
-// rows they read at a moment come from a narrow window of tokens that stays
-// in L2, instead of units at every stage of their lists sweeping all of x and
-// dy through HBM.
+// together and walk their token-sorted lists at a similar pace: the rows they
+// read at a moment come from a window of tokens, which L2 can hold.
+template <int kPass>
 __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
-  __shared__ float red[3][8][kColsPerBlock];
+  constexpr int kOut = kPass == 0 ? 2 : 1;  // outputs of this pass
+  __shared__ float red[kOut][8][kColsPerBlock];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bf16* src = kPass == 0 ? a.x : a.dy;
+  const int64_t ld = kPass == 0 ? a.ldx : a.lddy;
   for (int64_t unit = blockIdx.x; unit < a.nwork; unit += gridDim.x) {
     const Item it = a.items[unit / a.ycols];
     const int64_t c0 = (unit % a.ycols) * kColsPerBlock;
     const int64_t col = c0 + lane * 8;
     const bool act = col < a.D;
-    float ag[8], au[8], ad[8];
+    float acc[kOut][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) ag[i] = au[i] = ad[i] = 0.f;
-    // Warp w's entries are e0 + w + 8 i (i = 0, 1, ...), accumulated in that
-    // order. They are fetched 32 at a time, one per lane, and broadcast by
-    // shuffles: the x / dy loads of 4 entries then issue without waiting
-    // for each entry's own (dependent) load.
+    for (int o = 0; o < kOut; ++o)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[o][i] = 0.f;
     for (int64_t base = it.e0 + warp; base < it.e1; base += 8 * 32) {
       const int64_t mine = base + 8 * lane;
       WEntry en{0, 0.f, 0.f, 0.f};
@@ -586,51 +590,50 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
       const int64_t left = (it.e1 - base + 7) / 8;  // this warp's entries from base on
       const int n = left < 32 ? static_cast<int>(left) : 32;
       for (int k0 = 0; k0 < n; k0 += 4) {
-        float cg[4], cu[4], ch[4];
-        uint4 xv[4], yv[4];
+        float c[4][kOut];
+        uint4 rv[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int k = k0 + q;
           const int32_t m = __shfl_sync(0xffffffffu, en.m, k & 31);
-          cg[q] = __shfl_sync(0xffffffffu, en.dg, k & 31);
-          cu[q] = __shfl_sync(0xffffffffu, en.du, k & 31);
-          ch[q] = __shfl_sync(0xffffffffu, en.h, k & 31);
-          xv[q] = yv[q] = make_uint4(0, 0, 0, 0);
-          if (k < n && act) {
-            xv[q] = *reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(m) * a.ldx + col);
-            yv[q] = *reinterpret_cast<const uint4*>(a.dy + static_cast<int64_t>(m) * a.lddy + col);
+          if (kPass == 0) {
+            c[q][0] = __shfl_sync(0xffffffffu, en.dg, k & 31);
+            c[q][kOut - 1] = __shfl_sync(0xffffffffu, en.du, k & 31);
+          } else {
+            c[q][0] = __shfl_sync(0xffffffffu, en.h, k & 31);
           }
-          if (k >= n) cg[q] = cu[q] = ch[q] = 0.f;
+          rv[q] = make_uint4(0, 0, 0, 0);
+          if (k < n && act) rv[q] = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(m) * ld + col);
+          if (k >= n) {
+#pragma unroll
+            for (int o = 0; o < kOut; ++o) c[q][o] = 0.f;
+          }
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          float xf[8], yf[8];
-          bf8_to_f(xv[q], xf);
-          bf8_to_f(yv[q], yf);
+          float f[8];
+          bf8_to_f(rv[q], f);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            ag[i] = fmaf(cg[q], xf[i], ag[i]);
-            au[i] = fmaf(cu[q], xf[i], au[i]);
-            ad[i] = fmaf(ch[q], yf[i], ad[i]);
-          }
+          for (int o = 0; o < kOut; ++o)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[o][i] = fmaf(c[q][o], f[i], acc[o][i]);
         }
       }
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      red[0][warp][lane * 8 + i] = ag[i];
-      red[1][warp][lane * 8 + i] = au[i];
-      red[2][warp][lane * 8 + i] = ad[i];
-    }
+    for (int o = 0; o < kOut; ++o)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) red[o][warp][lane * 8 + i] = acc[o][i];
     __syncthreads();
     const int t = threadIdx.x;
     const int64_t oc = c0 + t;
     if (oc < a.D) {
 #pragma unroll
-      for (int q = 0; q < 3; ++q) {
+      for (int o = 0; o < kOut; ++o) {
+        const int q = kPass == 0 ? o : 2;  // 0: dW_g, 1: dW_u, 2: dW_d
         float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < 8; ++w) s += red[q][w][t];
+        for (int w = 0; w < 8; ++w) s += red[o][w][t];
         if (it.slot < 0) {
           wg_store(a, q, it.j, oc, s);
         } else {
