@@ -135,6 +135,50 @@ def test_ffn_is_deterministic(rng):
     np.testing.assert_array_equal(dev.host(y1).view(np.uint16), dev.host(y2).view(np.uint16))
 
 
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_ffn_decode_sized_is_deterministic(rng, m):
+    """M <= 64 runs the decode-sized pipeline (cluster split, PDL chain): bitwise equal runs."""
+    dev = gs.adapter("cupy")
+    prob = gs.synthetic_problem(rng, m, 2048, 5632, "dense_rows" if m > 1 else "hot")
+    y1, _, _ = _run(dev, prob)
+    y2, _, _ = _run(dev, prob)
+    np.testing.assert_array_equal(dev.host(y1).view(np.uint16), dev.host(y2).view(np.uint16))
+
+
+@pytest.mark.parametrize("slots", [32, 64, 128])
+@pytest.mark.parametrize("gated,layout", [(True, "hd"), (True, "dh"), (False, "hd")])
+@pytest.mark.parametrize("shape", [(2048, 5632), (64, 264)])
+@pytest.mark.parametrize("m", [1, 16, 33, 64])
+def test_ffn_decode_sized(rng, slots, gated, layout, shape, m):
+    """Small M with every slots value, both W_d layouts, non-gated, and stats written
+    without stats init (poisoned beforehand): they match the count words of an independent
+    gate_pack of the same input (which may use another gate kernel above 16 tokens, so
+    pre-activations within rounding of zero may land on either side)."""
+    dev = gs.adapter("cupy")
+    prob = gs.synthetic_problem(rng, m, *shape, "dense_rows" if m > 1 else "hot")  # m = 1: the consumer's row
+    if not gated:
+        prob.w_up[:, -1] = prob.w_gate[:, -1]
+    stats = dev.full((8,), "uint64", 0xABABABABABABABAB)
+    y, x, wg = _run(dev, prob, gated=gated, layout=layout, slots=slots, stats=stats)
+    _check(dev, prob, y, np.arange(m), gated=gated)
+    st = ops.read_stats(stats)
+    assert st["rows"] == m and st["path"] == 1 and st["format"] == 1
+    d, h = shape
+    plan = ops.FFNPlan(d, h, slots=slots)
+    packed = dev.full((m, fmt.row_words(h, slots)), "uint32", 0xDEADBEEF)
+    rows = dev.full((m,), "int32", -7)
+    gst = dev.full((8,), "uint64", 0xABABABABABABABAB)
+    plan.gate_pack(x, wg if gated else dev.bf16(prob.w_up), packed=packed, overflow_rows=rows, stats=gst)
+    _, counts = fmt.decode(dev.host(packed), h, slots)
+    flagged = np.nonzero((counts > slots - 1).any(axis=1))[0]
+    pre = prob.x.astype(np.float64) @ (prob.w_gate if gated else prob.w_up).astype(np.float64).T
+    near_zero = int((np.abs(pre) < 1e-3 * float(np.abs(pre).mean())).sum())
+    assert abs(st["overflow_rows"] - len(flagged)) <= near_zero
+    assert abs(st["active"] - int(counts.sum())) <= near_zero
+    assert abs(st["max_tile_count"] - int(counts.max())) <= near_zero
+    assert abs(st["max_row_count"] - int(counts.sum(axis=1).max())) <= near_zero
+
+
 def test_ffn_on_a_side_stream(rng):
     dev = gs.adapter("cupy")
     prob = gs.synthetic_problem(rng, 1000, 1024, 2816, "hot")

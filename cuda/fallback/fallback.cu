@@ -55,6 +55,7 @@
 
 #include "fallback/fallback_detail.cuh"
 #include "fallback/sm80_mma.cuh"
+#include "ffn/pdl.cuh"
 
 #include <cooperative_groups.h>
 
@@ -372,6 +373,10 @@ template <int STAGES, bool B_KMAJOR, Epi EPI, bool GATHER_A>
 __global__ void __launch_bounds__(kThreads, 1) fallback_gemm_kernel(const GemmParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t s_rows[kBM];  // x/y row id of each tile row, -1 = absent
+  // Under PDL (no-ops otherwise): the count, the row list and h come from
+  // earlier kernels; the next kernel may be placed once every CTA got here.
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t n_valid = read_count_once(p.count, p.max_rows);
   const int64_t valid = chunk_valid_rows(n_valid, p.chunk_start, p.chunk_rows);
   if (valid <= 0) return;  // CTA-uniform: the whole grid of an empty chunk exits here
@@ -487,6 +492,23 @@ int stages_for(const DeviceInfo& info) {
   return 0;
 }
 
+cudaError_t launch_gemm(KernelFn k, unsigned grid, size_t smem, cudaStream_t stream, bool pdl, const GemmParams& p) {
+  if (!pdl) {
+    k<<<grid, kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  pdl_attribute(&attr[0]);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, k, p);
+}
+
 cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned mask, int path) {
   TWELL_CUDA_TRY(validate(a));
   if (a.M == 0 || a.max_rows == 0) return cudaSuccess;  // nothing can be listed
@@ -499,6 +521,7 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   if (smem + kStaticSmemSlack > static_cast<size_t>(info.smem_optin)) return cudaErrorInvalidValue;
 
   const bool gated = a.w_gate != nullptr;
+  if (path == fallback_detail::kPathAuto && a.pdl) path = fallback_detail::kPathLaunches;
   if (path == fallback_detail::kPathAuto)
     path = info.cooperative && mask == fallback_detail::kBoth ? fallback_detail::kPathCooperative
                                                               : fallback_detail::kPathLaunches;
@@ -586,14 +609,8 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   for (int64_t c = 0; c < n_chunks; ++c) {
     dual.chunk_start = c * chunk;
     down.chunk_start = c * chunk;
-    if (mask & fallback_detail::kDual) {
-      k_dual<<<grid_dual, kThreads, smem, stream>>>(dual);
-      TWELL_LAUNCH_CHECK();
-    }
-    if (mask & fallback_detail::kDown) {
-      k_down<<<grid_down, kThreads, smem, stream>>>(down);
-      TWELL_LAUNCH_CHECK();
-    }
+    if (mask & fallback_detail::kDual) TWELL_CUDA_TRY(launch_gemm(k_dual, grid_dual, smem, stream, a.pdl, dual));
+    if (mask & fallback_detail::kDown) TWELL_CUDA_TRY(launch_gemm(k_down, grid_down, smem, stream, a.pdl, down));
   }
   return cudaSuccess;
 }

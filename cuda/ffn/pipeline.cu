@@ -8,6 +8,7 @@
 #include "gate_gemm/gate_gemm.h"
 #include "gate_gemm/gate_portable.h"  // workspace size of the portable path
 #include "sparse_ffn/sparse_ffn.h"
+#include "sparse_ffn/sparse_ffn_decode.h"
 
 namespace twell {
 namespace {
@@ -39,6 +40,7 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
   w.fallback_h = take(static_cast<size_t>(chunk * p.H) * 2);
   w.consumer_bytes = 0;
   w.consumer = take(w.consumer_bytes);
+  w.gate_stats = take(TWELL_STATS_WORDS * sizeof(u64));
   const size_t sparse_end = off;
 
   off = common_end;  // the dense path reuses the sparse path's regions
@@ -51,7 +53,7 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
 
 static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
                                    const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
-                                   char* ws, cudaStream_t stream) {
+                                   char* ws, cudaStream_t stream, bool pdl = false) {
   GatePackArgs a;  // row flags were zeroed by stats_init
   a.x = x;
   a.ldx = ldx;
@@ -70,6 +72,7 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   r.portable_chunk = ws + w.gate_chunk;
   r.lt_workspace = ws + w.lt;
   r.lt_bytes = kLtWorkspaceBytes;
+  r.pdl = pdl;
   return gate_pack_dispatch(a, r, stream);
 }
 
@@ -83,7 +86,126 @@ twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, cons
   return TWELL_SUCCESS;
 }
 
+namespace {
+
+FallbackArgs fallback_args(const FfnProblem& p, const FfnTensors& t, const FfnWorkspace& w, char* ws,
+                           const bf16* w_down, int64_t ldw_down, const int32_t* rows, const u64* stats) {
+  FallbackArgs f;
+  f.x = t.x;
+  f.ldx = t.ldx;
+  f.w_gate = p.gated ? t.w_gate : nullptr;
+  f.ldw_gate = t.ldw_gate;
+  f.w_up = t.w_up;
+  f.ldw_up = t.ldw_up;
+  f.w_down = w_down;
+  f.ldw_down = ldw_down;
+  f.y = t.y;
+  f.ldy = t.ldy;
+  f.M = p.M;
+  f.D = p.D;
+  f.H = p.H;
+  f.rows = rows;
+  f.count = stats + TWELL_STAT_OVERFLOW_ROWS;
+  f.max_rows = p.M;
+  f.chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M;
+  f.h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h);
+  return f;
+}
+
+SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const uint32_t* packed,
+                                const bf16* w_down, int64_t ldw_down, int32_t* rows, u64* stats) {
+  SparseFfnDecodeArgs c;
+  c.packed = packed;
+  c.slots = p.slots;
+  c.M = p.M;
+  c.D = p.D;
+  c.H = p.H;
+  c.x = p.gated ? t.x : nullptr;
+  c.ldx = t.ldx;
+  c.w_up = p.gated ? t.w_up : nullptr;
+  c.ldw_up = t.ldw_up;
+  c.w_down = w_down;
+  c.ldw_down = ldw_down;
+  c.y = t.y;
+  c.ldy = t.ldy;
+  c.stats = stats;
+  c.overflow_rows = rows;
+  c.pdl = true;
+  return c;
+}
+
+// Gate route of decode-sized calls, from the gate GEMM + pack timings of
+// tests/cuda/test_gate_decode.cu on an H100 (us, decode kernel / cuBLASLt +
+// packer / sm_90a wgmma):
+//   D=2048 H=5632:  M=1 16.9/16.8/25.3  M=16 18.2/16.7/25.8  M=32 20.3/16.9/25.9  M=64 24.8/17.3/25.9
+//   D=4096 H=14336: M=1 51.0/48.5/53.3  M=16 52.4/50.3/51.6  M=32 56.1/51.4/51.2  M=64 62.3/52.5/51.4
+//   D=896 H=4864:   M=1 11.3/11.9/15.7  M=16 12.5/12.0/16.0  M=32 14.3/12.3/16.1  M=64 18.4/12.4/16.2
+// Up to 16 tokens the fused decode kernel is within ~1.5 us of cuBLASLt +
+// the packer, and it is one kernel that places the consumer early (PDL)
+// instead of two with a launch gap between them, so it stays there (the
+// whole FFN measured 27.2-28.6 us at M = 1..16 this way; the two routes were
+// not timed against each other end to end); above 16 tokens cuBLASLt + the
+// packer is clearly faster (M = 32: 28.4 us, M = 64: 33.4 us end to end).
+bool decode_gate_via_cublas(const FfnProblem& p) { return p.M > 16; }
+
+// Decode-sized calls (see pipeline.h): the consumer replaces stats init and
+// compaction, and every kernel after the gate GEMM is launched while the
+// previous one runs. The gate's row flags and statistics atomics go to
+// scratch nobody reads (the consumer derives both from the count words), so
+// they need no zeroing.
+twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream) {
+  const FfnWorkspace w = ffn_workspace(p);
+  u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
+  auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
+  auto* rows = reinterpret_cast<int32_t*>(ws + w.rows);
+  auto* packed = reinterpret_cast<uint32_t*>(ws + w.packed);
+  auto* gate_stats = reinterpret_cast<u64*>(ws + w.gate_stats);
+  const bf16* gate_w = p.gated ? t.w_gate : t.w_up;
+  const int64_t gate_ld = p.gated ? t.ldw_gate : t.ldw_up;
+  if (decode_gate_via_cublas(p)) {
+    // gate_pack_portable's two steps (M <= 64: one chunk), the packer placed
+    // while the GEMM finishes.
+    void* pre = ws + w.gate_chunk;
+    TWELL_TRY(lt_linear(t.x, t.ldx, gate_w, gate_ld, pre, p.H, /*c_is_f32=*/true, p.M, p.H, p.D, ws + w.lt,
+                        kLtWorkspaceBytes, stream));
+    TWELL_CUDA_STEP(pack_rows(pre, /*is_f32=*/true, p.H, p.M, p.H, p.slots, packed, flags, gate_stats, stream,
+                              /*pdl=*/true),
+                    "pack kernel (decode-sized gate)");
+  } else {
+    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true));
+  }
+
+  const bf16* w_down = t.w_down;
+  int64_t ldw_down = t.ldw_down;
+  if (p.w_down_dh) {
+    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
+    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
+    w_down = wt;
+    ldw_down = p.D;
+  }
+  TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, ldw_down, rows, stats), p.sm_count, stream),
+                  "sparse consumer (decode)");
+  FallbackArgs f = fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats);
+  f.pdl = true;
+  TWELL_CUDA_STEP(fallback_rows(f, stream), "dense fallback");
+  return TWELL_SUCCESS;
+}
+
+// Whether the decode-sized pipeline runs this call (shape and device checks
+// only; any pointer of the call would do for the alignment checks).
+bool decode_pipeline_ok(const FfnProblem& p, const FfnTensors& t, char* ws) {
+  if (!p.use_sm90 || p.M < 1 || p.M > kSparseDecodeMaxRows) return false;
+  const FfnWorkspace w = ffn_workspace(p);
+  const SparseFfnDecodeArgs c =
+      decode_args(p, t, reinterpret_cast<const uint32_t*>(ws + w.packed), t.w_down, p.w_down_dh ? p.D : t.ldw_down,
+                  reinterpret_cast<int32_t*>(ws + w.rows), reinterpret_cast<u64*>(ws + w.stats));
+  return sparse_ffn_decode_can_run(c);
+}
+
+}  // namespace
+
 twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream) {
+  if (decode_pipeline_ok(p, t, ws)) return ffn_run_sparse_decode(p, t, ws, stream);
   const FfnWorkspace w = ffn_workspace(p);
   u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
@@ -124,26 +246,7 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   c.stats = stats;
   TWELL_CUDA_STEP(sparse_ffn(c, p.sm_count, stream), "sparse consumer");
 
-  FallbackArgs f;
-  f.x = t.x;
-  f.ldx = t.ldx;
-  f.w_gate = p.gated ? t.w_gate : nullptr;
-  f.ldw_gate = t.ldw_gate;
-  f.w_up = t.w_up;
-  f.ldw_up = t.ldw_up;
-  f.w_down = w_down;
-  f.ldw_down = ldw_down;
-  f.y = t.y;
-  f.ldy = t.ldy;
-  f.M = p.M;
-  f.D = p.D;
-  f.H = p.H;
-  f.rows = rows;
-  f.count = stats + TWELL_STAT_OVERFLOW_ROWS;
-  f.max_rows = p.M;
-  f.chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M;
-  f.h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h);
-  TWELL_CUDA_STEP(fallback_rows(f, stream), "dense fallback");
+  TWELL_CUDA_STEP(fallback_rows(fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats), stream), "dense fallback");
   return TWELL_SUCCESS;
 }
 

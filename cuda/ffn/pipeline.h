@@ -2,6 +2,14 @@
 //   sparse: stats init -> gate GEMM + TwELL pack (sm_90a or portable) ->
 //           overflow-row compaction -> sparse consumer (non-overflowed rows)
 //           -> exact dense fallback over the overflow list (device-counted)
+//   sparse, decode-sized (M <= 64 on sm_90, sparse_ffn_decode.h): gate GEMM
+//           (cuBLASLt + packer, or the fused decode kernel) -> decode
+//           consumer (also writes the statistics and the overflow list from
+//           the packed count words, so no stats init and no compaction) ->
+//           exact dense fallback (two kernels that exit at once when the
+//           device-side list is empty); every kernel after the GEMM is a
+//           programmatic dependent launch (ffn/pdl.cuh), placed while the
+//           previous kernel runs.
 //   dense:  per chunk of rows: two cuBLASLt GEMMs -> activation (+stats)
 //           -> cuBLASLt GEMM into y.
 // Kernels get plain pointers; the C ABI layer (capi/capi_ffn.cu) validates.
@@ -40,6 +48,7 @@ struct FfnWorkspace {
   size_t stats = 0, lt = 0;                                     // common
   size_t flags = 0, rows = 0, compact = 0, packed = 0;          // sparse path
   size_t gate_chunk = 0, w_down_t = 0, fallback_h = 0, consumer = 0;
+  size_t gate_stats = 0;  // decode-sized path: the gate kernel's (unread) statistics atomics
   size_t dense_g = 0, dense_u = 0;                              // dense path (overlaps the sparse regions)
   size_t consumer_bytes = 0;
   size_t total = 0;

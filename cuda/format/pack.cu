@@ -6,6 +6,7 @@
 // positive counts gives every entry its slot in ascending column order
 // (deterministic: no atomic tickets).
 #include "common/pack_entry.cuh"
+#include "ffn/pdl.cuh"
 #include "format/pack.h"
 
 namespace twell {
@@ -57,6 +58,10 @@ __device__ void flush_stats(u64* stats, u64 active, u64 over_tiles, u64 max_tile
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
             uint32_t* __restrict__ packed, uint8_t* __restrict__ row_flags, u64* __restrict__ stats) {
+  // A programmatically dependent next kernel (the decode-sized consumer) may
+  // be placed while this one runs (no-ops otherwise; ffn/pdl.cuh).
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x % 32;
   const int64_t tiles = tiles_for(H);
   const int64_t row_words = tiles * slots;
@@ -233,11 +238,22 @@ cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, 
 }
 
 cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
-                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream) {
+                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream, bool pdl) {
   if (M == 0) return cudaSuccess;
-  pack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(pre, is_f32, ld, M, H, slots,
-                                                                               packed, row_flags, stats);
-  return cudaGetLastError();
+  if (!pdl) {
+    pack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(pre, is_f32, ld, M, H, slots,
+                                                                                 packed, row_flags, stats);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid_for(M * tiles_for(H))));
+  cfg.blockDim = dim3(kWarpsPerBlock * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  pdl_attribute(&attr[0]);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, pack_kernel, pre, is_f32, ld, M, H, slots, packed, row_flags, stats);
 }
 
 size_t compact_workspace_bytes(int64_t M) {

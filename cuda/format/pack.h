@@ -14,8 +14,10 @@ cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, 
 // elements, 16-byte aligned, ld and H multiples of 8) into packed rows of
 // tiles_for(H)*slots words (compact). Sets row_flags[m] = 1 for overflowed
 // rows (row_flags must be zero beforehand) and accumulates stats.
+// pdl: launched as a programmatic dependent of the previous kernel
+// (ffn/pdl.cuh; sm_90+), so it is placed while that kernel finishes.
 cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
-                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream);
+                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream, bool pdl = false);
 
 // Workspace (bytes) the compaction needs for M rows.
 size_t compact_workspace_bytes(int64_t M);

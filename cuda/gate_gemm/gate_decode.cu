@@ -17,6 +17,7 @@
 #include <atomic>
 
 #include "common/pack_entry.cuh"
+#include "ffn/pdl.cuh"
 #include "gate_gemm/gate_decode.h"
 
 namespace twell {
@@ -120,6 +121,12 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
   const int64_t tile = blockIdx.x / p.k;
   const int64_t kbeg = static_cast<int64_t>(rank) * p.slice;
   const int64_t kend = kbeg + p.slice < p.D ? kbeg + p.slice : p.D;
+
+  // Programmatic dependent launch (no-ops otherwise): x may come from the
+  // previous kernel; the next kernel's CTAs may be placed as soon as every
+  // CTA here runs (they wait for this grid to complete before reading).
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int64_t row_a = tile * kTileCols + warp * 16 + g;
   const int64_t row_b = row_a + 8;
@@ -301,7 +308,8 @@ int default_variant(int nb) {
   return 0;
 }
 
-cudaLaunchConfig_t make_config(unsigned grid, int k, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attr) {
+cudaLaunchConfig_t make_config(unsigned grid, int k, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attr,
+                               bool pdl = false) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid, 1, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
@@ -313,6 +321,10 @@ cudaLaunchConfig_t make_config(unsigned grid, int k, size_t smem, cudaStream_t s
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  if (pdl) {
+    pdl_attribute(&attr[1]);
+    cfg.numAttrs = 2;
+  }
   return cfg;
 }
 
@@ -381,7 +393,9 @@ bool gate_pack_decode_can_run(const GatePackArgs& a) {
   return device_ok(nullptr);
 }
 
-cudaError_t gate_pack_decode_variant(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant) {
+namespace {
+
+cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant, bool pdl) {
   if (a.M == 0) return cudaSuccess;
   int dev = 0;
   if (!gate_pack_decode_can_run(a) || !device_ok(&dev)) return cudaErrorInvalidValue;
@@ -432,19 +446,32 @@ cudaError_t gate_pack_decode_variant(const GatePackArgs& a, int sm_count, cudaSt
   if (variant < 0) variant = default_variant(nb);
   KernelFn kern = kernel_for(nb, variant);
   TWELL_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  cudaLaunchAttribute attr[1];
-  cudaLaunchConfig_t cfg = make_config(static_cast<unsigned>(tiles * k), static_cast<int>(k), smem, stream, attr);
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg =
+      make_config(static_cast<unsigned>(tiles * k), static_cast<int>(k), smem, stream, attr, pdl);
   return cudaLaunchKernelEx(&cfg, kern, p);
 }
 
+}  // namespace
+
+cudaError_t gate_pack_decode_variant(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant) {
+  return launch_decode(a, sm_count, stream, variant, false);
+}
+
 bool gate_pack_decode_preferred(const GatePackArgs& a, int sm_count) {
-  if (a.M > 32 || !gate_pack_decode_can_run(a)) return false;
+  if (a.M > 64 || !gate_pack_decode_can_run(a)) return false;
   if (a.M <= 16) return true;
-  return tiles_for(a.H) * 4 <= static_cast<int64_t>(sm_count);
+  const bool few_tiles = tiles_for(a.H) * 4 <= static_cast<int64_t>(sm_count);
+  if (a.M <= 32) return few_tiles;
+  return few_tiles && a.D >= 2048;
 }
 
 cudaError_t gate_pack_decode(const GatePackArgs& a, int sm_count, cudaStream_t stream) {
-  return gate_pack_decode_variant(a, sm_count, stream, -1);
+  return launch_decode(a, sm_count, stream, -1, false);
+}
+
+cudaError_t gate_pack_decode_pdl(const GatePackArgs& a, int sm_count, cudaStream_t stream) {
+  return launch_decode(a, sm_count, stream, -1, true);
 }
 
 }  // namespace twell

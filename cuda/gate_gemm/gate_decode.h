@@ -33,13 +33,18 @@ bool gate_pack_decode_can_run(const GatePackArgs& args);
 // Whether the decode kernel is the faster gate path for these arguments on a
 // device with sm_count SMs (measured on an H100 against the sm_90a persistent
 // wgmma kernel): M <= 16 always; 16 < M <= 32 when the column tiles are at most
-// a quarter of the SMs (H <= ~8K on an H100); never above 32 tokens (at
-// D=4096, H=14336, M=64 the wgmma kernel takes 52 us, this one 63 us).
+// a quarter of the SMs (H <= ~8K on an H100); 32 < M <= 64 when also D >= 2048
+// (D=2048, H=5632, M=64: 24.6 us vs 26.1 us; D=896, H=4864: 18.5 vs 16.6;
+// D=4096, H=14336 has too many tiles: 63 vs 52 us).
 bool gate_pack_decode_preferred(const GatePackArgs& args, int sm_count);
 // Launches on `stream` (any 1 <= M <= kGateDecodeMaxRows that can_run accepts;
 // sm_count is unused: the split of D comes from an occupancy query).
 // M == 0 is a no-op.
 cudaError_t gate_pack_decode(const GatePackArgs& args, int sm_count, cudaStream_t stream);
+// The same, launched as a programmatic dependent of the previous kernel in the
+// stream (cuda/ffn/pdl.cuh): the launch overlaps that kernel's tail, and the
+// next kernel, if launched the same way, is placed while this one runs.
+cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream);
 // Testing/tuning only: the same with a given main-loop variant (-1 = default;
 // 0 = plain groups of 4 K-blocks, 1 = double-buffered groups of 2,
 // 2 = double-buffered groups of 4 for M <= 16). Results are identical.

@@ -28,9 +28,11 @@
 #include <string>
 #include <vector>
 
+#include "common/cublaslt.h"
 #include "format/pack.h"
 #include "gate_gemm/gate_decode.h"
 #include "gate_gemm/gate_gemm.h"
+#include "gate_gemm/gate_portable.h"
 
 using twell::bf16;
 using twell::u64;
@@ -439,8 +441,12 @@ int main(int argc, char** argv) {
     CK(cudaFree(ca));
     CK(cudaFree(cbuf));
 
-    std::printf("%6s %6s %4s %10s %8s %8s %8s %8s %10s %8s\n", "D", "H", "M", "decode_us", "GB/s", "v0_us", "v1_us",
-                "v2_us", "sm90_us", "GB/s");
+    std::printf("%6s %6s %4s %10s %8s %8s %8s %8s %10s %8s %12s\n", "D", "H", "M", "decode_us", "GB/s", "v0_us", "v1_us",
+                "v2_us", "sm90_us", "GB/s", "portable_us");
+    // The portable route (cuBLASLt fp32 GEMM + the reference packer) as a
+    // third baseline: at small M it can beat both fused kernels.
+    void* lt_ws = nullptr;
+    CK(cudaMalloc(&lt_ws, twell::kLtWorkspaceBytes));
     for (auto [D, H] : std::vector<std::pair<int64_t, int64_t>>{{2048, 5632}, {4096, 14336}, {896, 4864}}) {
       const size_t wbytes = static_cast<size_t>(H * D) * 2;
       const int copies = std::max<int>(4, static_cast<int>((size_t(200) << 20) / wbytes) + 1);
@@ -461,6 +467,8 @@ int main(int argc, char** argv) {
       CK(cudaMalloc(&stats, TWELL_STATS_WORDS * 8));
       CK(cudaMemsetAsync(flags, 0, 64, s));
       CK(cudaMemsetAsync(stats, 0, TWELL_STATS_WORDS * 8, s));
+      void* chunk = nullptr;
+      CK(cudaMalloc(&chunk, twell::gate_portable_workspace_bytes(64, H)));
       for (int64_t M : {1, 4, 16, 32, 64}) {
         twell::GatePackArgs a;
         a.x = x;
@@ -473,11 +481,15 @@ int main(int argc, char** argv) {
         a.packed = packed;
         a.row_flags = flags;
         a.stats = stats;
-        float t[5] = {-1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90
-        for (int variant = 0; variant < 5; ++variant) {
+        float t[6] = {-1, -1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90, portable
+        for (int variant = 0; variant < 6; ++variant) {
           a.w = ws[0];
           if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
           if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
+          if (variant == 5 && twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) {
+            CK(cudaGetLastError());
+            continue;
+          }
           ts.clear();
           // A sleeping kernel ahead of each timed launch keeps the GPU busy while
           // the host enqueues, so the events see the kernel, not the launch gap.
@@ -489,7 +501,8 @@ int main(int argc, char** argv) {
             sleep_kernel<<<1, 1, 0, s>>>(30000);
             CK(cudaEventRecord(ev[2 * i], s));
             if (variant < 4) CK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant - 1));
-            else CK(twell::gate_pack_sm90(a, g_sm_count, s));
+            else if (variant == 4) CK(twell::gate_pack_sm90(a, g_sm_count, s));
+            else if (twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) CK(cudaErrorUnknown);
             CK(cudaEventRecord(ev[2 * i + 1], s));
           }
           CK(cudaStreamSynchronize(s));
@@ -501,16 +514,18 @@ int main(int argc, char** argv) {
           for (auto& e : ev) CK(cudaEventDestroy(e));
           t[variant] = median(ts) * 1e3f;
         }
-        std::printf("%6lld %6lld %4lld %10.2f %8.0f %8.2f %8.2f %8.2f %10.2f %8.0f\n", (long long)D, (long long)H,
+        std::printf("%6lld %6lld %4lld %10.2f %8.0f %8.2f %8.2f %8.2f %10.2f %8.0f %12.2f\n", (long long)D, (long long)H,
                     (long long)M, t[0], t[0] > 0 ? wbytes / (t[0] * 1e-6) / 1e9 : 0.0, t[1], t[2], t[3], t[4],
-                    t[4] > 0 ? wbytes / (t[4] * 1e-6) / 1e9 : 0.0);
+                    t[4] > 0 ? wbytes / (t[4] * 1e-6) / 1e9 : 0.0, t[5]);
       }
       for (auto p : ws) CK(cudaFree(p));
+      CK(cudaFree(chunk));
       CK(cudaFree(x));
       CK(cudaFree(packed));
       CK(cudaFree(flags));
       CK(cudaFree(stats));
     }
+    CK(cudaFree(lt_ws));
   }
   CK(cudaStreamDestroy(s));
   if (failed_cases) {

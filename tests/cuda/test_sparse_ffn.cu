@@ -31,7 +31,11 @@
 // sum of count words of a row (flagged rows included) and the other stats words
 // stay 0. Every variant of the kernel (tokens per CTA, cluster sizes, up phase on
 // FFMA or on tensor cores) is run and checked on every case, not only the one the
-// launcher picks. (The tensor-core up phase accumulates the exact bf16 products in
+// launcher picks. For M <= 64 the decode-sized consumer (sparse_ffn_decode.h) runs
+// too, with its own launcher's cluster size and with clusters of 1, 2 and 8: it
+// treats every row with a count word over the capacity as overflowed (the
+// producer flags such rows), so its expected flags come from the count words; it
+// writes every stats word and the overflow-row list, checked against host values. (The tensor-core up phase accumulates the exact bf16 products in
 // fp32 inside the MMA unit; its rounding differs from FFMA's by ~1e-7 relative.)
 //
 // Timing: CUDA events, median of 20 calls after 3 warm-up calls, 4 copies of the
@@ -61,6 +65,7 @@
 #include <vector>
 
 #include "sparse_ffn/sparse_ffn.h"
+#include "sparse_ffn/sparse_ffn_decode.h"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
 
 using twell::bf16;
@@ -507,14 +512,49 @@ struct VariantResult {
   bool ok = true;
 };
 
+// The decode-sized consumer's expectations (see the header comment).
+struct DecodeCase {
+  int cluster = 0;                 // 0 = the launcher's choice
+  std::vector<uint8_t> flags;      // rows with a count word > slots-1
+  std::vector<u64> stats;          // every word
+  std::vector<int32_t> rows;       // ascending overflowed rows
+  int32_t* d_rows = nullptr;
+};
+
+DecodeCase decode_case(const Sparse& s) {
+  DecodeCase dc;
+  dc.flags.assign(static_cast<size_t>(s.M), 0);
+  dc.stats.assign(TWELL_STATS_WORDS, 0);
+  const uint32_t cap = static_cast<uint32_t>(s.slots - 1);
+  for (int64_t m = 0; m < s.M; ++m) {
+    u64 sum = 0;
+    for (int64_t t = 0; t < s.tiles; ++t) {
+      const uint32_t c = s.packed[m * s.row_words + t * s.slots];
+      sum += c;
+      dc.stats[TWELL_STAT_MAX_TILE_COUNT] = std::max<u64>(dc.stats[TWELL_STAT_MAX_TILE_COUNT], c);
+      if (c > cap) ++dc.stats[TWELL_STAT_OVERFLOW_TILES], dc.flags[m] = 1;
+    }
+    dc.stats[TWELL_STAT_ACTIVE] += sum;
+    dc.stats[TWELL_STAT_MAX_ROW_COUNT] = std::max(dc.stats[TWELL_STAT_MAX_ROW_COUNT], sum);
+    if (dc.flags[m]) dc.rows.push_back(static_cast<int32_t>(m));
+  }
+  dc.stats[TWELL_STAT_ROWS] = static_cast<u64>(s.M);
+  dc.stats[TWELL_STAT_OVERFLOW_ROWS] = dc.rows.size();
+  dc.stats[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;
+  dc.stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+  return dc;
+}
+
 // Runs one configuration twice on `stream` and checks everything.
 VariantResult run_and_check(const std::string& label, const Weights& W, const Inputs& X,
                             const Sparse& s, bool gated, int tb, int cs, int mma,
                             const uint32_t* d_packed,
                             const uint8_t* d_flags, bf16* d_y, u64* d_stats,
                             const std::vector<int64_t>& rows, const std::vector<double>& ref,
-                            cudaStream_t stream, bool use_default, int sm_count, Failures& F) {
+                            cudaStream_t stream, bool use_default, int sm_count, Failures& F,
+                            const DecodeCase* dc = nullptr) {
   VariantResult vr;
+  const std::vector<uint8_t>& flags = dc ? dc->flags : s.flags;
   const int64_t M = s.M, D = W.D, ldy = X.ldy;
   twell::SparseFfnArgs a;
   a.packed = d_packed;
@@ -534,11 +574,33 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
   a.stats = d_stats;
   std::vector<uint16_t> y1(static_cast<size_t>(M * ldy)), y2(y1.size());
   std::vector<u64> st(TWELL_STATS_WORDS);
+  twell::SparseFfnDecodeArgs da;
+  if (dc) {
+    da.packed = d_packed;
+    da.slots = s.slots;
+    da.M = M;
+    da.D = D;
+    da.H = W.H;
+    da.x = a.x;
+    da.ldx = a.ldx;
+    da.w_up = a.w_up;
+    da.ldw_up = a.ldw_up;
+    da.w_down = a.w_down;
+    da.ldw_down = a.ldw_down;
+    da.y = d_y;
+    da.ldy = ldy;
+    da.stats = d_stats;
+    da.overflow_rows = dc->d_rows;
+  }
+  std::vector<int32_t> got_rows(static_cast<size_t>(M));
   for (int rep = 0; rep < 2; ++rep) {
     CK(cudaMemsetAsync(d_y, 0xFF, y1.size() * 2, stream));
-    CK(cudaMemsetAsync(d_stats, 0, TWELL_STATS_WORDS * sizeof(u64), stream));
-    const cudaError_t err = use_default ? twell::sparse_ffn(a, sm_count, stream)
-                                        : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
+    CK(cudaMemsetAsync(d_stats, dc ? 0xAB : 0, TWELL_STATS_WORDS * sizeof(u64), stream));
+    if (dc) CK(cudaMemsetAsync(dc->d_rows, 0xFF, static_cast<size_t>(M) * 4, stream));
+    const cudaError_t err = dc ? (dc->cluster == 0 ? twell::sparse_ffn_decode(da, sm_count, stream)
+                                                   : twell::sparse_ffn_decode_cluster(da, dc->cluster, stream))
+                               : use_default ? twell::sparse_ffn(a, sm_count, stream)
+                                             : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
     if (err != cudaSuccess) {
       F.fail(fmt("%s: launch returned %s", label.c_str(), cudaGetErrorName(err)));
       vr.ok = false;
@@ -548,9 +610,14 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
                        cudaMemcpyDeviceToHost, stream));
     CK(cudaMemcpyAsync(st.data(), d_stats, TWELL_STATS_WORDS * sizeof(u64),
                        cudaMemcpyDeviceToHost, stream));
+    if (dc) CK(cudaMemcpyAsync(got_rows.data(), dc->d_rows, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToHost, stream));
     CK(cudaStreamSynchronize(stream));
+    if (dc && !std::equal(dc->rows.begin(), dc->rows.end(), got_rows.begin())) {
+      F.fail(fmt("%s: overflow-row list differs from the count words'", label.c_str()));
+      vr.ok = false;
+    }
     for (int w = 0; w < TWELL_STATS_WORDS; ++w) {
-      const u64 want = w == TWELL_STAT_MAX_ROW_COUNT ? s.max_row_count : 0;
+      const u64 want = dc ? dc->stats[w] : (w == TWELL_STAT_MAX_ROW_COUNT ? s.max_row_count : 0);
       if (st[w] != want) {
         F.fail(fmt("%s: stats[%d] = %llu, expected %llu", label.c_str(), w,
                    static_cast<unsigned long long>(st[w]), static_cast<unsigned long long>(want)));
@@ -569,7 +636,7 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
       const uint16_t* yr = y1.data() + m * ldy;
       bool bp = false, bn = false;
       for (int64_t k = 0; k < ldy; ++k) {
-        const bool must_poison = s.flags[m] || k >= D;
+        const bool must_poison = flags[m] || k >= D;
         if (must_poison) {
           if (yr[k] != 0xFFFFu) bp = true;
         } else if (bf_isnan(yr[k])) {
@@ -596,7 +663,7 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
   int64_t worst_row = -1;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t m = rows[i];
-    if (s.flags[m]) continue;
+    if (flags[m]) continue;
     double rn = 0, rd = 0;
     const double* rr = ref.data() + i * D;
     const uint16_t* yr = y1.data() + m * ldy;
@@ -748,6 +815,41 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             cf = std::max(cf, vr.rel_fro);
             cr = std::max(cr, vr.max_row_rel);
             vlist += fmt(" %d/%d%s", tb, cs, gated ? (mma ? "m" : "f") : "");
+          }
+          // The decode-sized consumer: its launcher's choice and clusters of 1, 2, 8.
+          {
+            twell::SparseFfnDecodeArgs probe;
+            probe.packed = d_packed;
+            probe.slots = slots;
+            probe.M = M;
+            probe.D = W.D;
+            probe.H = W.H;
+            probe.x = gated ? X.d_x : nullptr;
+            probe.ldx = X.ldx;
+            probe.w_up = gated ? W.d_wu : nullptr;
+            probe.ldw_up = W.ldw;
+            probe.w_down = W.d_wd;
+            probe.ldw_down = W.ldw;
+            probe.y = d_y;
+            probe.ldy = X.ldy;
+            probe.stats = d_stats;
+            DecodeCase dc = decode_case(s);
+            CK(cudaMalloc(&dc.d_rows, static_cast<size_t>(M) * 4));
+            probe.overflow_rows = dc.d_rows;
+            if (twell::sparse_ffn_decode_can_run(probe)) {
+              for (int dcs : {0, 1, 2, 8}) {
+                dc.cluster = dcs;
+                const std::string label = base + fmt(" [decode cluster=%s]", dcs ? fmt("%d", dcs).c_str() : "default");
+                const VariantResult vr = run_and_check(label, W, XM, s, gated != 0, 1, 1, 0, d_packed, d_flags, d_y,
+                                                       d_stats, rows, ref, stream, false, sm_count, F, &dc);
+                ++n_runs;
+                all_ok = all_ok && vr.ok;
+                cf = std::max(cf, vr.rel_fro);
+                cr = std::max(cr, vr.max_row_rel);
+                vlist += fmt(" dec%d", dcs);
+              }
+            }
+            CK(cudaFree(dc.d_rows));
           }
           worst_fro = std::max(worst_fro, cf);
           worst_row = std::max(worst_row, cr);
