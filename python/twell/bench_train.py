@@ -1,6 +1,6 @@
 """``twell bench-train``: training step (forward + backward with the L1 term) vs dense PyTorch autograd.
 
-For each configuration (D, H, M, activation pattern, ELL width) this builds the
+For each configuration (D, H, M, activation pattern, ELL width, plan path) this builds the
 synthetic inputs of DESIGN.md section 6 on the GPU with PyTorch (x N(0,1) with
 the last column 1; W_g N(0, 1/(D-1)) with the last column -Phi^-1(1-p); W_u
 N(0, 1/D); W_d N(0, 1/H) as [H, D]; "skewed": each token's x but its last
@@ -10,8 +10,10 @@ coefficient c, and measures in the same process, on the same tensors:
 - **dense**: PyTorch bf16 autograd (cuBLAS GEMMs):
   ``h = relu(x W_g^T) * (x W_u^T); y = h W_d; l1 = sum |h|``, then
   ``autograd.backward([y, l1], [dy, c])`` giving dx, dW_g, dW_u, dW_d;
-- **twell**: ``train_ops.TrainPlan(D, H).forward`` + ``.backward`` (hybrid
-  ELL + dense tail, same L1 term).
+- **twell**: ``train_ops.TrainPlan(D, H, path=...).forward`` + ``.backward``
+  (same L1 term). ``path="auto"`` (the default) is timed after the warm-up
+  steps, so the route the plan settled on is what is measured and recorded
+  (``route``: hybrid or dense); ``"sparse"`` forces the hybrid route.
 
 Times: forward alone and the full step (forward + backward), CUDA events on
 the current stream after warm-up and ``torch.cuda.synchronize()``, median of
