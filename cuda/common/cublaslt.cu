@@ -144,16 +144,17 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
   return TWELL_SUCCESS;
 }
 
-twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
-                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream) {
-  // Row-major C[M,N] = A[M,K] B[N,K]^T  <=>  column-major C^T[N,M] = B^T... : op(B as col-major [K,N]) = T.
+twell_status lt_gemm_rm(bool trans_a, const void* a, int64_t lda, bool trans_b, const void* b, int64_t ldb, void* c,
+                        int64_t ldc, bool c_is_f32, int64_t m, int64_t n, int64_t k, float beta, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
+  // A row-major matrix is the column-major view of its transpose, so
+  // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B goes first.
   LtMatmul g;
-  g.trans_a = true;
-  g.trans_b = false;
-  g.m = N;
-  g.n = M;
-  g.k = K;
+  g.trans_a = trans_b;
+  g.trans_b = trans_a;
+  g.m = n;
+  g.n = m;
+  g.k = k;
   g.a = b;
   g.lda = ldb;
   g.b = a;
@@ -161,7 +162,14 @@ twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, v
   g.c = c;
   g.ldc = ldc;
   g.c_is_f32 = c_is_f32;
+  g.beta = beta;
   return lt_matmul(g, workspace, workspace_bytes, stream);
+}
+
+twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
+                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream) {
+  return lt_gemm_rm(false, a, lda, true, b, ldb, c, ldc, c_is_f32, M, N, K, 0.f, workspace, workspace_bytes, stream);
 }
 
 }  // namespace twell

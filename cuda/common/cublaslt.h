@@ -35,6 +35,12 @@ constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
 
 twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// Row-major C[m, n] (ld ldc) = op(A) op(B) + beta C, bf16 A and B (row-major,
+// leading dimensions lda / ldb), op(A) [m, k], op(B) [k, n]; C bf16 or fp32.
+twell_status lt_gemm_rm(bool trans_a, const void* a, int64_t lda, bool trans_b, const void* b, int64_t ldb, void* c,
+                        int64_t ldc, bool c_is_f32, int64_t m, int64_t n, int64_t k, float beta, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream);
+
 // Row-major helper: C[M, N] = A[M, K] * B^T where B is [N, K] (nn.Linear weight).
 twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
                        int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,

@@ -1,56 +1,17 @@
 // Device helpers of the decode-sized sparse consumer (sparse_ffn_decode.cu):
-// bf16x8 dot products and axpys in fp32, bf16 packing, cp.async and the
-// programmatic-dependent-launch controls. Every fp32 chain runs in a fixed
-// order, so results are bitwise reproducible.
+// streaming loads, cp.async and warp scans (the bf16x8 arithmetic is in
+// common/bf16x8.cuh). Every fp32 chain runs in a fixed order, so results are
+// bitwise reproducible.
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "common/bf16x8.cuh"
+
 namespace twell {
 namespace sparse_decode {
-
-__device__ __forceinline__ float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
-
-// s + a . b over 8 bf16 pairs (exact products, fp32 sums in element order).
-__device__ __forceinline__ float dot8(const uint4 a, const uint4 b, float s) {
-  s = fmaf(bf_lo(a.x), bf_lo(b.x), s);
-  s = fmaf(bf_hi(a.x), bf_hi(b.x), s);
-  s = fmaf(bf_lo(a.y), bf_lo(b.y), s);
-  s = fmaf(bf_hi(a.y), bf_hi(b.y), s);
-  s = fmaf(bf_lo(a.z), bf_lo(b.z), s);
-  s = fmaf(bf_hi(a.z), bf_hi(b.z), s);
-  s = fmaf(bf_lo(a.w), bf_lo(b.w), s);
-  s = fmaf(bf_hi(a.w), bf_hi(b.w), s);
-  return s;
-}
-
-__device__ __forceinline__ void axpy8(float (&acc)[8], float h, const uint4 w) {
-  acc[0] = fmaf(h, bf_lo(w.x), acc[0]);
-  acc[1] = fmaf(h, bf_hi(w.x), acc[1]);
-  acc[2] = fmaf(h, bf_lo(w.y), acc[2]);
-  acc[3] = fmaf(h, bf_hi(w.y), acc[3]);
-  acc[4] = fmaf(h, bf_lo(w.z), acc[4]);
-  acc[5] = fmaf(h, bf_hi(w.z), acc[5]);
-  acc[6] = fmaf(h, bf_lo(w.w), acc[6]);
-  acc[7] = fmaf(h, bf_hi(w.w), acc[7]);
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&a)[8]) {
-  uint4 r;
-  r.x = pack_bf16x2(a[0], a[1]);
-  r.y = pack_bf16x2(a[2], a[3]);
-  r.z = pack_bf16x2(a[4], a[5]);
-  r.w = pack_bf16x2(a[6], a[7]);
-  return r;
-}
 
 // Weight rows are read once per call: keep them out of L1.
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {

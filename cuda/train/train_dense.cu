@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "capi/errors.h"
+#include "common/bf16x8.cuh"
 #include "common/cublaslt.h"
 #include "train/train.h"
 
@@ -67,24 +68,6 @@ DenseWorkspace dense_workspace(const TrainProblem& p, int64_t chunk) {
 
 unsigned grid_for(int64_t n, int per) {
   return static_cast<unsigned>(std::min<int64_t>((n + per - 1) / per, 1 << 16));
-}
-
-__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float f[8]) {
-  uint4 v;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return v;
 }
 
 // h = relu(g) * u as computed by both passes (same bits in forward and backward).
@@ -234,26 +217,9 @@ __global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_
   }
 }
 
-// Row-major C[m, n] (ld ldc) = op(A) op(B) + beta C, A op'd to [m, k], B to
-// [k, n]; expressed as cuBLASLt's column-major C^T = op(B)^T op(A)^T.
 twell_status gemm_rm(bool trans_a, const bf16* a, int64_t lda, bool trans_b, const bf16* b, int64_t ldb, void* c,
-                     int64_t ldc, bool c_f32, int64_t m, int64_t n, int64_t k, float beta, void* lt,
-                     cudaStream_t s) {
-  LtMatmul g;
-  g.trans_a = trans_b;
-  g.trans_b = trans_a;
-  g.m = n;
-  g.n = m;
-  g.k = k;
-  g.a = b;
-  g.lda = ldb;
-  g.b = a;
-  g.ldb = lda;
-  g.c = c;
-  g.ldc = ldc;
-  g.c_is_f32 = c_f32;
-  g.beta = beta;
-  return lt_matmul(g, lt, kLtWorkspaceBytes, s);
+                     int64_t ldc, bool c_f32, int64_t m, int64_t n, int64_t k, float beta, void* lt, cudaStream_t s) {
+  return lt_gemm_rm(trans_a, a, lda, trans_b, b, ldb, c, ldc, c_f32, m, n, k, beta, lt, kLtWorkspaceBytes, s);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include "common/bf16x8.cuh"
 #include "train/train.h"
 
 namespace twell {
@@ -26,34 +27,6 @@ struct alignas(16) WEntry {
   int32_t m;
   float dg, du, h;
 };
-
-__device__ __forceinline__ void bf8_to_f(const uint4& v, float f[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ uint4 f_to_bf8(const float f[8]) {
-  uint4 v;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return v;
-}
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
-  float fa[8], fb[8];
-  bf8_to_f(a, fa);
-  bf8_to_f(b, fb);
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) s = fmaf(fa[i], fb[i], s);
-  return s;
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -182,7 +155,7 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
   for (int k = warp; k < n; k += nwarps) {
     const uint4* wr = reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu);
     float s = 0.f;
-    for (int v = lane; v < nv; v += 32) s += dot8(xs[v], wr[v]);
+    for (int v = lane; v < nv; v += 32) s += dot8(xs[v], wr[v], 0.f);
     s = warp_sum(s);
     if (lane == 0) {
       a.u[base + k] = s;
@@ -195,12 +168,12 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k = 0; k < n; ++k) {
       float w[8];
-      bf8_to_f(reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd)[v], w);
+      unpack8(reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd)[v], w);
       const float h = hs[k];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = fmaf(h, w[i], acc[i]);
     }
-    yr[v] = f_to_bf8(acc);
+    yr[v] = pack8(acc);
   }
   if (tid == 0) {
     float s = 0.f;
@@ -355,7 +328,7 @@ __global__ void __launch_bounds__(kRowThreads) ell_dh_kernel(EllBwdArgs a) {
   for (int k = warp; k < n; k += nwarps) {
     const uint4* wr = reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(a.cols[base + k]) * a.ldwd);
     float s = 0.f;
-    for (int v = lane; v < nv; v += 32) s += dot8(ys[v], wr[v]);
+    for (int v = lane; v < nv; v += 32) s += dot8(ys[v], wr[v], 0.f);
     s = warp_sum(s);
     if (lane == 0) {
       const float uu = a.u[base + k], gg = a.g[base + k];
@@ -392,13 +365,13 @@ __global__ void __launch_bounds__(kRowThreads) ell_dx_kernel(EllBwdArgs a) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k = 0; k < n; ++k) {
       float w[8], w2[8];
-      bf8_to_f(reinterpret_cast<const uint4*>(a.wg + static_cast<int64_t>(js[k]) * a.ldwg)[v], w);
-      bf8_to_f(reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu)[v], w2);
+      unpack8(reinterpret_cast<const uint4*>(a.wg + static_cast<int64_t>(js[k]) * a.ldwg)[v], w);
+      unpack8(reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu)[v], w2);
       const float p = dgs[k], q = dus[k];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = fmaf(q, w2[i], fmaf(p, w[i], acc[i]));
     }
-    xr[v] = f_to_bf8(acc);
+    xr[v] = pack8(acc);
   }
 }
 
@@ -612,7 +585,7 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           float f[8];
-          bf8_to_f(rv[q], f);
+          unpack8(rv[q], f);
 #pragma unroll
           for (int o = 0; o < kOut; ++o)
 #pragma unroll
