@@ -88,6 +88,21 @@ twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, cons
 
 namespace {
 
+// W_d as the kernels read it, [H, D]: the caller's, or (TWELL_LAYOUT_DH) a
+// transposed copy in the workspace.
+twell_status w_down_hd(const FfnProblem& p, const FfnTensors& t, const FfnWorkspace& w, char* ws, cudaStream_t stream,
+                       const bf16** w_down, int64_t* ldw_down) {
+  *w_down = t.w_down;
+  *ldw_down = t.ldw_down;
+  if (p.w_down_dh) {
+    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
+    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
+    *w_down = wt;
+    *ldw_down = p.D;
+  }
+  return TWELL_SUCCESS;
+}
+
 FallbackArgs fallback_args(const FfnProblem& p, const FfnTensors& t, const FfnWorkspace& w, char* ws,
                            const bf16* w_down, int64_t ldw_down, const int32_t* rows, const u64* stats) {
   FallbackArgs f;
@@ -175,14 +190,9 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
     TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true));
   }
 
-  const bf16* w_down = t.w_down;
-  int64_t ldw_down = t.ldw_down;
-  if (p.w_down_dh) {
-    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
-    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
-    w_down = wt;
-    ldw_down = p.D;
-  }
+  const bf16* w_down = nullptr;
+  int64_t ldw_down = 0;
+  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down, &ldw_down));
   TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, ldw_down, rows, stats), p.sm_count, stream),
                   "sparse consumer (decode)");
   FallbackArgs f = fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats);
@@ -219,14 +229,9 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, stats, ws, stream));
   TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
 
-  const bf16* w_down = t.w_down;
-  int64_t ldw_down = t.ldw_down;
-  if (p.w_down_dh) {
-    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
-    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
-    w_down = wt;
-    ldw_down = p.D;
-  }
+  const bf16* w_down = nullptr;
+  int64_t ldw_down = 0;
+  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down, &ldw_down));
 
   SparseFfnArgs c;
   c.packed = packed;
