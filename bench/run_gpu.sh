@@ -65,6 +65,18 @@ if has sanitizer; then
     if timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$exe" $args >> "$OUT/sanitizer_log.txt" 2>&1; then ok=$((ok+1)); fi
   done
   SUMMARY+=("compute-sanitizer memcheck (--small): $ok/$total programs clean ($(( $(date +%s) - t0 )) s)")
+  # The Python-driven paths the programs above do not reach: small training cases (hybrid with
+  # tail chunks, dense route, AUTO switching) and the decode-sized inference chain (PDL, cluster
+  # consumer). No CuPy pool, so every buffer is its own allocation.
+  SAN_K="${TWELL_SANITIZER_K:-train_small_case or (train_2048x5632 and 7 and skewed) or (dense_route and 129 and dense_rows) or (decode_sized and shape1 and 64) or decode_sized_is_deterministic}"
+  for tool in memcheck racecheck; do
+    t0=$(date +%s)
+    TWELL_TEST_NO_POOL=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
+      python3 -m pytest tests/test_gpu_train.py tests/test_gpu_ffn.py -q -p no:cacheprovider -k "$SAN_K" \
+      > "$OUT/sanitizer_${tool}_pytest_log.txt" 2>&1
+    rc=$?
+    SUMMARY+=("compute-sanitizer $tool on pytest -k '$SAN_K': rc=$rc ($(( $(date +%s) - t0 )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_${tool}_pytest_log.txt" | sort | uniq -c | tr '\n' ' ') $(grep -E 'passed|failed' "$OUT/sanitizer_${tool}_pytest_log.txt" | tail -1)")
+  done
 fi
 
 if has bench; then

@@ -38,6 +38,19 @@ def _gpu_reason():
 _GPU_SKIP = None
 
 
+def pytest_configure(config):
+    """TWELL_TEST_NO_POOL=1 (set by the compute-sanitizer step of bench/run_gpu.sh): every CuPy
+    array is its own cudaMalloc, so memcheck sees the true end of each buffer instead of a pool slab."""
+    if os.environ.get("TWELL_TEST_NO_POOL") == "1":
+        try:
+            import cupy
+
+            cupy.cuda.set_allocator(None)
+            cupy.cuda.set_pinned_memory_allocator(None)
+        except Exception:  # no CuPy: the GPU tests skip anyway
+            pass
+
+
 def pytest_collection_modifyitems(config, items):
     global _GPU_SKIP
     if any("gpu" in item.keywords for item in items):
