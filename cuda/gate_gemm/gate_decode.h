@@ -7,7 +7,10 @@
 // At small M the gate GEMM is a stream over W_g. The 256-column tiles are far
 // fewer than the SMs (22 at H = 5632), so each tile is handled by a thread-
 // block cluster (sm_90) of k CTAs that split D: every CTA streams its K-slice
-// of the tile's 256 W_g rows with 16-byte loads and computes the partial dot
+// of the tile's 256 W_g rows into shared memory (a cp.async ring that keeps
+// about 200 KB in flight per SM, so the stream is not latency-bound; with
+// PDL the slice is also prefetched into L2 before the wait on the previous
+// kernel) and computes the partial dot
 // products for all tokens with mma.sync (bf16 in, fp32 accumulate); the
 // partials meet through distributed shared memory and are summed in a fixed
 // rank order (deterministic), each CTA reducing and packing a subset of the
@@ -46,8 +49,8 @@ cudaError_t gate_pack_decode(const GatePackArgs& args, int sm_count, cudaStream_
 // next kernel, if launched the same way, is placed while this one runs.
 cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream);
 // Testing/tuning only: the same with a given main-loop variant (-1 = default;
-// 0 = plain groups of 4 K-blocks, 1 = double-buffered groups of 2,
-// 2 = double-buffered groups of 4 for M <= 16). Results are identical.
+// 0 = the default ring (3 stages, 2 for M > 32), 1 = a ring of 2 stages,
+// 2 = the default ring plus the L2 prefetch of the slice). Results are identical.
 cudaError_t gate_pack_decode_variant(const GatePackArgs& args, int sm_count, cudaStream_t stream, int variant);
 
 }  // namespace twell
