@@ -53,7 +53,8 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
 
 static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
                                    const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
-                                   char* ws, cudaStream_t stream, bool pdl = false) {
+                                   char* ws, cudaStream_t stream, bool pdl = false,
+                                   const RowPrefetch& next = RowPrefetch{}) {
   GatePackArgs a;  // row flags were zeroed by stats_init
   a.x = x;
   a.ldx = ldx;
@@ -73,6 +74,7 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   r.lt_workspace = ws + w.lt;
   r.lt_bytes = kLtWorkspaceBytes;
   r.pdl = pdl;
+  r.next = next;
   return gate_pack_dispatch(a, r, stream);
 }
 
@@ -187,7 +189,17 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
                               /*pdl=*/true),
                     "pack kernel (decode-sized gate)");
   } else {
-    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true));
+    // The consumer's first reads are the active neurons' rows of W_u and W_d
+    // (as the caller passed it: a transposed copy is not written yet).
+    RowPrefetch next;
+    next.a = p.gated ? t.w_up : (p.w_down_dh ? nullptr : t.w_down);
+    next.lda = p.gated ? t.ldw_up : t.ldw_down;
+    if (p.gated && !p.w_down_dh) {
+      next.b = t.w_down;
+      next.ldb = t.ldw_down;
+    }
+    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true,
+                             next));
   }
 
   const bf16* w_down = nullptr;

@@ -8,7 +8,8 @@
 // cp.async (no registers held) through a ring of kStages stages of
 // kStageCols columns, every stage of the ring issued before the first is
 // consumed, so nearly the whole slice (200 KB per SM) is requested in one
-// round trip. A stage holds the tile's 256 W_g rows and the M (padded) x rows
+// round trip (an L2 prefetch of the slice issued before the PDL wait was
+// measured slower: the bulk prefetches queue behind each other). A stage holds the tile's 256 W_g rows and the M (padded) x rows
 // of its columns, zero-filled past H, M and the slice (cp.async src-size 0).
 //
 // Warp w owns tile rows [16w, 16w+16) and walks a stage in K-blocks of 32:
@@ -47,7 +48,7 @@ struct DecodeParams {
   u64* stats;
   int k;          // CTAs per tile (cluster size)
   int64_t slice;  // K elements per rank (multiple of 32)
-  bool prefetch;  // ask L2 for the slice before waiting on the previous kernel (PDL)
+  RowPrefetch next;  // rows the next kernel reads for each active neuron (hint)
 };
 
 // Rows of one stage and its bytes, for NB groups of 8 tokens.
@@ -77,6 +78,31 @@ __device__ __forceinline__ uint4 lds16(const unsigned char* p) { return *reinter
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// L2 prefetch of rows a[n] and b[n] (D elements each) for every neuron n of
+// this tile whose bit is set in some lane's mask (lane l: columns 8l..8l+7):
+// the whole warp walks the neurons one at a time, a 128-byte line per lane.
+__device__ __forceinline__ void prefetch_row(const bf16* row, int64_t D, int lane) {
+  for (int64_t e = static_cast<int64_t>(lane) * 64; e < D; e += 32 * 64)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + e));
+  if (lane == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + D - 1));  // an unaligned row's last line
+}
+
+__device__ __forceinline__ void prefetch_next_rows(const DecodeParams& p, int64_t tile, unsigned mask, int lane) {
+  unsigned lanes = __ballot_sync(0xffffffffu, mask != 0);
+  while (lanes != 0) {
+    const int src = __ffs(lanes) - 1;
+    lanes &= lanes - 1;
+    unsigned bits = __shfl_sync(0xffffffffu, mask, src);
+    while (bits != 0) {
+      const int j = __ffs(bits) - 1;
+      bits &= bits - 1;
+      const int64_t n = tile * kTileCols + src * 8 + j;
+      prefetch_row(p.next.a + n * p.next.lda, p.D, lane);
+      if (p.next.b != nullptr) prefetch_row(p.next.b + n * p.next.ldb, p.D, lane);
+    }
+  }
 }
 
 // Issues stage st of this CTA's slice into ring buffer st % S (zero-filled
@@ -130,17 +156,6 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
   const int64_t kend = kbeg + p.slice < p.D ? kbeg + p.slice : p.D;
   const int nst = kend > kbeg ? static_cast<int>((kend - kbeg + kStageCols - 1) / kStageCols) : 0;
 
-  // W_g is read from DRAM once: ask L2 for this CTA's rows of the slice while
-  // the previous kernel of the stream may still run (a prefetch has no effect
-  // on what any load returns, so it may precede griddepcontrol.wait).
-  if (p.prefetch && threadIdx.x < kTileCols && kend > kbeg) {
-    const int64_t row = tile * kTileCols + threadIdx.x;
-    if (row < p.H) {
-      const bf16* src = p.w + row * p.ldw + kbeg;
-      const unsigned bytes = static_cast<unsigned>(kend - kbeg) * 2u;  // a multiple of 16
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-    }
-  }
   // Programmatic dependent launch (no-ops otherwise): x may come from the
   // previous kernel; the next kernel's CTAs may be placed as soon as every
   // CTA here runs (they wait for this grid to complete before reading).
@@ -210,12 +225,23 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
     float v[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-    for (int q = 0; q < p.k; ++q) {
-      const float* src = cluster.map_shared_rank(part, q) + m * kPartStride + lane * 8;
-      const float4 a = *reinterpret_cast<const float4*>(src);
-      const float4 b = *reinterpret_cast<const float4*>(src + 4);
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+    // Every rank's partials are requested before the first is added (one
+    // distributed-shared-memory round trip, not k), then added in rank order.
+    float4 pa[kMaxCluster], pb[kMaxCluster];
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) {
+      if (q < p.k) {
+        const float* src = cluster.map_shared_rank(part, q) + m * kPartStride + lane * 8;
+        pa[q] = *reinterpret_cast<const float4*>(src);
+        pb[q] = *reinterpret_cast<const float4*>(src + 4);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) {
+      if (q < p.k) {
+        v[0] += pa[q].x; v[1] += pa[q].y; v[2] += pa[q].z; v[3] += pa[q].w;
+        v[4] += pb[q].x; v[5] += pb[q].y; v[6] += pb[q].z; v[7] += pb[q].w;
+      }
     }
     unsigned mask = 0;
 #pragma unroll
@@ -237,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
         ++slot;
       }
     }
+    if (p.next.a != nullptr && count <= cap) prefetch_next_rows(p, tile, mask, lane);
     const int stored = count < cap ? count : cap;
     for (int wd = lane; wd < p.slots; wd += 32) {
       if (wd == 0) out[0] = static_cast<uint32_t>(count);
@@ -276,10 +303,8 @@ int nb_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : (M <= 32 ? 4 : 8)); }
 
 using KernelFn = void (*)(DecodeParams);
 
-// variant: 0 = the ring of stages_for(NB) stages; 1 = a ring of 2 stages;
-// 2 = as 0, with the L2 prefetch of the slice also when not launched with PDL.
-// (Without a variant the prefetch goes with PDL, where it overlaps the
-// previous kernel.) All give bitwise the same results.
+// variant: 0 = the ring of stages_for(NB) stages; 1 = a ring of 2 stages.
+// Both give bitwise the same results.
 int stages_of(int nb, int variant) { return variant == 1 ? 2 : stages_for(nb); }
 
 template <int NB>
@@ -389,7 +414,8 @@ bool gate_pack_decode_can_run(const GatePackArgs& a) {
 
 namespace {
 
-cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant, bool pdl) {
+cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant, bool pdl,
+                          const RowPrefetch& next) {
   if (a.M == 0) return cudaSuccess;
   int dev = 0;
   if (!gate_pack_decode_can_run(a) || !device_ok(&dev)) return cudaErrorInvalidValue;
@@ -429,7 +455,7 @@ cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stre
   p.stats = a.stats;
   p.k = static_cast<int>(k);
   p.slice = slice_blocks * 32;
-  p.prefetch = variant == 2 || pdl;
+  p.next = next;
   const int nb = nb_for(a.M);
   if (variant < 0) variant = 0;
   KernelFn kern = kernel_for(nb, variant);
@@ -444,7 +470,7 @@ cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stre
 }  // namespace
 
 cudaError_t gate_pack_decode_variant(const GatePackArgs& a, int sm_count, cudaStream_t stream, int variant) {
-  return launch_decode(a, sm_count, stream, variant, false);
+  return launch_decode(a, sm_count, stream, variant, false, RowPrefetch{});
 }
 
 bool gate_pack_decode_preferred(const GatePackArgs& a, int sm_count) {
@@ -456,11 +482,11 @@ bool gate_pack_decode_preferred(const GatePackArgs& a, int sm_count) {
 }
 
 cudaError_t gate_pack_decode(const GatePackArgs& a, int sm_count, cudaStream_t stream) {
-  return launch_decode(a, sm_count, stream, -1, false);
+  return launch_decode(a, sm_count, stream, -1, false, RowPrefetch{});
 }
 
-cudaError_t gate_pack_decode_pdl(const GatePackArgs& a, int sm_count, cudaStream_t stream) {
-  return launch_decode(a, sm_count, stream, -1, true);
+cudaError_t gate_pack_decode_pdl(const GatePackArgs& a, int sm_count, cudaStream_t stream, const RowPrefetch& next) {
+  return launch_decode(a, sm_count, stream, -1, true, next);
 }
 
 }  // namespace twell

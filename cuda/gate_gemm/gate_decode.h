@@ -8,9 +8,8 @@
 // fewer than the SMs (22 at H = 5632), so each tile is handled by a thread-
 // block cluster (sm_90) of k CTAs that split D: every CTA streams its K-slice
 // of the tile's 256 W_g rows into shared memory (a cp.async ring that keeps
-// about 200 KB in flight per SM, so the stream is not latency-bound; with
-// PDL the slice is also prefetched into L2 before the wait on the previous
-// kernel) and computes the partial dot
+// about 200 KB in flight per SM, so the stream is not latency-bound) and
+// computes the partial dot
 // products for all tokens with mma.sync (bf16 in, fp32 accumulate); the
 // partials meet through distributed shared memory and are summed in a fixed
 // rank order (deterministic), each CTA reducing and packing a subset of the
@@ -31,6 +30,18 @@ namespace twell {
 
 constexpr int64_t kGateDecodeMaxRows = 64;
 
+// Rows the kernel after the gate will read for each active neuron n: a[n] and
+// b[n] (D elements each, b optional), e.g. W_u and W_d of the sparse consumer.
+// The decode kernel asks L2 for them as it packs (tiles within capacity only),
+// so the consumer's first reads do not wait on DRAM. A hint: no effect on any
+// result.
+struct RowPrefetch {
+  const bf16* a = nullptr;
+  int64_t lda = 0;
+  const bf16* b = nullptr;
+  int64_t ldb = 0;
+};
+
 // Cheap host-side check (one cached cudaFuncGetAttributes per device).
 bool gate_pack_decode_can_run(const GatePackArgs& args);
 // Whether the decode kernel is the faster gate path for these arguments on a
@@ -47,10 +58,11 @@ cudaError_t gate_pack_decode(const GatePackArgs& args, int sm_count, cudaStream_
 // The same, launched as a programmatic dependent of the previous kernel in the
 // stream (cuda/ffn/pdl.cuh): the launch overlaps that kernel's tail, and the
 // next kernel, if launched the same way, is placed while this one runs.
-cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream);
-// Testing/tuning only: the same with a given main-loop variant (-1 = default;
-// 0 = the default ring (3 stages, 2 for M > 32), 1 = a ring of 2 stages,
-// 2 = the default ring plus the L2 prefetch of the slice). Results are identical.
+cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream,
+                                 const RowPrefetch& next = RowPrefetch{});
+// Testing/tuning only: the same with a given main-loop variant (-1 or 0 = the
+// default ring: 3 stages, 2 for M > 32; 1 = a ring of 2 stages). Results are
+// identical.
 cudaError_t gate_pack_decode_variant(const GatePackArgs& args, int sm_count, cudaStream_t stream, int variant);
 
 }  // namespace twell
