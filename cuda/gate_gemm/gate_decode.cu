@@ -146,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
   cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* part = reinterpret_cast<float*>(smem_raw);  // after the main loop, over the ring
+  static_assert(NB * 8 * kPartStride * 4 <= S * stage_bytes(NB), "the partials fit in the ring");
   __shared__ u64 s_active[kWarps], s_over[kWarps], s_max[kWarps];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
