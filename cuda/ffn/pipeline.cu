@@ -53,8 +53,7 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
 
 static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
                                    const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
-                                   char* ws, cudaStream_t stream, bool pdl = false,
-                                   const RowPrefetch& next = RowPrefetch{}) {
+                                   char* ws, cudaStream_t stream, bool pdl = false) {
   GatePackArgs a;  // row flags were zeroed by stats_init
   a.x = x;
   a.ldx = ldx;
@@ -74,7 +73,6 @@ static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, c
   r.lt_workspace = ws + w.lt;
   r.lt_bytes = kLtWorkspaceBytes;
   r.pdl = pdl;
-  r.next = next;
   return gate_pack_dispatch(a, r, stream);
 }
 
@@ -153,13 +151,16 @@ SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const 
 
 // Gate route of decode-sized calls, from the gate GEMM + pack timings of
 // tests/cuda/test_gate_decode.cu on an H100 (us, decode kernel / cuBLASLt +
-// packer / sm_90a wgmma; commit fe61b8f):
-//   D=2048 H=5632:  M=1 16.5/16.7/25.8  M=16 18.5/17.2/26.1  M=32 21.5/17.0/26.3  M=64 25.2/17.4/26.2
+// packer / sm_90a wgmma):
+//   D=2048 H=5632:  M=1 16.9/16.8/25.3  M=16 18.2/16.7/25.8  M=32 20.3/16.9/25.9  M=64 24.8/17.3/25.9
+//   D=4096 H=14336: M=1 51.0/48.5/53.3  M=16 52.4/50.3/51.6  M=32 56.1/51.4/51.2  M=64 62.3/52.5/51.4
+//   D=896 H=4864:   M=1 11.3/11.9/15.7  M=16 12.5/12.0/16.0  M=32 14.3/12.3/16.1  M=64 18.4/12.4/16.2
 // Up to 16 tokens the fused decode kernel is within ~1.5 us of cuBLASLt +
-// the packer, and it is one kernel that places the consumer early (PDL) and
-// prefetches the active neurons' W_u and W_d rows into L2 as it packs, which
-// the two-kernel route cannot; above 16 tokens cuBLASLt + the packer is
-// clearly faster.
+// the packer, and it is one kernel that places the consumer early (PDL)
+// instead of two with a launch gap between them, so it stays there (the
+// whole FFN measured 27.2-28.6 us at M = 1..16 this way; the two routes were
+// not timed against each other end to end); above 16 tokens cuBLASLt + the
+// packer is clearly faster (M = 32: 28.4 us, M = 64: 33.4 us end to end).
 bool decode_gate_via_cublas(const FfnProblem& p) { return p.M > 16; }
 
 // Decode-sized calls (see pipeline.h): the consumer replaces stats init and
@@ -186,17 +187,7 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
                               /*pdl=*/true),
                     "pack kernel (decode-sized gate)");
   } else {
-    // The consumer's first reads are the active neurons' rows of W_u and W_d
-    // (as the caller passed it: a transposed copy is not written yet).
-    RowPrefetch next;
-    next.a = p.gated ? t.w_up : (p.w_down_dh ? nullptr : t.w_down);
-    next.lda = p.gated ? t.ldw_up : t.ldw_down;
-    if (p.gated && !p.w_down_dh) {
-      next.b = t.w_down;
-      next.ldb = t.ldw_down;
-    }
-    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true,
-                             next));
+    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true));
   }
 
   const bf16* w_down = nullptr;

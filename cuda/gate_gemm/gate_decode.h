@@ -7,15 +7,24 @@
 // At small M the gate GEMM is a stream over W_g. The 256-column tiles are far
 // fewer than the SMs (22 at H = 5632), so each tile is handled by a thread-
 // block cluster (sm_90) of k CTAs that split D: every CTA streams its K-slice
-// of the tile's 256 W_g rows into shared memory (a cp.async ring that keeps
-// about 200 KB in flight per SM, so the stream is not latency-bound) and
-// computes the partial dot
+// of the tile's 256 W_g rows with 16-byte loads and computes the partial dot
 // products for all tokens with mma.sync (bf16 in, fp32 accumulate); the
 // partials meet through distributed shared memory and are summed in a fixed
 // rank order (deterministic), each CTA reducing and packing a subset of the
 // tokens. k (<= 8, the portable cluster size) minimises waves x K-blocks per
 // CTA, where a wave is as many clusters as cudaOccupancyMaxActiveClusters says
 // fit at once (GPCs do not divide evenly by every k).
+//
+// Tried and measured (H100, 2026-11-23, same-run A/B of the whole FFN):
+//  * the K-slice streamed into shared memory through a cp.async ring (about
+//    200 KB in flight per SM): 16.5 vs 17.1 us alone at M = 1, but 1-2.5 us
+//    slower end to end at M = 4..16, because 200 KB of shared memory per CTA
+//    keeps the CTAs that PDL places early (consumer, fallback, the next
+//    call's gate) off 110 SMs;
+//  * an L2 bulk prefetch of the slice before the PDL wait: 4 us slower (the
+//    bulk prefetches of a CTA queue behind each other);
+//  * prefetching the active neurons' W_u/W_d rows into L2 while packing, with
+//    the consumer's statistics moved to an extra cluster: within noise (+-1 us).
 //
 // Requirements (gate_pack_decode_can_run): 1 <= M <= kGateDecodeMaxRows, D and H
 // multiples of 8 (> 0), ldx and ldw multiples of 8, x and w 16-byte aligned,
@@ -29,18 +38,6 @@
 namespace twell {
 
 constexpr int64_t kGateDecodeMaxRows = 64;
-
-// Rows the kernel after the gate will read for each active neuron n: a[n] and
-// b[n] (D elements each, b optional), e.g. W_u and W_d of the sparse consumer.
-// The decode kernel asks L2 for them as it packs (tiles within capacity only),
-// so the consumer's first reads do not wait on DRAM. A hint: no effect on any
-// result.
-struct RowPrefetch {
-  const bf16* a = nullptr;
-  int64_t lda = 0;
-  const bf16* b = nullptr;
-  int64_t ldb = 0;
-};
 
 // Cheap host-side check (one cached cudaFuncGetAttributes per device).
 bool gate_pack_decode_can_run(const GatePackArgs& args);
@@ -58,11 +55,10 @@ cudaError_t gate_pack_decode(const GatePackArgs& args, int sm_count, cudaStream_
 // The same, launched as a programmatic dependent of the previous kernel in the
 // stream (cuda/ffn/pdl.cuh): the launch overlaps that kernel's tail, and the
 // next kernel, if launched the same way, is placed while this one runs.
-cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream,
-                                 const RowPrefetch& next = RowPrefetch{});
-// Testing/tuning only: the same with a given main-loop variant (-1 or 0 = the
-// default ring: 3 stages, 2 for M > 32; 1 = a ring of 2 stages). Results are
-// identical.
+cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream);
+// Testing/tuning only: the same with a given main-loop variant (-1 = default;
+// 0 = plain groups of 4 K-blocks, 1 = double-buffered groups of 2,
+// 2 = double-buffered groups of 4 for M <= 16). Results are identical.
 cudaError_t gate_pack_decode_variant(const GatePackArgs& args, int sm_count, cudaStream_t stream, int variant);
 
 }  // namespace twell

@@ -9,7 +9,7 @@ twell_status gate_pack_dispatch(const GatePackArgs& a, const GateRoute& r, cudaS
   // Decode-sized calls: split-K over thread-block clusters streams W_g with
   // every SM (the persistent wgmma kernel has only one CTA per column tile).
   if (r.use_sm90 && r.allow_decode && a.M <= kGateDecodeMaxRows && gate_pack_decode_preferred(a, r.sm_count)) {
-    TWELL_CUDA_STEP(r.pdl ? gate_pack_decode_pdl(a, r.sm_count, stream, r.next) : gate_pack_decode(a, r.sm_count, stream),
+    TWELL_CUDA_STEP(r.pdl ? gate_pack_decode_pdl(a, r.sm_count, stream) : gate_pack_decode(a, r.sm_count, stream),
                     "gate GEMM (decode)");
     return TWELL_SUCCESS;
   }

@@ -4,7 +4,6 @@
 // call it, so a new gate kernel is routed in one place.
 #pragma once
 
-#include "gate_gemm/gate_decode.h"
 #include "gate_gemm/gate_gemm.h"
 
 namespace twell {
@@ -17,7 +16,6 @@ struct GateRoute {
   void* portable_chunk = nullptr;  // gate_portable_workspace_bytes(M, H) bytes
   void* lt_workspace = nullptr;    // cuBLASLt workspace
   size_t lt_bytes = 0;
-  RowPrefetch next;                // decode kernel with pdl only: rows to prefetch for the next kernel
 };
 
 twell_status gate_pack_dispatch(const GatePackArgs& args, const GateRoute& route, cudaStream_t stream);

@@ -75,9 +75,8 @@ __host__ __device__ inline Layout make_layout(int row_words, int tiles, int slot
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Statistics and the overflow list from the count words of all M rows (rank 0
-// of an extra cluster after the tokens' clusters, so that no token waits for
-// it; replaces stats_init + the compaction kernels). Integer sums and maxima:
+// Statistics and the overflow list from the count words of all M rows (CTA 0
+// only; replaces stats_init + the compaction kernels). Integer sums and maxima:
 // exact in any order. All the count words are loaded before any is used (one
 // round trip). Contains __syncthreads (CTA-uniform call); warps other than 0
 // return from it at once after the barrier.
@@ -196,10 +195,6 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
   // The packed rows come from the previous kernel (the gate GEMM).
   pdl_wait();
   pdl_launch_dependents();  // the fallback's CTAs may now be placed; they wait for this grid
-  if (m == p.M) {  // the extra cluster: statistics and the overflow list, off the tokens' path
-    if (rank == 0) write_stats(p);
-    return;  // the whole cluster, before any cluster barrier
-  }
   if (exchange) cluster_arrive_relaxed();
 
   // 1. The token's packed row and x row into shared memory (one round trip).
@@ -212,6 +207,7 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     }
     cp_async_commit();
   }
+  if (blockIdx.x == 0) write_stats(p);  // overlaps the copies above
   cp_async_wait_all();
   __syncthreads();
 
@@ -502,7 +498,7 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
   for (;;) {
     p.csize = cluster;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((a.M + 1) * cluster), 1, 1);  // + the statistics cluster
+    cfg.gridDim = dim3(static_cast<unsigned>(a.M * cluster), 1, 1);
     cfg.blockDim = dim3(kNT, 1, 1);
     cfg.dynamicSmemBytes = L.total;
     cfg.stream = stream;

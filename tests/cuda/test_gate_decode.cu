@@ -484,7 +484,6 @@ int main(int argc, char** argv) {
         float t[6] = {-1, -1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90, portable
         for (int variant = 0; variant < 6; ++variant) {
           a.w = ws[0];
-          if (variant == 3) continue;  // (no third main-loop variant)
           if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
           if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
           if (variant == 5 && twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) {
