@@ -226,16 +226,9 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   ys.cols = D;
   TRY(check_tensor(y, ys, &my));
   TRY(check_stats(stats, &ms, false));
-  const Mat* ins[] = {&mx, &mg, &mu, &md};
-  const char* in_names[] = {"x", "w_gate", "w_up", "w_down"};
-  for (int i = 0; i < 4; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
-  TRY(check_on_plan_device(plan->device, my, "y"));
-  TRY(check_on_plan_device(plan->device, ms, "stats"));
-  for (int i = 0; i < 4; ++i) {
-    TRY(check_no_alias(my, "y", *ins[i], in_names[i]));
-    TRY(check_no_alias(ms, "stats", *ins[i], in_names[i]));
-  }
-  TRY(check_no_alias(ms, "stats", my, "y"));
+  const NamedMat ins[] = {{&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
+  const NamedMat outs[] = {{&my, "y"}, {&ms, "stats"}};
+  TRY(check_call_tensors(plan->device, ins, 4, outs, 2));
   const FfnProblem prob = problem_of(plan, M);
   const FfnWorkspace wl = ffn_workspace(prob);
   TRY(check_buffer(workspace, workspace_bytes, wl.total, "workspace", TWELL_ERROR_WORKSPACE, "twell_ffn_workspace_size"));

@@ -343,16 +343,9 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   as.compact = true;
   TRY(check_tensor(active, as, &ma, true));
   TRY(check_stats(stats, &ms));
-  const Mat* ins[] = {&mx, &mg, &mu, &md};
-  const char* in_names[] = {"x", "w_gate", "w_up", "w_down"};
-  const Mat* outs[] = {&my, &ml, &ma, &ms};
-  const char* out_names[] = {"y", "l1", "active", "stats"};
-  for (int i = 0; i < 4; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
-  for (int o = 0; o < 4; ++o) {
-    TRY(check_on_plan_device(plan->device, *outs[o], out_names[o]));
-    for (int i = 0; i < 4; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
-    for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
-  }
+  const NamedMat ins[] = {{&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
+  const NamedMat outs[] = {{&my, "y"}, {&ml, "l1"}, {&ma, "active"}, {&ms, "stats"}};
+  TRY(check_call_tensors(plan->device, ins, 4, outs, 4));
   const TrainProblem prob = problem_of(plan, M);
   if (plan->opt.path == TWELL_PATH_AUTO) poll_readback(plan);
   const Route route = forward_route(plan, prob, saved_bytes, workspace_bytes);
@@ -361,17 +354,11 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   TRY(check_buffer(workspace, workspace_bytes, workspace_need(plan, prob), "workspace", TWELL_ERROR_WORKSPACE,
                    "twell_train_workspace_size"));
   for (int i = 0; i < 4; ++i) {
-    TRY(check_buffer_alias(saved, saved_min, "saved", *ins[i], in_names[i]));
-    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[i], out_names[i]));
-    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[i], out_names[i]));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *ins[i].mat, ins[i].name));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[i].mat, outs[i].name));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[i].mat, outs[i].name));
   }
-  {
-    const char* a0 = static_cast<const char*>(saved);
-    const char* b0 = static_cast<const char*>(workspace);
-    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_min) {
-      return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
-    }
-  }
+  TRY(check_buffers_disjoint(saved, saved_min, "saved", workspace, workspace_bytes, "workspace"));
 
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
@@ -448,16 +435,9 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   dds.cols = dh ? H : D;
   TRY(check_tensor(dw_down, dds, &mdd));
   TRY(check_stats(stats, &ms));
-  const Mat* ins[] = {&mdy, &mx, &mg, &mu, &md};
-  const char* in_names[] = {"dy", "x", "w_gate", "w_up", "w_down"};
-  const Mat* outs[] = {&mdx, &mdg, &mdu, &mdd, &ms};
-  const char* out_names[] = {"dx", "dw_gate", "dw_up", "dw_down", "stats"};
-  for (int i = 0; i < 5; ++i) TRY(check_on_plan_device(plan->device, *ins[i], in_names[i]));
-  for (int o = 0; o < 5; ++o) {
-    TRY(check_on_plan_device(plan->device, *outs[o], out_names[o]));
-    for (int i = 0; i < 5; ++i) TRY(check_no_alias(*outs[o], out_names[o], *ins[i], in_names[i]));
-    for (int i = 0; i < o; ++i) TRY(check_no_alias(*outs[o], out_names[o], *outs[i], out_names[i]));
-  }
+  const NamedMat ins[] = {{&mdy, "dy"}, {&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
+  const NamedMat outs[] = {{&mdx, "dx"}, {&mdg, "dw_gate"}, {&mdu, "dw_up"}, {&mdd, "dw_down"}, {&ms, "stats"}};
+  TRY(check_call_tensors(plan->device, ins, 5, outs, 5));
   const TrainProblem prob = problem_of(plan, M);
   // The route is in the saved header (read below); until then the smaller
   // of the two sizes the plan allows.
@@ -469,17 +449,11 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   TRY(check_buffer(workspace, workspace_bytes, workspace_need(plan, prob), "workspace", TWELL_ERROR_WORKSPACE,
                    "twell_train_workspace_size"));
   for (int o = 0; o < 5; ++o) {
-    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[o], out_names[o]));
-    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[o], out_names[o]));
-    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *ins[o], in_names[o]));
+    TRY(check_buffer_alias(saved, saved_min, "saved", *outs[o].mat, outs[o].name));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *outs[o].mat, outs[o].name));
+    TRY(check_buffer_alias(workspace, workspace_bytes, "workspace", *ins[o].mat, ins[o].name));
   }
-  {
-    const char* a0 = static_cast<const char*>(saved);
-    const char* b0 = static_cast<const char*>(workspace);
-    if (a0 < b0 + workspace_bytes && b0 < a0 + saved_min) {
-      return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved overlaps workspace in memory");
-    }
-  }
+  TRY(check_buffers_disjoint(saved, saved_min, "saved", workspace, workspace_bytes, "workspace"));
 
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
@@ -534,7 +508,7 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
                 route == Route::kDense ? "dense-route" : "hybrid", need);
   }
   // Outputs must not overlap the whole saved state either.
-  for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o], out_names[o]));
+  for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
   if (route == Route::kDense) {
     TRY(train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, s));
   } else {

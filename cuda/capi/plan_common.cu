@@ -49,4 +49,25 @@ twell_status check_on_plan_device(int plan_device, const Mat& m, const char* nam
   return TWELL_SUCCESS;
 }
 
+twell_status check_call_tensors(int plan_device, const NamedMat* ins, int n_ins, const NamedMat* outs, int n_outs) {
+  for (int i = 0; i < n_ins; ++i) TWELL_TRY(check_on_plan_device(plan_device, *ins[i].mat, ins[i].name));
+  for (int o = 0; o < n_outs; ++o) {
+    TWELL_TRY(check_on_plan_device(plan_device, *outs[o].mat, outs[o].name));
+    for (int i = 0; i < n_ins; ++i) TWELL_TRY(check_no_alias(*outs[o].mat, outs[o].name, *ins[i].mat, ins[i].name));
+    for (int i = 0; i < o; ++i) TWELL_TRY(check_no_alias(*outs[o].mat, outs[o].name, *outs[i].mat, outs[i].name));
+  }
+  return TWELL_SUCCESS;
+}
+
+twell_status check_buffers_disjoint(const void* a, size_t a_bytes, const char* a_name, const void* b, size_t b_bytes,
+                                    const char* b_name) {
+  if (a == nullptr || b == nullptr) return TWELL_SUCCESS;
+  const char* a0 = static_cast<const char*>(a);
+  const char* b0 = static_cast<const char*>(b);
+  if (a0 < b0 + b_bytes && b0 < a0 + a_bytes) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s overlaps %s in memory", a_name, b_name);
+  }
+  return TWELL_SUCCESS;
+}
+
 }  // namespace twell

@@ -28,4 +28,16 @@ twell_status check_buffer(const void* ptr, size_t bytes, size_t need, const char
 // A tensor (if given) lives on the plan's device.
 twell_status check_on_plan_device(int plan_device, const Mat& m, const char* name);
 
+// The tensors of one call: every one on the plan's device, and no output
+// overlapping an input or an earlier output.
+struct NamedMat {
+  const Mat* mat;
+  const char* name;
+};
+twell_status check_call_tensors(int plan_device, const NamedMat* ins, int n_ins, const NamedMat* outs, int n_outs);
+
+// Two caller-owned raw buffers must not overlap.
+twell_status check_buffers_disjoint(const void* a, size_t a_bytes, const char* a_name, const void* b, size_t b_bytes,
+                                    const char* b_name);
+
 }  // namespace twell
