@@ -5,7 +5,8 @@
 #
 #   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
 #   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests sanitizer bench)
-#   TWELL_PYTEST_ARGS="-k gate"          extra pytest arguments
+#   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
+#   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
 #
 # Wheels the machine lacks (cffi, pycparser) are installed from .whl/ if present.
 set -uo pipefail
@@ -49,7 +50,8 @@ fi
 
 if has tests; then
   t0=$(date +%s)
-  timeout ${TWELL_PYTEST_TIMEOUT:-330} python3 -m pytest tests -q --maxfail=25 --durations=15 ${TWELL_PYTEST_ARGS:-} > "$OUT/pytest_log.txt" 2>&1
+  kargs=(); [ -n "${TWELL_PYTEST_K:-}" ] && kargs=(-k "$TWELL_PYTEST_K")  # a -k expression may hold spaces
+  timeout ${TWELL_PYTEST_TIMEOUT:-330} python3 -m pytest tests -q --maxfail=25 --durations=15 "${kargs[@]}" ${TWELL_PYTEST_ARGS:-} > "$OUT/pytest_log.txt" 2>&1
   rc=$?; SUMMARY+=("pytest (all, GPU included): rc=$rc ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_log.txt")")
 fi
 
