@@ -7,7 +7,9 @@
 #include "capi/device_guard.h"
 #include "capi/errors.h"
 #include "capi/plan_common.h"
+#include "capi/replay_cache.h"
 #include "capi/tensor_check.h"
+#include "ffn/auto_route.h"
 #include "ffn/pipeline.h"
 #include "format/pack.h"
 #include "gate_gemm/gate_gemm.h"
@@ -20,14 +22,22 @@ struct twell_ffn_plan {
   int device = 0;
   int sm_count = 1;
   bool use_sm90 = false;
-  // TWELL_PATH_AUTO: the previous call's statistics arrive in pinned host
-  // memory through an async copy; they are read only once the copy's event
-  // has completed, so the host never waits for the GPU.
-  uint64_t* host_stats = nullptr;
+  // TWELL_PATH_AUTO, eager calls (ffn/auto_route.h): a recent call's
+  // statistics arrive in pinned host memory through an async copy, issued at
+  // most every kStatsEvery calls and read only once its event has completed,
+  // so the host never waits for the GPU.
+  uint64_t* host_stats = nullptr;  // target of the copy in flight
   cudaEvent_t stats_ready = nullptr;
   bool stats_pending = false;
-  int last_path = TWELL_PATH_SPARSE;
+  bool have_stats = false;
+  u64 last_stats[TWELL_STATS_WORDS] = {};  // the newest completed copy
   int64_t calls = 0;
+  int64_t last_copy_call = -(int64_t(1) << 40);
+  // TWELL_PATH_AUTO, captured calls: the device-side history and the stream
+  // through which the IF/ELSE node's two bodies are captured.
+  AutoState* dev_auto = nullptr;
+  cudaStream_t side = nullptr;  // also the stream eager calls are captured on (replay_cache.h)
+  ReplayCache replay;
   bool device_ready = false;
 };
 
@@ -87,25 +97,23 @@ FfnProblem problem_of(const twell_ffn_plan* plan, int64_t M) {
   return p;
 }
 
-// AUTO: sparse unless the last completed call was too dense or overflowed a lot.
-// Every 16th call re-probes the sparse path when the dense one was chosen
-// (the dense path's statistics lack the overflow-row count).
+// Eager AUTO calls: the rule of ffn/auto_route.h on the newest statistics the
+// host has (never waits: a copy still in flight is left for a later call).
+constexpr int64_t kStatsEvery = 4;
+
 int choose_path(twell_ffn_plan* plan) {
   if (plan->opt.path != TWELL_PATH_AUTO) return plan->opt.path;
-  if (plan->stats_pending && cudaEventQuery(plan->stats_ready) == cudaSuccess) {
-    plan->stats_pending = false;
-    const uint64_t* s = plan->host_stats;
-    const double rows = s[TWELL_STAT_ROWS] > 0 ? static_cast<double>(s[TWELL_STAT_ROWS]) : 1.0;
-    const double density = static_cast<double>(s[TWELL_STAT_ACTIVE]) / (rows * static_cast<double>(plan->H));
-    const double overflow = static_cast<double>(s[TWELL_STAT_PATH] == TWELL_PATH_DENSE ? s[TWELL_STAT_OVERFLOW_TILES]
-                                                                                       : s[TWELL_STAT_OVERFLOW_ROWS]) / rows;
-    const double t = plan->opt.dense_threshold;
-    plan->last_path = (density > t || overflow > 4 * t) ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;
-  } else {
-    cudaGetLastError();  // cudaEventQuery's cudaErrorNotReady is not an error
+  if (plan->stats_pending) {
+    const cudaError_t q = cudaEventQuery(plan->stats_ready);
+    if (q == cudaSuccess) {
+      plan->stats_pending = false;
+      plan->have_stats = true;
+      for (int i = 0; i < TWELL_STATS_WORDS; ++i) plan->last_stats[i] = plan->host_stats[i];
+    } else {
+      (void)cudaGetLastError();  // cudaErrorNotReady is not an error; anything else resurfaces at the next launch
+    }
   }
-  if (plan->last_path == TWELL_PATH_DENSE && plan->calls % 16 == 15) return TWELL_PATH_SPARSE;
-  return plan->last_path;
+  return auto_path(plan->have_stats ? plan->last_stats : nullptr, plan->calls, plan->opt.dense_threshold, plan->H);
 }
 
 twell_status check_stats(DLTensor* stats, Mat* out, bool required) {
@@ -132,8 +140,32 @@ twell_status ensure_device(twell_ffn_plan* p) {
   if ((err = cudaEventCreateWithFlags(&p->stats_ready, cudaEventDisableTiming)) != cudaSuccess) {
     return fail_cuda(err, "creating the plan's statistics event");
   }
+  if ((err = cudaStreamCreateWithFlags(&p->side, cudaStreamNonBlocking)) != cudaSuccess) {
+    return fail_cuda(err, "creating the plan's capture stream");
+  }
+  if ((err = cudaMalloc(reinterpret_cast<void**>(&p->dev_auto), sizeof(AutoState))) != cudaSuccess) {
+    return fail_cuda(err, "allocating the plan's AUTO state");
+  }
+  // Zeroed on the plan's own stream, which no capture can involve.
+  if ((err = cudaMemsetAsync(p->dev_auto, 0, sizeof(AutoState), p->side)) != cudaSuccess ||
+      (err = cudaStreamSynchronize(p->side)) != cudaSuccess) {
+    return fail_cuda(err, "initialising the plan's AUTO state");
+  }
   p->device_ready = true;
   return TWELL_SUCCESS;
+}
+
+// Device set-up may happen inside a stream capture (a plan's first call
+// captured in a graph): its allocations and its one synchronisation are
+// legal there only in relaxed capture mode, for this thread.
+twell_status ensure_device_capture_safe(twell_ffn_plan* p) {
+  if (p->device_ready) return TWELL_SUCCESS;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaError_t err = cudaThreadExchangeStreamCaptureMode(&mode);
+  if (err != cudaSuccess) return fail_cuda(err, "entering relaxed capture mode");
+  const twell_status st = ensure_device(p);
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  return st;
 }
 
 }  // namespace
@@ -170,7 +202,6 @@ TWELL_API twell_status twell_ffn_plan_create(twell_ffn_plan** plan, int64_t d_mo
   p->H = hidden;
   p->opt = *options;
   p->device = device;
-  p->last_path = options->path == TWELL_PATH_DENSE ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;
   *plan = p;
   return ok();
 }
@@ -182,7 +213,30 @@ TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan) {
     cudaEventDestroy(plan->stats_ready);
   }
   if (plan->host_stats != nullptr) cudaFreeHost(plan->host_stats);
+  // A graph that captured this plan's AUTO calls reads dev_auto: destroying
+  // the plan before such a graph is documented as not allowed.
+  plan->replay.clear();
+  if (plan->dev_auto != nullptr) cudaFree(plan->dev_auto);
+  if (plan->side != nullptr) cudaStreamDestroy(plan->side);
+  (void)cudaGetLastError();
   delete plan;
+  return ok();
+}
+
+TWELL_API twell_status twell_ffn_plan_set_replay(twell_ffn_plan* plan, int32_t max_graphs) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (max_graphs < 0 || max_graphs > ReplayCache::kMaxGraphs) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "max_graphs is %d, expected 0 (off) .. %d", max_graphs,
+                ReplayCache::kMaxGraphs);
+  }
+  plan->replay.set_capacity(max_graphs);
+  return ok();
+}
+
+TWELL_API twell_status twell_ffn_plan_replay_counts(const twell_ffn_plan* plan, int64_t* replays, int64_t* captures) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (replays != nullptr) *replays = plan->replay.replays();
+  if (captures != nullptr) *captures = plan->replay.captures();
   return ok();
 }
 
@@ -236,9 +290,11 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
   if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
-  TRY(ensure_device(plan));
-  const FfnProblem run_prob = problem_of(plan, M);  // now with the device's properties
   auto s = static_cast<cudaStream_t>(stream);
+  bool capturing = false;
+  TRY(stream_capture_state(s, &capturing));
+  TRY(capturing ? ensure_device_capture_safe(plan) : ensure_device(plan));
+  const FfnProblem run_prob = problem_of(plan, M);  // now with the device's properties
   if (M == 0) {  // nothing to compute; the statistics still describe the call
     if (ms.ptr != nullptr && (err = stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, s)) != cudaSuccess) {
       return fail_cuda(err, "stats init");
@@ -258,11 +314,32 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   t.ldy = my.ld;
   t.stats = reinterpret_cast<u64*>(ms.ptr);
   auto* ws = static_cast<char*>(workspace);
+  if (capturing) {
+    // Captured: AUTO decides on the device at every replay; the fixed paths
+    // are captured as they are. The eager history is left alone.
+    if (plan->opt.path == TWELL_PATH_AUTO) {
+      TRY(ffn_run_auto_captured(run_prob, t, ws, s, plan->side, plan->dev_auto, plan->opt.dense_threshold));
+    } else {
+      TRY(plan->opt.path == TWELL_PATH_DENSE ? ffn_run_dense(run_prob, t, ws, s) : ffn_run_sparse(run_prob, t, ws, s));
+    }
+    return ok();
+  }
   const int path = choose_path(plan);
-  twell_status st = path == TWELL_PATH_DENSE ? ffn_run_dense(run_prob, t, ws, s) : ffn_run_sparse(run_prob, t, ws, s);
-  if (st != TWELL_SUCCESS) return st;
+  ReplayKey key;  // everything the launch sequence depends on (replay_cache.h)
+  key.add(static_cast<uint64_t>(path));
+  key.add(static_cast<uint64_t>(M));
+  for (const void* ptr : {static_cast<const void*>(t.x), static_cast<const void*>(t.w_gate),
+                          static_cast<const void*>(t.w_up), static_cast<const void*>(t.w_down),
+                          static_cast<const void*>(t.y), static_cast<const void*>(t.stats),
+                          static_cast<const void*>(ws)}) {
+    key.add_ptr(ptr);
+  }
+  for (int64_t ld : {t.ldx, t.ldw_gate, t.ldw_up, t.ldw_down, t.ldy}) key.add(static_cast<uint64_t>(ld));
+  TRY(plan->replay.run(key, s, plan->side, [&](cudaStream_t on) {
+    return path == TWELL_PATH_DENSE ? ffn_run_dense(run_prob, t, ws, on) : ffn_run_sparse(run_prob, t, ws, on);
+  }));
   ++plan->calls;
-  if (plan->opt.path == TWELL_PATH_AUTO && !plan->stats_pending) {
+  if (plan->opt.path == TWELL_PATH_AUTO && !plan->stats_pending && plan->calls - plan->last_copy_call >= kStatsEvery) {
     const u64* dev_stats = t.stats != nullptr ? t.stats : reinterpret_cast<const u64*>(ws + wl.stats);
     if ((err = cudaMemcpyAsync(plan->host_stats, dev_stats, TWELL_STATS_WORDS * sizeof(u64), cudaMemcpyDeviceToHost, s)) !=
             cudaSuccess ||
@@ -270,6 +347,7 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
       return fail_cuda(err, "copying the statistics for TWELL_PATH_AUTO");
     }
     plan->stats_pending = true;
+    plan->last_copy_call = plan->calls;
   }
   return ok();
 }
@@ -311,7 +389,9 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, 
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
   if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
-  TRY(ensure_device(plan));
+  bool capturing = false;
+  TRY(stream_capture_state(static_cast<cudaStream_t>(stream), &capturing));
+  TRY(capturing ? ensure_device_capture_safe(plan) : ensure_device(plan));
   if (M == 0) {
     err = stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, static_cast<cudaStream_t>(stream));
     return err == cudaSuccess ? ok() : fail_cuda(err, "stats init");

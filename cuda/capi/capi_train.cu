@@ -247,6 +247,22 @@ twell_status write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
   return err == cudaSuccess ? TWELL_SUCCESS : fail_cuda(err, "writing the statistics");
 }
 
+// Training calls wait on the host (train.h, docs/training.md), which a CUDA
+// graph cannot hold: refuse a capture before it is broken, and say why.
+twell_status refuse_capture(cudaStream_t s, const char* call) {
+  bool capturing = false;
+  TWELL_TRY(stream_capture_state(s, &capturing));
+  if (capturing) {
+    return fail(TWELL_ERROR_UNSUPPORTED,
+                "%s cannot be captured in a CUDA graph: the hybrid forward waits on the host for the device-side "
+                "count of dense-tail rows (cuBLASLt takes the tail GEMMs' M from the host), and every backward "
+                "waits for the saved state's header (route, sizes) and, on the hybrid route, for the per-neuron "
+                "counts that schedule the weight-gradient work; run training steps eagerly (docs/training.md)",
+                call);
+  }
+  return TWELL_SUCCESS;
+}
+
 }  // namespace
 
 extern "C" {
@@ -363,6 +379,7 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
   if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_forward"));
   TRY(ensure_device(plan));
   const TrainProblem run = problem_of(plan, M);
   TrainWeights w;
@@ -398,6 +415,17 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
                                             const DLTensor* w_down, const void* saved, size_t saved_bytes, DLTensor* dx,
                                             DLTensor* dw_gate, DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
                                             DLTensor* stats, void* workspace, size_t workspace_bytes, void* stream) {
+  return twell_train_backward_scaled(plan, dy, l1_coeff, nullptr, x, w_gate, w_up, w_down, saved, saved_bytes, dx,
+                                     dw_gate, dw_up, dw_down, accumulate, stats, workspace, workspace_bytes, stream);
+}
+
+TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const DLTensor* dy, double l1_coeff,
+                                                   const DLTensor* l1_scale, const DLTensor* x, const DLTensor* w_gate,
+                                                   const DLTensor* w_up, const DLTensor* w_down, const void* saved,
+                                                   size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate,
+                                                   DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
+                                                   DLTensor* stats, void* workspace, size_t workspace_bytes,
+                                                   void* stream) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
   const int64_t D = plan->D, H = plan->H;
   const bool dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
@@ -418,6 +446,11 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   if (accumulate != 0 && accumulate != 1) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "accumulate is %d, expected 0 or 1", accumulate);
   }
+  Mat mscale;
+  MatSpec scs{"l1_scale", DType::kF32, 1};
+  scs.cols = 1;
+  scs.vector_aligned = false;
+  TRY(check_tensor(l1_scale, scs, &mscale, true));
   MatSpec dxs{"dx", DType::kBF16};
   dxs.rows = M;
   dxs.cols = D;
@@ -435,9 +468,10 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   dds.cols = dh ? H : D;
   TRY(check_tensor(dw_down, dds, &mdd));
   TRY(check_stats(stats, &ms));
-  const NamedMat ins[] = {{&mdy, "dy"}, {&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
+  const NamedMat ins[] = {{&mdy, "dy"}, {&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"},
+                          {&mscale, "l1_scale"}};
   const NamedMat outs[] = {{&mdx, "dx"}, {&mdg, "dw_gate"}, {&mdu, "dw_up"}, {&mdd, "dw_down"}, {&ms, "stats"}};
-  TRY(check_call_tensors(plan->device, ins, 5, outs, 5));
+  TRY(check_call_tensors(plan->device, ins, 6, outs, 5));
   const TrainProblem prob = problem_of(plan, M);
   // The route is in the saved header (read below); until then the smaller
   // of the two sizes the plan allows.
@@ -458,6 +492,7 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   DeviceGuard guard;
   cudaError_t err = guard.enter(plan->device);
   if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_backward"));
   TRY(ensure_device(plan));
   auto s = static_cast<cudaStream_t>(stream);
   if (M == 0) {
@@ -487,6 +522,7 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
   io.dy = reinterpret_cast<const bf16*>(mdy.ptr);
   io.lddy = mdy.ld;
   io.l1_coeff = static_cast<float>(l1_coeff);
+  io.l1_scale = reinterpret_cast<const float*>(mscale.ptr);
   io.dx = reinterpret_cast<bf16*>(mdx.ptr);
   io.lddx = mdx.ld;
   io.dw_gate = reinterpret_cast<bf16*>(mdg.ptr);

@@ -70,4 +70,24 @@ twell_status check_buffers_disjoint(const void* a, size_t a_bytes, const char* a
   return TWELL_SUCCESS;
 }
 
+// Whether `s` is capturing into a CUDA graph (*capturing), or why it cannot
+// be used (no device; the legacy stream while another stream captures in
+// global mode; a capture already invalidated by an earlier error).
+twell_status stream_capture_state(cudaStream_t s, bool* capturing) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(s, &st);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (err == cudaErrorStreamCaptureImplicit || err == cudaErrorStreamCaptureInvalidated) {
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "stream: %s (%s)", cudaGetErrorString(err), cudaGetErrorName(err));
+    }
+    return fail_cuda(err, "reading the stream's capture state");
+  }
+  if (st == cudaStreamCaptureStatusInvalidated) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "stream: its graph capture was invalidated by an earlier error");
+  }
+  *capturing = st == cudaStreamCaptureStatusActive;
+  return TWELL_SUCCESS;
+}
+
 }  // namespace twell

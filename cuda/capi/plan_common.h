@@ -36,6 +36,11 @@ struct NamedMat {
 };
 twell_status check_call_tensors(int plan_device, const NamedMat* ins, int n_ins, const NamedMat* outs, int n_outs);
 
+// Whether stream `s` is capturing into a CUDA graph (*capturing), or a status
+// saying why it cannot be used (no device; the legacy stream while another
+// stream captures in global mode; a capture already invalidated).
+twell_status stream_capture_state(cudaStream_t s, bool* capturing);
+
 // Two caller-owned raw buffers must not overlap.
 twell_status check_buffers_disjoint(const void* a, size_t a_bytes, const char* a_name, const void* b, size_t b_bytes,
                                     const char* b_name);

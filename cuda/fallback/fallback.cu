@@ -51,6 +51,7 @@
 // columns past the edge are simply not stored. Row ids outside [0, M) are
 // treated as absent (their A row is zero and their output is not written).
 // Every product of a row index and a stride is 64-bit.
+#include "common/launch_cache.h"
 #include "fallback/fallback.h"
 
 #include "fallback/fallback_detail.cuh"
@@ -474,12 +475,12 @@ struct DeviceInfo {
   int cooperative = 0;
 };
 
-cudaError_t device_info(DeviceInfo* info) {
+cudaError_t device_info(DeviceInfo* info) {  // cached per device (common/launch_cache.h)
   int dev = 0;
   TWELL_CUDA_TRY(cudaGetDevice(&dev));
-  TWELL_CUDA_TRY(cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev));
-  TWELL_CUDA_TRY(cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TWELL_CUDA_TRY(cudaDeviceGetAttribute(&info->cooperative, cudaDevAttrCooperativeLaunch, dev));
+  TWELL_CUDA_TRY(device_attribute(&info->sms, cudaDevAttrMultiProcessorCount, dev));
+  TWELL_CUDA_TRY(device_attribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TWELL_CUDA_TRY(device_attribute(&info->cooperative, cudaDevAttrCooperativeLaunch, dev));
   return cudaSuccess;
 }
 
@@ -574,10 +575,9 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   if (path == fallback_detail::kPathCooperative) {
     const FusedFn k = select_fused(gated, stages);
     if (!k) return cudaErrorInvalidValue;
-    TWELL_CUDA_TRY(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    TWELL_CUDA_TRY(set_max_dynamic_smem(k, smem));
     int per_sm = 0;
-    TWELL_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem));
+    TWELL_CUDA_TRY(occupancy_per_sm(&per_sm, k, kThreads, smem));
     if (per_sm < 1) return cudaErrorNotSupported;
     const int64_t most = dual_tiles > down_tiles ? dual_tiles : down_tiles;
     const int64_t resident = static_cast<int64_t>(info.sms);  // one CTA per SM is enough
@@ -600,10 +600,8 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   const KernelFn k_dual = select_kernel(fallback_detail::kDual, gated, stages);
   const KernelFn k_down = select_kernel(fallback_detail::kDown, gated, stages);
   if (!k_dual || !k_down) return cudaErrorInvalidValue;
-  TWELL_CUDA_TRY(cudaFuncSetAttribute(k_dual, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  TWELL_CUDA_TRY(cudaFuncSetAttribute(k_down, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  TWELL_CUDA_TRY(set_max_dynamic_smem(k_dual, smem));
+  TWELL_CUDA_TRY(set_max_dynamic_smem(k_down, smem));
   const unsigned grid_dual = static_cast<unsigned>(dual_tiles < info.sms ? dual_tiles : info.sms);
   const unsigned grid_down = static_cast<unsigned>(down_tiles < info.sms ? down_tiles : info.sms);
   for (int64_t c = 0; c < n_chunks; ++c) {

@@ -1,6 +1,7 @@
 #include "capi/errors.h"
 #include "common/cublaslt.h"
 #include "fallback/fallback.h"
+#include "ffn/auto_route.h"
 #include "ffn/ffn_ops.h"
 #include "ffn/pipeline.h"
 #include "format/pack.h"
@@ -145,7 +146,7 @@ SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const 
   c.ldy = t.ldy;
   c.stats = stats;
   c.overflow_rows = rows;
-  c.pdl = true;
+  c.pdl = p.pdl;
   return c;
 }
 
@@ -184,10 +185,10 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
     TWELL_TRY(lt_linear(t.x, t.ldx, gate_w, gate_ld, pre, p.H, /*c_is_f32=*/true, p.M, p.H, p.D, ws + w.lt,
                         kLtWorkspaceBytes, stream));
     TWELL_CUDA_STEP(pack_rows(pre, /*is_f32=*/true, p.H, p.M, p.H, p.slots, packed, flags, gate_stats, stream,
-                              /*pdl=*/true),
+                              /*pdl=*/p.pdl),
                     "pack kernel (decode-sized gate)");
   } else {
-    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/true));
+    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/p.pdl));
   }
 
   const bf16* w_down = nullptr;
@@ -196,7 +197,7 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
   TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, ldw_down, rows, stats), p.sm_count, stream),
                   "sparse consumer (decode)");
   FallbackArgs f = fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats);
-  f.pdl = true;
+  f.pdl = p.pdl;
   TWELL_CUDA_STEP(fallback_rows(f, stream), "dense fallback");
   return TWELL_SUCCESS;
 }
@@ -292,6 +293,48 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
     m.c_is_f32 = false;
     TWELL_TRY(lt_matmul(m, lt, kLtWorkspaceBytes, stream));
   }
+  return TWELL_SUCCESS;
+}
+
+twell_status ffn_run_auto_captured(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream,
+                                   cudaStream_t side, AutoState* state, double threshold) {
+  const FfnWorkspace w = ffn_workspace(p);
+  const u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<const u64*>(ws + w.stats);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+  TWELL_CUDA_STEP(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph), "reading the stream's capture");
+  if (status != cudaStreamCaptureStatusActive) {
+    return fail(TWELL_ERROR_INTERNAL, "ffn_run_auto_captured called on a stream that is not capturing");
+  }
+  cudaGraphConditionalHandle condition;
+  TWELL_CUDA_STEP(cudaGraphConditionalHandleCreate(&condition, graph, 0, cudaGraphCondAssignDefault),
+                  "creating the AUTO condition of the captured graph");
+  TWELL_CUDA_STEP(auto_decide(condition, state, threshold, p.H, stream), "AUTO decision kernel");
+
+  // The IF/ELSE node after the decision kernel (the current capture dependencies).
+  const cudaGraphNode_t* deps = nullptr;
+  const cudaGraphEdgeData* edges = nullptr;
+  size_t ndeps = 0;
+  TWELL_CUDA_STEP(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, &deps, &edges, &ndeps),
+                  "reading the capture dependencies");
+  cudaGraphNodeParams node_params = {cudaGraphNodeTypeConditional};
+  node_params.conditional.handle = condition;
+  node_params.conditional.type = cudaGraphCondTypeIf;
+  node_params.conditional.size = 2;  // body 0 when the condition is 1 (dense), body 1 otherwise (sparse)
+  cudaGraphNode_t node;
+  TWELL_CUDA_STEP(cudaGraphAddNode(&node, graph, deps, edges, ndeps, &node_params), "adding the AUTO IF/ELSE node");
+  TWELL_CUDA_STEP(cudaStreamUpdateCaptureDependencies(stream, &node, nullptr, 1, cudaStreamSetCaptureDependencies),
+                  "continuing the capture after the AUTO node");
+  for (int b = 0; b < 2; ++b) {
+    cudaGraph_t body = node_params.conditional.phGraph_out[b];
+    TWELL_CUDA_STEP(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeRelaxed),
+                    "capturing an AUTO body");
+    const twell_status st = b == 0 ? ffn_run_dense(p, t, ws, side) : ffn_run_sparse(p, t, ws, side);
+    const cudaError_t end = cudaStreamEndCapture(side, &body);
+    if (st != TWELL_SUCCESS) return st;
+    TWELL_CUDA_STEP(end, b == 0 ? "capturing the AUTO node's dense body" : "capturing the AUTO node's sparse body");
+  }
+  TWELL_CUDA_STEP(auto_record(stats, state, stream), "AUTO record kernel");
   return TWELL_SUCCESS;
 }
 

@@ -27,6 +27,7 @@ struct FfnProblem {
   bool use_sm90 = false;
   int sm_count = 1;
   int64_t chunk_rows = 4096;
+  bool pdl = true;  // the decode-sized chain may use programmatic dependent launch
 };
 
 struct FfnTensors {
@@ -61,5 +62,14 @@ twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, cons
 
 twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);
 twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);
+
+// TWELL_PATH_AUTO inside a stream capture (ffn/auto_route.h): the decision
+// kernel, then an IF/ELSE graph node whose bodies (captured through `side`,
+// a stream of the caller's that is not capturing) are the dense and the
+// sparse path, then the kernel that records the replay's statistics. Every
+// replay decides afresh from the device-side history in `state`.
+struct AutoState;
+twell_status ffn_run_auto_captured(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream,
+                                   cudaStream_t side, AutoState* state, double threshold);
 
 }  // namespace twell

@@ -16,6 +16,7 @@
 
 #include <atomic>
 
+#include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
 #include "ffn/pdl.cuh"
 #include "gate_gemm/gate_decode.h"
@@ -445,7 +446,7 @@ cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stre
   const size_t smem = static_cast<size_t>(mpad) * p.xrow * 2 + static_cast<size_t>(mpad) * kPartStride * 4;
   if (variant < 0) variant = default_variant(nb);
   KernelFn kern = kernel_for(nb, variant);
-  TWELL_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  TWELL_CUDA_TRY(set_max_dynamic_smem(kern, smem));  // once per device and size (common/launch_cache.h)
   cudaLaunchAttribute attr[2];
   cudaLaunchConfig_t cfg =
       make_config(static_cast<unsigned>(tiles * k), static_cast<int>(k), smem, stream, attr, pdl);

@@ -61,6 +61,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
 #include "common/sm90_ptx.cuh"
 #include "gate_gemm/gate_gemm.h"
@@ -608,10 +609,59 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// The tensor maps of the last few launches of this thread, so a steady state
+// of calls on the same tensors (weights always; x and the packed output when
+// the caller's allocator hands out the same buffers) skips the encoding.
+struct MapKey {
+  const void* ptr;
+  uint64_t inner, outer, stride;
+  uint32_t box_inner, box_outer;
+  int dtype, swizzle, promo;
+  bool operator==(const MapKey& o) const {
+    return ptr == o.ptr && inner == o.inner && outer == o.outer && stride == o.stride && box_inner == o.box_inner &&
+           box_outer == o.box_outer && dtype == o.dtype && swizzle == o.swizzle && promo == o.promo;
+  }
+};
+constexpr int kMapCache = 16;
+struct MapCache {
+  MapKey key[kMapCache] = {};
+  CUtensorMap map[kMapCache];
+  bool valid[kMapCache] = {};
+  int next = 0;
+};
+
+cudaError_t encode_2d_uncached(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map,
+                               CUtensorMapDataType dtype, const void* ptr, uint64_t inner, uint64_t outer,
+                               uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer,
+                               CUtensorMapSwizzle swizzle, CUtensorMapL2promotion promo);
+
 cudaError_t encode_2d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map,
                       CUtensorMapDataType dtype, const void* ptr, uint64_t inner, uint64_t outer,
                       uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer,
                       CUtensorMapSwizzle swizzle, CUtensorMapL2promotion promo) {
+  thread_local MapCache cache;
+  const MapKey k{ptr, inner, outer, stride_bytes, box_inner, box_outer, static_cast<int>(dtype),
+                 static_cast<int>(swizzle), static_cast<int>(promo)};
+  for (int i = 0; i < kMapCache; ++i) {
+    if (cache.valid[i] && cache.key[i] == k) {
+      *map = cache.map[i];
+      return cudaSuccess;
+    }
+  }
+  TWELL_CUDA_TRY(encode_2d_uncached(encode, map, dtype, ptr, inner, outer, stride_bytes, box_inner, box_outer,
+                                    swizzle, promo));
+  const int slot = cache.next;
+  cache.next = (cache.next + 1) % kMapCache;
+  cache.key[slot] = k;
+  cache.map[slot] = *map;
+  cache.valid[slot] = true;
+  return cudaSuccess;
+}
+
+cudaError_t encode_2d_uncached(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map,
+                               CUtensorMapDataType dtype, const void* ptr, uint64_t inner, uint64_t outer,
+                               uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer,
+                               CUtensorMapSwizzle swizzle, CUtensorMapL2promotion promo) {
   const cuuint64_t dims[2] = {inner, outer};
   const cuuint64_t strides[1] = {stride_bytes};
   const cuuint32_t box[2] = {box_inner, box_outer};
@@ -665,9 +715,7 @@ cudaError_t launch(const GatePackArgs& a, int num_sms, int device, cudaStream_t 
                    int* grid_ctas, int group_n) {
   using C = Cfg<kSlots, kCluster, kConsumers, kEpi, kInflight>;
   auto kernel = gate_pack_sm90_kernel<kSlots, kCluster, kConsumers, kEpi, kInflight>;
-  // Called on every launch: cheap, and still right after a cudaDeviceReset.
-  TWELL_CUDA_TRY(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  TWELL_CUDA_TRY(set_max_dynamic_smem(kernel, C::kSmem));  // once per device (common/launch_cache.h)
 
   int grid_clusters = num_sms / kCluster;
   if constexpr (kCluster > 1) {
@@ -808,8 +856,8 @@ cudaError_t gate_pack_sm90_variant(const GatePackArgs& args, int num_sms, cudaSt
   int device = 0;
   TWELL_CUDA_TRY(cudaGetDevice(&device));
   int major = 0, minor = 0;
-  TWELL_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  TWELL_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  TWELL_CUDA_TRY(device_attribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  TWELL_CUDA_TRY(device_attribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   if (major != 9 || minor != 0) return cudaErrorNoKernelImageForDevice;
   if (!gate_pack_sm90_can_run(args)) return cudaErrorInvalidValue;
   if (args.M == 0) {
@@ -817,7 +865,7 @@ cudaError_t gate_pack_sm90_variant(const GatePackArgs& args, int num_sms, cudaSt
     return cudaSuccess;
   }
   if (num_sms <= 0) {
-    TWELL_CUDA_TRY(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+    TWELL_CUDA_TRY(device_attribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   }
   if (v.consumers != 2 || v.group_n < 1) return cudaErrorInvalidValue;
   const int g = v.group_n;

@@ -4,6 +4,7 @@
 
 #include "capi/errors.h"
 #include "common/cublaslt.h"
+#include "common/launch_cache.h"
 #include "ffn/ffn_ops.h"
 #include "format/pack.h"
 #include "gate_gemm/gate_gemm.h"
@@ -322,6 +323,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     e.dx = io.dx;
     e.lddx = io.lddx;
     e.coef = io.l1_coeff;
+    e.coef_scale = io.l1_scale;
     e.D = D;
     e.W = W;
     ell_dh_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(D) * 2, s>>>(e);
@@ -418,7 +420,8 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
     TWELL_TRY(lt_linear(xt, D, w.w_gate, w.ldw_gate, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
     TWELL_TRY(lt_linear(xt, D, w.w_up, w.ldw_up, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
     TWELL_TRY(lt_linear(dyt, D, wd, ldwd, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, dG, dU, hb);
+    tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, io.l1_scale, dG, dU,
+                                                                         hb);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail backward elementwise");
     // dx rows = dG W_g + dU W_u
     const bf16* wts[2] = {w.w_gate, w.w_up};
@@ -488,7 +491,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   a.nwork = static_cast<int64_t>(items.size()) * ycols;
   const auto launch_wgrad = [&](auto kernel) -> twell_status {
     int per_sm = 0;
-    TWELL_CUDA_STEP(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
+    TWELL_CUDA_STEP(occupancy_per_sm(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
     const int64_t grid = std::min<int64_t>(a.nwork, static_cast<int64_t>(std::max(per_sm, 1)) * p.sm_count);
     kernel<<<static_cast<unsigned>(grid), 256, 0, s>>>(a);
     TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");

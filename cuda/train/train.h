@@ -76,6 +76,7 @@ struct TrainBackwardIO {
   const bf16* dy = nullptr;
   int64_t lddy = 0;
   float l1_coeff = 0.f;
+  const float* l1_scale = nullptr;  // device float or nullptr: the L1 coefficient is l1_coeff * *l1_scale
   bf16* dx = nullptr;
   int64_t lddx = 0;
   bf16* dw_gate = nullptr;

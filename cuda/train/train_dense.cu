@@ -166,7 +166,9 @@ __global__ void __launch_bounds__(1024) dense_forward_final_kernel(const float* 
 __global__ void __launch_bounds__(kThreads) dense_backward_elem_kernel(bf16* __restrict__ a, const bf16* __restrict__ g,
                                                                        const bf16* __restrict__ u,
                                                                        bf16* __restrict__ b, bf16* __restrict__ c,
-                                                                       int64_t n8, float coef) {
+                                                                       int64_t n8, float coef_host,
+                                                                       const float* __restrict__ coef_scale) {
+  const float coef = coef_scale != nullptr ? coef_host * *coef_scale : coef_host;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n8;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     float dhf[8], gf[8], uf[8], dg[8], du[8], hf[8];
@@ -346,7 +348,7 @@ twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights&
     TWELL_TRY(gemm_rm(false, dy, io.lddy, !dh, w.w_down, w.ldw_down, A, H, false, n, H, D, 0.f, lt, s));
     const int64_t n8 = n * H / 8;
     dense_backward_elem_kernel<<<grid_for(n8, kThreads * 4), kThreads, 0, s>>>(A, g + r0 * H, u + r0 * H, B, Cb, n8,
-                                                                               io.l1_coeff);
+                                                                               io.l1_coeff, io.l1_scale);
     TWELL_CUDA_STEP(cudaGetLastError(), "dense-route backward elementwise");
     // dx = dG W_g + dU W_u (the second product added to the first's bf16 result)
     TWELL_TRY(gemm_rm(false, A, H, false, w.w_gate, w.ldw_gate, dx, io.lddx, false, n, D, H, 0.f, lt, s));

@@ -305,9 +305,17 @@ struct EllBwdArgs {
   bf16* dx;
   int64_t lddx;
   float coef;
+  const float* coef_scale;  // device float or nullptr (coefficient = coef * *coef_scale)
   int64_t D;
   int W;
 };
+
+// The L1 coefficient of a backward: a host value, times a device value when
+// one is given (the gradient of the forward's L1 output, so that autograd
+// never has to bring it to the host).
+__device__ __forceinline__ float l1_coefficient(float coef, const float* scale) {
+  return scale != nullptr ? coef * *scale : coef;
+}
 
 // The ELL backward is two passes so that each one's weight rows stay in L2
 // (W_d alone, then W_g and W_u: 23 + 46 MB at D = 2048, H = 5632, where the
@@ -324,6 +332,7 @@ __global__ void __launch_bounds__(kRowThreads) ell_dh_kernel(EllBwdArgs a) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
   const uint4* yr = reinterpret_cast<const uint4*>(a.dy + m * a.lddy);
   for (int v = tid; v < nv; v += blockDim.x) ys[v] = yr[v];
+  const float coef = l1_coefficient(a.coef, a.coef_scale);
   __syncthreads();
   for (int k = warp; k < n; k += nwarps) {
     const uint4* wr = reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(a.cols[base + k]) * a.ldwd);
@@ -334,7 +343,7 @@ __global__ void __launch_bounds__(kRowThreads) ell_dh_kernel(EllBwdArgs a) {
       const float uu = a.u[base + k], gg = a.g[base + k];
       const float h = gg * uu;
       const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
-      const float dh = s + a.coef * sg;
+      const float dh = s + coef * sg;
       a.dg[base + k] = dh * uu;
       a.du[base + k] = dh * gg;
     }
@@ -478,10 +487,12 @@ __global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __rest
 
 // Dense tail rows (backward): dg, du (bf16 GEMM operands) and h (for dW_d).
 __global__ void __launch_bounds__(256) tail_backward_elem_kernel(const float* __restrict__ G, const float* __restrict__ U,
-                                                                 const float* __restrict__ DH, int64_t H, float coef,
+                                                                 const float* __restrict__ DH, int64_t H, float coef_host,
+                                                                 const float* __restrict__ coef_scale,
                                                                  bf16* __restrict__ dG, bf16* __restrict__ dU,
                                                                  bf16* __restrict__ hb) {
   const int64_t i = blockIdx.x;
+  const float coef = l1_coefficient(coef_host, coef_scale);
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
     const int64_t o = i * H + c;
     const float g = G[o], u = U[o];

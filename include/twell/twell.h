@@ -249,7 +249,7 @@ typedef struct {
   int32_t w_down_layout;  /* a twell_layout; default TWELL_LAYOUT_HD */
   int32_t path;           /* a twell_path; default TWELL_PATH_AUTO */
   int32_t kernels;        /* a twell_kernels; default TWELL_KERNELS_AUTO */
-  int32_t chunk_rows;     /* rows per chunk of the dense paths' workspace; 0 = default (8192) */
+  int32_t chunk_rows;     /* rows per chunk of the dense paths' workspace; 0 = default (4096) */
   double dense_threshold; /* AUTO goes dense when the last call had more than this fraction
                              of active gate entries (default 0.008) or of overflow rows (x4).
                              Why 0.008: the sparse consumer reads 4*D bytes of weights per
@@ -273,6 +273,20 @@ TWELL_API twell_status twell_ffn_plan_create(twell_ffn_plan** plan, int64_t d_mo
                                              int32_t device);
 TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan);
 
+/*
+ * Eager calls replayed as CUDA graphs (on by default, 8 graphs per plan):
+ * the second time a plan sees the same call (path, M, every pointer and
+ * stride, the workspace), it captures the call's launch sequence on a stream
+ * of its own and from then on replays it with one cudaGraphLaunch (about
+ * 2 us of host time instead of about 5 us per kernel launch). The result is
+ * bit-identical to the eager launches. max_graphs = 0 turns it off (every
+ * call launches its kernels one by one); at most 64.
+ */
+TWELL_API twell_status twell_ffn_plan_set_replay(twell_ffn_plan* plan, int32_t max_graphs);
+/* Calls replayed from a graph, and graphs captured, by this plan so far. */
+TWELL_API twell_status twell_ffn_plan_replay_counts(const twell_ffn_plan* plan, int64_t* replays,
+                                                    int64_t* captures);
+
 /* Device workspace bytes a run over M tokens needs (any path). */
 TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int64_t rows,
                                                 size_t* bytes);
@@ -280,8 +294,22 @@ TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int6
 /*
  * y = FFN(x). w_gate must be NULL for a non-gated plan. stats may be NULL;
  * if given it is overwritten with this call's statistics (device side).
- * The plan remembers the previous call's statistics through an
- * asynchronous copy (never a host wait) for TWELL_PATH_AUTO.
+ *
+ * TWELL_PATH_AUTO, eager: the plan reads a recent call's statistics back
+ * through an asynchronous copy (issued at most every 4th call, never a host
+ * wait) and picks the path from them (dense_threshold above).
+ *
+ * CUDA graphs: every path may be captured (stream capture in any mode).
+ * A captured AUTO call decides on the device at every replay, from the
+ * statistics of the plan's previous replay: a one-thread kernel sets the
+ * condition of an IF/ELSE graph node whose bodies are the dense and the
+ * sparse path (the decision is never frozen at capture). Eager and captured
+ * calls keep separate AUTO histories. A graph holding AUTO calls is subject
+ * to CUDA's rules for conditional nodes (one instantiation at a time, not
+ * clonable, not usable as a child graph). The plan must outlive the graphs
+ * that captured it, and the workspace given at capture is used by every
+ * replay (keep it alive and do not reuse it concurrently).
+ *
  * Not thread-safe per plan: use one plan per thread or serialise calls.
  */
 TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x,
@@ -341,8 +369,9 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x,
 /* for the device-side tail-row count (to size the tail GEMMs); every     */
 /* backward waits for the saved header (checked against the call), and   */
 /* the hybrid backward also for the per-neuron counts (to schedule the   */
-/* weight-gradient work). The dense forward never waits. Not capturable  */
-/* in CUDA graphs yet.                                                    */
+/* weight-gradient work). The dense forward never waits. So training      */
+/* calls cannot be captured in CUDA graphs: on a capturing stream they    */
+/* return TWELL_ERROR_UNSUPPORTED (saying why) before enqueuing anything. */
 /* ===================================================================== */
 #define TWELL_TRAIN_STATS_WORDS 16
 /* Words 0-7 as TWELL_STAT_* (ROWS, ACTIVE, OVERFLOW_ROWS = rows with a   */
@@ -432,6 +461,23 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
                                             DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
                                             DLTensor* stats, void* workspace,
                                             size_t workspace_bytes, void* stream);
+
+/*
+ * The same with the L1 coefficient partly in device memory:
+ *   coefficient = l1_coeff * l1_scale[0]
+ *   l1_scale [1] float32, CUDA (may be NULL: then l1_coeff alone)
+ * Framework autograd passes the gradient of the forward's l1 output here
+ * (l1_coeff = 1), so no host synchronisation is needed to read it.
+ */
+TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const DLTensor* dy,
+                                                   double l1_coeff, const DLTensor* l1_scale,
+                                                   const DLTensor* x, const DLTensor* w_gate,
+                                                   const DLTensor* w_up, const DLTensor* w_down,
+                                                   const void* saved, size_t saved_bytes,
+                                                   DLTensor* dx, DLTensor* dw_gate, DLTensor* dw_up,
+                                                   DLTensor* dw_down, int32_t accumulate,
+                                                   DLTensor* stats, void* workspace,
+                                                   size_t workspace_bytes, void* stream);
 
 /* CDEF-END */
 
