@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("bench-train", help="GPU training-step benchmarks against PyTorch bf16 autograd (JSON + PNG)")
     bench_train.add_bench_train_args(bt)
     bt.set_defaults(func=bench_train.main_bench_train)
+
+    from . import bench_torch
+
+    bp = sub.add_parser("bench-torch", help="twell from PyTorch (eager, CUDA graphs, host time) against dense PyTorch")
+    bench_torch.add_bench_torch_args(bp)
+    bp.set_defaults(func=bench_torch.main_bench_torch)
     return p
 
 

@@ -46,6 +46,41 @@ def _framework(arr) -> str:
     return mod
 
 
+def _is_torch(arr) -> bool:
+    return type(arr).__module__.split(".")[0] == "torch"
+
+
+def _check_array(arr, name: str):
+    """A named error for anything that is not a CUDA array (before DLPack or the library see it)."""
+    if arr is None:
+        raise _ffi.InvalidArgumentError(f"{name} is None, expected a CUDA array")
+    if not hasattr(arr, "__dlpack__") or not hasattr(arr, "__dlpack_device__"):
+        raise _ffi.InvalidArgumentError(
+            f"{name} must be a CUDA array implementing __dlpack__ (CuPy, PyTorch, JAX), got {type(arr).__name__}")
+    dev_type = int(arr.__dlpack_device__()[0])
+    if dev_type != 2:  # kDLCUDA
+        where = {1: "host memory (CPU)", 3: "pinned host memory", 13: "CUDA managed memory"}.get(
+            dev_type, f"DLPack device type {dev_type}")
+        hint = " (cupy.asarray(...) or torch.as_tensor(..., device='cuda') copies it to the GPU)" if dev_type == 1 else ""
+        raise _ffi.InvalidArgumentError(
+            f"{name} is a {type(arr).__name__} in {where}; twell's kernels need CUDA device arrays{hint}")
+
+
+def _shape2(arr, name: str, what: str = "[M, D]"):
+    shape = tuple(int(s) for s in arr.shape)
+    if len(shape) != 2:
+        raise _ffi.InvalidArgumentError(f"{name} must be 2-D {what}, got shape {shape}")
+    return shape
+
+
+def _check_int(value, name: str, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise _ffi.InvalidArgumentError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise _ffi.InvalidArgumentError(f"{name} is {value}, expected >= {low}")
+    return int(value)
+
+
 def _device_of(arr):
     if hasattr(arr, "__dlpack_device__"):
         dev_type, dev_id = arr.__dlpack_device__()
@@ -75,13 +110,12 @@ class _Borrowed:
         self.stream = stream
         self._keep = []
 
-    def __call__(self, arr):
+    def __call__(self, arr, name: str = "array"):
         if arr is None:
             return _ffi.ffi.NULL
         if _framework(arr) == "torch" and getattr(arr, "requires_grad", False):
             arr = arr.detach()
-        if not hasattr(arr, "__dlpack__"):
-            raise _ffi.InvalidArgumentError(f"{type(arr).__name__} does not implement __dlpack__")
+        _check_array(arr, name)
         dev_type = _device_of(arr)[0]
         try:
             if dev_type == 2:  # CUDA: make the producer's work visible on our stream
@@ -153,11 +187,21 @@ def _data_ptr(arr) -> int:
     return int(_ffi.ffi.cast("uintptr_t", t.data)) + int(t.byte_offset)
 
 
+def _zeros_like_framework(ref, shape, dtype: str):
+    out = _empty_like_framework(ref, shape, dtype)
+    out[...] = 0
+    return out
+
+
 def read_stats(stats) -> dict:
     """Device statistics tensor (uint64[8]) -> dict (synchronises with the device)."""
+    if stats is None or not hasattr(stats, "shape"):
+        raise _ffi.InvalidArgumentError(f"stats must be a uint64[8] array, got {type(stats).__name__}")
+    if tuple(stats.shape) != (len(STATS_FIELDS),):
+        raise _ffi.InvalidArgumentError(f"stats has shape {tuple(stats.shape)}, expected ({len(STATS_FIELDS)},)")
     fw = _framework(stats)
     if fw == "torch":
-        host = stats.cpu().numpy()
+        host = stats.cpu().view(__import__("torch").int64).numpy().view(np.uint64)
     elif fw == "cupy":
         host = stats.get()
     else:
@@ -171,7 +215,9 @@ def pack(pre, slots: int = 32, *, packed=None, overflow_rows=None, stats=None):
     The first ``stats['overflow_rows']`` entries of overflow_rows are valid.
     """
     lib = _ffi.require()
-    m, h = (int(s) for s in pre.shape)
+    _check_array(pre, "pre")
+    m, h = _shape2(pre, "pre", "[M, H]")
+    slots = _check_int(slots, "slots")
     words = tiles_for(h) * slots
     if packed is None:
         packed = _empty_like_framework(pre, (m, words), "uint32")
@@ -183,7 +229,7 @@ def pack(pre, slots: int = 32, *, packed=None, overflow_rows=None, stats=None):
     _ffi.check(lib.twell_pack_workspace_size(m, nbytes))
     ws, ws_ptr = _workspace(pre, nbytes[0])
     b = _Borrowed(current_stream(pre))
-    _ffi.check(lib.twell_pack(b(pre), slots, b(packed), b(overflow_rows), b(stats),
+    _ffi.check(lib.twell_pack(b(pre, "pre"), slots, b(packed, "packed"), b(overflow_rows, "overflow_rows"), b(stats, "stats"),
                               _ffi.ffi.cast("void *", ws_ptr), nbytes[0], _ffi.ffi.cast("void *", b.stream)))
     return packed, overflow_rows, stats
 
@@ -191,10 +237,14 @@ def pack(pre, slots: int = 32, *, packed=None, overflow_rows=None, stats=None):
 def unpack(packed, hidden: int, slots: int = 32, *, out=None):
     """TwELL -> dense bf16 [M, hidden] (stored entries only)."""
     lib = _ffi.require()
+    _check_array(packed, "packed")
+    m, _ = _shape2(packed, "packed", "[M, words]")
+    hidden = _check_int(hidden, "hidden", 1)
+    slots = _check_int(slots, "slots")
     if out is None:
-        out = _empty_like_framework(packed, (int(packed.shape[0]), int(hidden)), "bfloat16")
+        out = _empty_like_framework(packed, (m, hidden), "bfloat16")
     b = _Borrowed(current_stream(packed))
-    _ffi.check(lib.twell_unpack(b(packed), slots, b(out), _ffi.ffi.cast("void *", b.stream)))
+    _ffi.check(lib.twell_unpack(b(packed, "packed"), slots, b(out, "out"), _ffi.ffi.cast("void *", b.stream)))
     return out
 
 
@@ -210,6 +260,13 @@ class FFNPlan:
                  w_down_layout: str = "hd", path: str = "auto", kernels: str = "auto",
                  chunk_rows: int = 0, dense_threshold: float = 0.008, device: int = 0):
         lib = _ffi.require()
+        d_model = _check_int(d_model, "d_model")
+        hidden = _check_int(hidden, "hidden")
+        slots = _check_int(slots, "slots")
+        chunk_rows = _check_int(chunk_rows, "chunk_rows")
+        device = _check_int(device, "device")
+        if isinstance(dense_threshold, bool) or not isinstance(dense_threshold, (int, float)):
+            raise _ffi.InvalidArgumentError(f"dense_threshold must be a float, got {type(dense_threshold).__name__}")
         if w_down_layout not in _LAYOUTS:
             raise _ffi.InvalidArgumentError(f"w_down_layout must be one of {sorted(_LAYOUTS)}, got {w_down_layout!r}")
         if path not in _PATHS:
@@ -247,18 +304,25 @@ class FFNPlan:
         return self._ws_ptr, self._ws_bytes
 
     def run(self, x, w_gate, w_up, w_down, *, out=None, stats=None):
-        m = int(x.shape[0])
+        _check_array(x, "x")
+        m, _ = _shape2(x, "x")
+        for name, arr in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if arr is not None or name != "w_gate":
+                _check_array(arr, name)
         if out is None:
             out = _empty_like_framework(x, (m, self.d_model), "bfloat16")
         ws_ptr, ws_bytes = self._workspace_for(x, m)
         b = _Borrowed(current_stream(x))
-        _ffi.check(_ffi.lib.twell_ffn_run(self._plan, b(x), b(w_gate), b(w_up), b(w_down), b(out), b(stats),
+        _ffi.check(_ffi.lib.twell_ffn_run(self._plan, b(x, "x"), b(w_gate, "w_gate"), b(w_up, "w_up"),
+                                          b(w_down, "w_down"), b(out, "out"), b(stats, "stats"),
                                           _ffi.ffi.cast("void *", ws_ptr), ws_bytes,
                                           _ffi.ffi.cast("void *", b.stream)))
         return out
 
     def gate_pack(self, x, w, *, packed=None, overflow_rows=None, stats=None):
-        m = int(x.shape[0])
+        _check_array(x, "x")
+        _check_array(w, "w")
+        m, _ = _shape2(x, "x")
         if packed is None:
             packed = _empty_like_framework(x, (m, tiles_for(self.hidden) * self.slots), "uint32")
         if overflow_rows is None:
@@ -267,7 +331,8 @@ class FFNPlan:
             stats = _empty_like_framework(x, (8,), "uint64")
         ws_ptr, ws_bytes = self._workspace_for(x, m)
         b = _Borrowed(current_stream(x))
-        _ffi.check(_ffi.lib.twell_gate_pack(self._plan, b(x), b(w), b(packed), b(overflow_rows), b(stats),
+        _ffi.check(_ffi.lib.twell_gate_pack(self._plan, b(x, "x"), b(w, "w"), b(packed, "packed"),
+                                            b(overflow_rows, "overflow_rows"), b(stats, "stats"),
                                             _ffi.ffi.cast("void *", ws_ptr), ws_bytes,
                                             _ffi.ffi.cast("void *", b.stream)))
         return packed, overflow_rows, stats
@@ -291,38 +356,76 @@ def ffn(x, w_gate, w_up, w_down, *, gated: bool = True, slots: int = 32, w_down_
     gated: y = (relu(x w_gate^T) * (x w_up^T)) W_d; non-gated (w_gate=None): y = relu(x w_up^T) W_d.
     W_d is w_down as [H, D] (w_down_layout="hd") or nn.Linear's [D, H] ("dh").
     """
-    hidden = int(w_up.shape[0])
-    plan = _plan_for(int(x.shape[1]), hidden, _device_of(x)[1], gated=gated, slots=slots,
+    if _is_torch(x) and out is None and stats is None:  # PyTorch: the custom op's fast path (twell.torch)
+        from .torch import ffn as torch_ffn
+
+        return torch_ffn(x, w_gate if gated else None, w_up, w_down, w_down_layout=w_down_layout, slots=slots,
+                         path=path, kernels=kernels)
+    _check_array(x, "x")
+    _check_array(w_up, "w_up")
+    _, d_model = _shape2(x, "x")
+    hidden, _ = _shape2(w_up, "w_up", "[H, D]")
+    plan = _plan_for(d_model, hidden, _device_of(x)[1], gated=gated, slots=slots,
                      w_down_layout=w_down_layout, path=path, kernels=kernels)
     return plan.run(x, w_gate if gated else None, w_up, w_down, out=out, stats=stats)
 
 
 def gate_pack(x, w, *, slots: int = 32, kernels: str = "auto"):
     """(packed, overflow_rows, stats) = TwELL(relu(x w^T)) through the gate GEMM kernels."""
-    plan = _plan_for(int(x.shape[1]), int(w.shape[0]), _device_of(x)[1], gated=True, slots=slots,
+    _check_array(x, "x")
+    _check_array(w, "w")
+    _, d_model = _shape2(x, "x")
+    hidden, _ = _shape2(w, "w", "[H, D]")
+    plan = _plan_for(d_model, hidden, _device_of(x)[1], gated=True, slots=slots,
                      w_down_layout="hd", path="sparse", kernels=kernels)
     return plan.gate_pack(x, w)
 
 
 class TwellFFN:
-    """A sparse FFN layer holding its weights (bf16 CUDA arrays of one framework).
+    """A sparse FFN layer holding its weights (bf16 CUDA arrays of one framework) and its own plan.
 
     >>> layer = TwellFFN(w_gate, w_up, w_down)           # w_down as [H, D]
     >>> y = layer(x)
-    >>> layer.last_stats()                              # synchronises
+    >>> layer.last_stats()                              # synchronises; zeros before the first call
+
+    PyTorch weights run through the custom op (``twell.torch``, host time of a few microseconds
+    per call); other frameworks through DLPack.
     """
 
     def __init__(self, w_gate, w_up, w_down, *, w_down_layout: str = "hd", slots: int = 32,
                  path: str = "auto", kernels: str = "auto"):
+        for name, arr in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if arr is not None or name != "w_gate":
+                _check_array(arr, name)
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.gated = w_gate is not None
-        hidden, d_model = (int(s) for s in w_up.shape)
-        self.plan = FFNPlan(d_model, hidden, gated=self.gated, slots=slots, w_down_layout=w_down_layout,
-                            path=path, kernels=kernels, device=_device_of(w_up)[1])
-        self._stats = _empty_like_framework(w_up, (8,), "uint64")
+        hidden, d_model = _shape2(w_up, "w_up", "[H, D]")
+        self.options = dict(w_down_layout=w_down_layout, slots=slots, path=path, kernels=kernels)
+        self._torch = _is_torch(w_up)
+        if self._torch:
+            from .torch import _runtime as rt
+
+            self.plan_key = rt.new_plan_key()
+            self._runner = rt.ffn_runner(self.plan_key, d_model, hidden, _device_of(w_up)[1], self.gated, slots,
+                                         rt.option_code(rt._PATHS, "path", path),
+                                         rt.option_code(rt._KERNELS, "kernels", kernels))
+            self._layout = rt.option_code(rt._LAYOUTS, "w_down_layout", w_down_layout)
+            self.plan = None
+        else:
+            self.plan = FFNPlan(d_model, hidden, gated=self.gated, slots=slots, w_down_layout=w_down_layout,
+                                path=path, kernels=kernels, device=_device_of(w_up)[1])
+            self._stats = _zeros_like_framework(w_up, (len(STATS_FIELDS),), "uint64")
 
     def __call__(self, x, *, out=None):
+        if self._torch and out is None:
+            from .torch import ffn as torch_ffn
+
+            return torch_ffn(x, self.w_gate, self.w_up, self.w_down, plan=self.plan_key, **self.options)
+        if self._torch:
+            raise _ffi.InvalidArgumentError("out= is not supported for PyTorch layers (the op allocates y)")
         return self.plan.run(x, self.w_gate, self.w_up, self.w_down, out=out, stats=self._stats)
 
     def last_stats(self) -> dict:
+        if self._torch:
+            return self._runner.last_stats()
         return read_stats(self._stats)

@@ -1,0 +1,300 @@
+"""``twell bench-torch``: twell as PyTorch users call it, against dense PyTorch in the same process.
+
+For D x H and each M it times, with the same bf16 inputs and two weight sets rotated (together
+larger than L2):
+
+- **eager**: ``twell.torch.ffn(x, w_gate, w_up, down_proj.weight, w_down_layout="dh")`` called in a
+  loop, wall time per call (host time included: this is what an eager model waits for), against
+  the dense PyTorch FFN ``F.linear(relu(F.linear(x, W_g)) * F.linear(x, W_u), W_down)``;
+- **graph**: the same calls captured in a ``torch.cuda.CUDAGraph`` (path AUTO decided on the device
+  at every replay), replayed in a loop, against the dense FFN captured the same way;
+- **host time**: microseconds the host spends per call while the GPU is held by a sleeping kernel
+  (so nothing waits for the GPU): ``twell.torch.ffn`` and the dense PyTorch FFN;
+- **training step host overhead**: one forward + backward through autograd
+  (``ffn_with_l1`` + ``backward``): ``layer_us``, the time in the layer's own code outside the C
+  library's calls (which hold the launches and the kernels' host waits), and ``host_us``, the
+  step's wall time minus the library's (this harness's loss ops and the autograd engine included).
+
+Records (``bench_torch.json`` under ``--out``, schema of bench/README.md):
+``{"bench": "ffn_torch", "D", "H", "M", "pattern", "density", "graph", "ms", "dense_ms",
+"speedup_vs_dense", "relerr", "path_ran"}`` and ``{"bench": "host_time", "api": "torch", "op": "ffn" |
+"train_step" | "dense_ffn", "D", "H", "M", "host_us"}``. Exit status 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+QUICK_M = (1, 16, 64, 2048, 16384, 65536)
+
+
+def add_bench_torch_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--D", type=int, default=2048, help="d_model (default 2048)")
+    p.add_argument("--H", type=int, default=5632, help="hidden (default 5632)")
+    p.add_argument("--M", default=",".join(str(m) for m in QUICK_M), help="token counts, comma list")
+    p.add_argument("--p", type=float, default=0.005, help="target active fraction (uniform pattern; default 0.005)")
+    p.add_argument("--calls", type=int, default=200, help="calls per timing at M <= 64 (fewer above; default 200)")
+    p.add_argument("--out", default="bench/results", metavar="DIR", help="where bench_torch.json goes")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step overhead measurement")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the Python side to stderr")
+    return p
+
+
+def _inputs(torch, D, H, M, p, seed):
+    from statistics import NormalDist
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    thr = -NormalDist().inv_cdf(1 - p)
+    x = torch.randn(M, D, device="cuda", generator=g)
+    x[:, -1] = 1.0
+    sets = []
+    for _ in range(2):
+        wg = torch.randn(H, D, device="cuda", generator=g) / (D - 1) ** 0.5
+        wg[:, -1] = thr
+        wu = torch.randn(H, D, device="cuda", generator=g) / D ** 0.5
+        wd = torch.randn(D, H, device="cuda", generator=g) / H ** 0.5  # nn.Linear down_proj.weight [D, H]
+        sets.append(tuple(t.to(torch.bfloat16) for t in (wg, wu, wd)))
+    return x.to(torch.bfloat16), sets
+
+
+def _wall_ms(torch, fn, calls):
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    reps = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        torch.cuda.synchronize()
+        reps.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(reps)
+
+
+def _host_us(torch, fn, calls):
+    """Host microseconds per call while a sleeping kernel holds the stream (no waits for the GPU)."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    reps = []
+    for _ in range(5):
+        torch.cuda._sleep(400_000_000)  # ~0.2 s at 2 GHz: longer than the calls take to enqueue
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        reps.append((time.perf_counter() - t0) * 1e6 / calls)
+        torch.cuda.synchronize()
+    return statistics.median(reps)
+
+
+def _graph(torch, fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graphs = []
+    for k in range(2):  # one graph per weight set
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn(k)
+        graphs.append((g, out))
+    return graphs
+
+
+def run(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import twell.torch as tt
+    from twell.torch import _runtime as rt
+
+    D, H = args.D, args.H
+    recs = []
+    for M in [int(m) for m in str(args.M).split(",") if m]:
+        calls = args.calls if M <= 64 else max(10, args.calls // (10 if M <= 4096 else 50))
+        x, sets = _inputs(torch, D, H, M, args.p, seed=M)
+        key = tt.new_plan_key()
+
+        def twell_call(i):
+            wg, wu, wd = sets[i % 2]
+            return tt.ffn(x, wg, wu, wd, w_down_layout="dh", plan=key)
+
+        def dense_call(i):
+            wg, wu, wd = sets[i % 2]
+            return F.linear(F.relu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+        with torch.no_grad():
+            y_t = twell_call(0).float()
+            y_d = dense_call(0).float()
+            relerr = float((y_t - y_d).norm() / y_d.norm())
+            runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.FFNRunner))
+            ms = _wall_ms(torch, twell_call, calls)
+            path = runner.last_stats()["path"]
+            dense_ms = _wall_ms(torch, dense_call, calls)
+            density = runner.last_stats()["active"] / max(1, M * H)
+            base = {"D": D, "H": H, "M": M, "pattern": "uniform", "density": density}
+            recs.append({"bench": "ffn_torch", **base, "graph": False, "ms": ms, "dense_ms": dense_ms,
+                         "speedup_vs_dense": dense_ms / ms, "relerr": relerr, "path_ran": path})
+            if M <= 16384:
+                recs.append({"bench": "host_time", "api": "torch", "op": "ffn", "D": D, "H": H, "M": M,
+                             "host_us": _host_us(torch, twell_call, min(calls, 100))})
+                recs.append({"bench": "host_time", "api": "torch", "op": "dense_ffn", "D": D, "H": H, "M": M,
+                             "host_us": _host_us(torch, dense_call, min(calls, 100))})
+            tg = _graph(torch, twell_call)
+            dg = _graph(torch, dense_call)
+            ms_g = _wall_ms(torch, lambda i: tg[i % 2][0].replay(), calls)
+            dms_g = _wall_ms(torch, lambda i: dg[i % 2][0].replay(), calls)
+            rel_g = float((tg[0][1].float() - dg[0][1].float()).norm() / dg[0][1].float().norm())
+            recs.append({"bench": "ffn_torch", **base, "graph": True, "ms": ms_g, "dense_ms": dms_g,
+                         "speedup_vs_dense": dms_g / ms_g, "relerr": rel_g, "path_ran": runner.last_stats()["path"]})
+            del tg, dg
+        print(json.dumps(recs[-1]), file=sys.stderr)
+        if not args.no_train and M in (16, 2048):
+            recs.append(_train_overhead(torch, tt, rt, x, sets[0], M, D, H))
+            print(json.dumps(recs[-1]), file=sys.stderr)
+        torch.cuda.empty_cache()
+    return {"records": recs}
+
+
+def _train_overhead(torch, tt, rt, x, weights, M, D, H):
+    """Host cost of a training forward + backward through autograd: ``layer_us`` is the time spent
+    in the PyTorch layer's own code (the runner's forward and backward, outside the C library's
+    calls, which hold the launches and the kernels' host waits); ``host_us`` is the whole step's
+    wall time minus the library's, so it also counts this harness's loss ops and the autograd
+    engine (an upper bound of what twell adds)."""
+    key = tt.new_plan_key()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    r = torch.randn_like(x)
+    spent = {"lib": 0.0, "layer": 0.0}
+
+    def step():
+        y, l1 = tt.ffn_with_l1(*leaves, w_down_layout="dh", plan=key)
+        ((y * r).sum() + 1e-3 * l1.sum()).backward()
+
+    step()
+    runner = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
+
+    def timed(fn, slot):
+        def call(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                spent[slot] += time.perf_counter() - t0
+        return call
+
+    class Timed:
+        def __init__(self, lib):
+            self._lib = lib
+
+        def __getattr__(self, name):
+            fn = getattr(self._lib, name)
+            return timed(fn, "lib") if name.startswith("twell_train_") else fn
+
+    lib = runner.lib
+    runner.lib = Timed(lib)
+    runner.forward = timed(runner.forward, "layer")
+    runner.backward = timed(runner.backward, "layer")
+    try:
+        n = 20
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        runner.lib = lib
+        del runner.forward, runner.backward
+    return {"bench": "host_time", "api": "torch", "op": "train_step", "D": D, "H": H, "M": M,
+            "host_us": (wall - spent["lib"]) * 1e6 / n, "layer_us": (spent["layer"] - spent["lib"]) * 1e6 / n,
+            "step_ms": wall * 1e3 / n, "in_library_ms": spent["lib"] * 1e3 / n}
+
+
+def _profile(torch, tt, D, H):
+    """cProfile of the Python side: 200 eager inference calls at M=1 and 20 training steps at M=16."""
+    import cProfile
+    import io
+    import pstats
+
+    out = io.StringIO()
+    x, sets = _inputs(torch, D, H, 16, 0.005, seed=7)
+    wg, wu, wd = sets[0]
+    key = tt.new_plan_key()
+    x1 = x[:1].contiguous()
+    with torch.no_grad():
+        for _ in range(5):
+            tt.ffn(x1, wg, wu, wd, w_down_layout="dh", plan=key)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            tt.ffn(x1, wg, wu, wd, w_down_layout="dh", plan=key)
+        pr.disable()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(14)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, wg, wu, wd)]
+    for k in range(22):
+        if k == 2:
+            pr = cProfile.Profile()
+            pr.enable()
+        y, l1 = tt.ffn_with_l1(*leaves, w_down_layout="dh", plan=key)
+        (y.float().sum() + 1e-3 * l1.sum()).backward()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue()
+
+
+def main_bench_torch(args) -> int:
+    try:
+        import torch
+    except ImportError:
+        print("twell bench-torch: PyTorch is not installed", file=sys.stderr)
+        return 2
+    import twell
+
+    if not torch.cuda.is_available() or not twell.available():
+        print(f"twell bench-torch: no GPU ({twell.why_unavailable() or 'PyTorch sees no CUDA device'})", file=sys.stderr)
+        return 2
+    from .bench import _git_commit
+
+    doc = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(),
+           "torch": torch.__version__, "command": " ".join(sys.argv)}
+    doc.update(run(args))
+    if args.profile:
+        import twell.torch as tt
+
+        print(_profile(torch, tt, args.D, args.H), file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_torch.json").write_text(json.dumps(doc, indent=1))
+    md = ["| M | mode | twell ms | dense ms | speedup | path | relerr |", "|---:|---|---:|---:|---:|---|---:|"]
+    for r in doc["records"]:
+        if r["bench"] == "ffn_torch":
+            md.append(f"| {r['M']} | {'graph' if r['graph'] else 'eager'} | {r['ms']:.4f} | {r['dense_ms']:.4f} | "
+                      f"{r['speedup_vs_dense']:.2f}x | {({1: 'sparse', 2: 'dense'}).get(r['path_ran'], r['path_ran'])} | "
+                      f"{r['relerr']:.1e} |")
+    md += ["", "| op | M | host us |", "|---|---:|---:|"]
+    for r in doc["records"]:
+        if r["bench"] == "host_time":
+            md.append(f"| {r['op']} | {r['M']} | {r['host_us']:.1f} |")
+    (out / "bench_torch.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m twell.bench_torch", description=__doc__.split("\n\n")[0])
+    add_bench_torch_args(p)
+    return main_bench_torch(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,508 @@
+"""The host side of the PyTorch ops: plans, workspaces and DLTensor descriptors, kept per plan.
+
+Everything that does not change between calls is made once: the plan, its
+statistics buffer, its workspace (grown when a larger M needs more), the
+descriptors of the weights (re-written only when a weight's storage, shape or
+strides change) and the cffi pointers. A call then writes x's and y's
+descriptor words, allocates y through PyTorch's caching allocator and makes one
+cffi call; the C library replays the call's launch sequence as a CUDA graph
+from its second sighting on (``twell_ffn_plan_set_replay``). No DLPack capsule
+is made and no device query or stream wait happens per call.
+
+Plans are keyed by ``plan`` (an integer: 0 = one anonymous plan per shape and
+options, shared by every caller with that key; layers take a key of their
+own, so AUTO's history is never shared by accident), shape, options and device.
+Plans are not thread-safe: one thread at a time per key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+
+import torch
+
+from .. import _ffi
+from ..format import STATS_FIELDS
+
+_LAYOUTS = {"hd": 0, "dh": 1}
+_PATHS = {"auto": 0, "sparse": 1, "dense": 2}
+_TRAIN_PATHS = {"auto": 0, "sparse": 1, "hybrid": 1, "dense": 2}
+_KERNELS = {"auto": 0, "portable": 1, "sm90": 2}
+TRAIN_STATS_FIELDS = ("rows", "active", "overflow_rows", "overflow_tiles", "max_tile_count", "max_row_count", "path",
+                      "format", "tail_rows", "ell_rows", "ell_width", "tail_chunks", "host_syncs", "ell_entries",
+                      "max_neuron_count", "phase")
+
+_keys = itertools.count(1)
+_lock = threading.Lock()
+
+
+def new_plan_key() -> int:
+    """A plan key no other caller has (for a layer that wants its own plans and AUTO history)."""
+    with _lock:
+        return next(_keys)
+
+
+def option_code(table: dict, name: str, value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value in table.values():
+        return value
+    if value in table:
+        return table[value]
+    raise _ffi.InvalidArgumentError(f"{name} must be one of {sorted(table)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# Argument checks with the argument's name (the C ABI checks shapes, strides,
+# alignment, devices and aliasing and names the argument too).
+# ---------------------------------------------------------------------------
+def check_tensor(t, name: str, *, dtype=torch.bfloat16, ndim=None, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise _ffi.InvalidArgumentError(f"{name} is None, expected a CUDA torch.Tensor")
+    if not isinstance(t, torch.Tensor):
+        raise _ffi.InvalidArgumentError(f"{name} must be a CUDA torch.Tensor, got {type(t).__name__}")
+    if not t.is_cuda:
+        raise _ffi.InvalidArgumentError(
+            f"{name} is on {t.device}; twell's kernels need CUDA tensors (move it with .cuda())")
+    if t.dtype is not dtype:
+        raise _ffi.InvalidArgumentError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if ndim is not None and t.dim() not in ndim:
+        want = " or ".join(f"{n}-D" for n in ndim)
+        raise _ffi.InvalidArgumentError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+
+
+def as_rows(t, d_model: int, name: str):
+    """[..., D] -> [M, D] without a copy (a view), or a named error."""
+    if t.dim() == 2:
+        return t
+    if t.dim() < 1 or t.shape[-1] != d_model:
+        raise _ffi.InvalidArgumentError(f"{name} has shape {tuple(t.shape)}, expected [..., {d_model}]")
+    try:
+        return t.view(-1, d_model)
+    except RuntimeError:
+        raise _ffi.InvalidArgumentError(
+            f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) cannot be viewed as [M, {d_model}] rows; "
+            f"pass a tensor whose leading dimensions are contiguous (e.g. {name}.contiguous())") from None
+
+
+# ---------------------------------------------------------------------------
+# DLTensor descriptors written as integer words (no capsule, no cffi struct
+# field assignment per call): layout checked against the header at import.
+# ---------------------------------------------------------------------------
+ffi = _ffi.ffi
+_DESC_WORDS = 6  # data, device, ndim|dtype, shape*, strides*, byte_offset
+if _ffi.header_path is not None:
+    assert ffi.sizeof("DLTensor") == 8 * _DESC_WORDS
+    assert ffi.offsetof("DLTensor", "device") == 8 and ffi.offsetof("DLTensor", "ndim") == 16
+    assert ffi.offsetof("DLTensor", "dtype") == 20 and ffi.offsetof("DLTensor", "shape") == 24
+    assert ffi.offsetof("DLTensor", "strides") == 32 and ffi.offsetof("DLTensor", "byte_offset") == 40
+
+# (DLPack type code, bits) per dtype. Statistics buffers are held as int64 (PyTorch's uint64
+# support is thin) and described as the uint64 words the C ABI writes.
+_DTYPE_WORDS = {
+    torch.bfloat16: (4, 16), torch.float32: (2, 32), torch.uint8: (1, 8), torch.int32: (0, 32),
+    torch.int64: (1, 64),
+}
+
+
+class Frame:
+    """n DLTensor descriptors in one block of uint64 words, with their shape and stride arrays."""
+
+    def __init__(self, n: int):
+        self.words = ffi.new("uint64_t[]", n * _DESC_WORDS)
+        self.dims = ffi.new("int64_t[]", n * 4)  # shape[2] then strides[2] per descriptor
+        base = int(ffi.cast("uintptr_t", self.dims))
+        for i in range(n):
+            w = i * _DESC_WORDS
+            self.words[w + 3] = base + 32 * i
+            self.words[w + 4] = base + 32 * i + 16
+        self.ptrs = [ffi.cast("DLTensor *", self.words + i * _DESC_WORDS) for i in range(n)]
+        self.keys = [None] * n
+
+    def set(self, i: int, t) -> None:
+        """Descriptor i = tensor t (1-D or 2-D CUDA tensor)."""
+        w = i * _DESC_WORDS
+        words, dims = self.words, self.dims
+        words[w] = t.data_ptr()
+        words[w + 1] = 2 | (t.get_device() << 32)
+        code, bits = _DTYPE_WORDS[t.dtype]
+        nd = t.dim()
+        words[w + 2] = nd | (code << 32) | (bits << 40) | (1 << 48)
+        d = 4 * i
+        if nd == 2:
+            s0, s1 = t.shape
+            st0, st1 = t.stride()
+            dims[d], dims[d + 1], dims[d + 2], dims[d + 3] = s0, s1, st0, st1
+        else:
+            dims[d] = t.shape[0]
+            dims[d + 2] = t.stride()[0]
+
+    def set_cached(self, i: int, t) -> None:
+        """As set(), skipped when t has the storage, shape and strides it had last time (weights)."""
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
+        if key != self.keys[i]:
+            self.set(i, t)
+            self.keys[i] = key
+
+
+def stats_dict(stats, fields) -> dict:
+    """A device statistics buffer (int64 words holding uint64 values) -> dict; synchronises."""
+    return {k: int(v) & 0xFFFFFFFFFFFFFFFF for k, v in zip(fields, stats.cpu().tolist())}
+
+
+def _aligned_buffer(device, nbytes: int):
+    """uint8 CUDA tensor of >= nbytes whose data is 256-byte aligned (returns (tensor, pointer))."""
+    buf = torch.empty(int(nbytes) + 256, dtype=torch.uint8, device=device)
+    ptr = buf.data_ptr()
+    return buf, ptr + ((-ptr) % 256)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+class _Workspace:
+    """A growing device workspace of one plan. A buffer a CUDA graph captured is never freed
+    while the runner lives (the graph replays with its address baked in)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.buf = None
+        self.ptr = 0
+        self.cdata = ffi.NULL
+        self.nbytes = 0
+        self.captured = False
+        self._keep = []
+
+    def get(self, need: int):
+        if need > self.nbytes:
+            if self.buf is not None and (self.captured or _capturing()):
+                self._keep.append(self.buf)
+            self.buf, self.ptr = _aligned_buffer(self.device, need)
+            self.cdata = ffi.cast("void *", self.ptr)
+            self.nbytes = need
+            self.captured = False
+        return self.cdata
+
+
+class _Stream:
+    """The current CUDA stream of a device as a cffi void*, cast only when it changes."""
+
+    __slots__ = ("device", "raw", "cdata")
+
+    def __init__(self, device: int):
+        self.device = device
+        self.raw = None
+        self.cdata = ffi.NULL
+
+    def current(self):
+        raw = torch._C._cuda_getCurrentRawStream(self.device)
+        if raw != self.raw:
+            self.raw = raw
+            self.cdata = ffi.cast("void *", raw)
+        return self.cdata
+
+
+# ---------------------------------------------------------------------------
+# W_d as [H, D] rows for a [D, H] weight (nn.Linear's down_proj.weight)
+# ---------------------------------------------------------------------------
+# id(weight) -> (weakref to the weight, (data_ptr, version, strides), [H, D] copy); an entry goes
+# when its weight is collected. (Tensors cannot be WeakKeyDictionary keys: their == is elementwise.)
+_hd_copies: dict = {}
+_hd_keep = []  # copies replaced while a CUDA graph may still read them (kept for the process)
+
+
+def hd_rows(w_down, d_model: int, hidden: int):
+    """The weight itself if it is [H, D]; its transpose if it is a transposed view of [H, D]
+    storage (no copy); else a transposed copy made once per weight version (``w._version``) and
+    kept with the weight (it goes when the weight goes).
+
+    Inside a CUDA graph capture a missing or stale copy is made inside the graph (so every replay
+    makes it again: correct if the weight changes, but slower); an up-to-date copy is read as it
+    is (so a weight changed in place after the capture is seen only after the next eager call).
+    """
+    D, H = d_model, hidden
+    shape = w_down.shape
+    if shape[0] == H and shape[1] == D:
+        return w_down
+    if shape[0] != D or shape[1] != H:
+        raise _ffi.InvalidArgumentError(
+            f"w_down has shape {tuple(shape)}, expected [{D}, {H}] (w_down_layout='dh', nn.Linear's "
+            f"down_proj.weight) or [{H}, {D}]")
+    if w_down.stride(1) == D and w_down.stride(0) == 1:
+        return w_down.t()  # a transposed view of contiguous [H, D] storage
+    key = (w_down.data_ptr(), w_down._version, w_down.stride())
+    hit = _hd_copies.get(id(w_down))
+    if hit is not None and hit[0]() is w_down and hit[1] == key:
+        return hit[2]
+    copy = w_down.detach().t().contiguous()
+    if _capturing():
+        if hit is not None:
+            _hd_keep.append(hit[2])
+        return copy  # made by the graph itself; not cached (its memory belongs to the graph's pool)
+    ident = id(w_down)
+    ref = weakref.ref(w_down, lambda _r, i=ident: _hd_copies.pop(i, None))
+    _hd_copies[ident] = (ref, key, copy)
+    return copy
+
+
+# ---------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------
+class FFNRunner:
+    """One twell_ffn_plan (always W_d as [H, D]: [D, H] weights are turned around here, once per
+    weight version) with its workspace, statistics and descriptors."""
+
+    def __init__(self, d_model: int, hidden: int, device: int, *, gated: bool, slots: int, path: int,
+                 kernels: int, replay: int = 8):
+        lib = _ffi.require()
+        opt = ffi.new("twell_ffn_options *")
+        _ffi.check(lib.twell_ffn_options_default(opt))
+        opt.gated = 1 if gated else 0
+        opt.slots = slots
+        opt.w_down_layout = 0
+        opt.path = path
+        opt.kernels = kernels
+        handle = ffi.new("twell_ffn_plan **")
+        _ffi.check(lib.twell_ffn_plan_create(handle, d_model, hidden, opt, device))
+        self.plan = ffi.gc(handle[0], lib.twell_ffn_plan_destroy)
+        _ffi.check(lib.twell_ffn_plan_set_replay(self.plan, int(replay)))
+        self.lib = lib
+        self.d_model, self.hidden, self.gated, self.device = d_model, hidden, gated, device
+        self.torch_device = torch.device("cuda", device)
+        self.stats = torch.zeros(len(STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
+        self.frame = Frame(6)
+        self.frame.set(5, self.stats)
+        # Slot 4 (y) is always a compact bf16 [M, D] tensor on the plan's device: only its data
+        # pointer and M change per call (run()).
+        self.frame.set(4, torch.empty((1, d_model), dtype=torch.bfloat16, device=self.torch_device))
+        self._wstate = None
+        self.ws = _Workspace(self.torch_device)
+        self._ws_need = {}
+        self.stream = _Stream(device)
+
+    def workspace_bytes(self, m: int) -> int:
+        need = self._ws_need.get(m)
+        if need is None:
+            n = ffi.new("size_t *")
+            _ffi.check(self.lib.twell_ffn_workspace_size(self.plan, m, n))
+            need = self._ws_need[m] = int(n[0])
+        return need
+
+    def w_down_hd(self, w_down):
+        """W_d as [H, D] rows (see hd_rows)."""
+        return hd_rows(w_down, self.d_model, self.hidden)
+
+    def _set_weights(self, w_gate, w_up, w_down, w_down_dh: bool) -> None:
+        """Descriptors of the weights, re-made only when a weight is another tensor, moved to other
+        storage or written in place (``_version``) since the last call."""
+        st = self._wstate
+        if (st is not None and st[1]() is w_up and st[2]() is w_down and st[3] == w_down_dh
+                and w_up._version == st[5] and w_down._version == st[6]
+                and w_up.data_ptr() == st[8] and w_down.data_ptr() == st[9]
+                and (w_gate is None if st[0] is None else
+                     (st[0]() is w_gate and w_gate._version == st[4] and w_gate.data_ptr() == st[7]))):
+            return
+        check_tensor(w_gate, "w_gate", ndim=(2,), optional=True)
+        check_tensor(w_up, "w_up", ndim=(2,))
+        check_tensor(w_down, "w_down", ndim=(2,))
+        if (w_gate is not None) != self.gated:
+            raise _ffi.InvalidArgumentError("w_gate must be given for a gated FFN and None for a non-gated one")
+        f = self.frame
+        if w_gate is not None:
+            f.set(1, w_gate)
+        f.set(2, w_up)
+        f.set(3, hd_rows(w_down, self.d_model, self.hidden) if w_down_dh else w_down)
+        self._wstate = (None if w_gate is None else weakref.ref(w_gate), weakref.ref(w_up), weakref.ref(w_down),
+                        w_down_dh, 0 if w_gate is None else w_gate._version, w_up._version, w_down._version,
+                        0 if w_gate is None else w_gate.data_ptr(), w_up.data_ptr(), w_down.data_ptr())
+
+    def run(self, x, w_gate, w_up, w_down, w_down_dh: bool):
+        x2 = x if x.dim() == 2 else as_rows(x, self.d_model, "x")
+        m = x2.shape[0]
+        y = torch.empty((m, self.d_model), dtype=torch.bfloat16, device=self.torch_device)
+        if m == 0:
+            return y.view(x.shape)
+        self._set_weights(w_gate, w_up, w_down, w_down_dh)
+        f = self.frame
+        f.set(0, x2)
+        words, dims = f.words, f.dims  # y: compact [M, D] on the plan's device
+        words[24] = y.data_ptr()
+        dims[16] = m
+        dims[18] = self.d_model
+        need = self._ws_need.get(m)
+        if need is None:
+            need = self.workspace_bytes(m)
+        ws = self.ws.get(need)
+        if torch._C._cuda_isCurrentStreamCapturing():
+            self.ws.captured = True
+        p = f.ptrs
+        st = self.lib.twell_ffn_run(self.plan, p[0], p[1] if self.gated else ffi.NULL, p[2], p[3], p[4], p[5], ws,
+                                    self.ws.nbytes, self.stream.current())
+        if st:
+            _ffi.check(st)
+        return y if x.dim() == 2 else y.view(x.shape)
+
+    def last_stats(self) -> dict:
+        return stats_dict(self.stats, STATS_FIELDS)
+
+    def replay_counts(self):
+        r = ffi.new("int64_t *")
+        c = ffi.new("int64_t *")
+        _ffi.check(self.lib.twell_ffn_plan_replay_counts(self.plan, r, c))
+        return int(r[0]), int(c[0])
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+class TrainRunner:
+    """One twell_train_plan with its workspace and descriptors (forward and backward share them)."""
+
+    def __init__(self, d_model: int, hidden: int, device: int, *, w_down_dh: bool, ell_width: int, path: int,
+                 kernels: int):
+        lib = _ffi.require()
+        opt = ffi.new("twell_train_options *")
+        _ffi.check(lib.twell_train_options_default(opt))
+        opt.ell_width = ell_width
+        opt.w_down_layout = 1 if w_down_dh else 0
+        opt.path = path
+        opt.kernels = kernels
+        handle = ffi.new("twell_train_plan **")
+        _ffi.check(lib.twell_train_plan_create(handle, d_model, hidden, opt, device))
+        self.plan = ffi.gc(handle[0], lib.twell_train_plan_destroy)
+        self.lib = lib
+        self.d_model, self.hidden, self.device, self.w_down_dh = d_model, hidden, device, w_down_dh
+        self.torch_device = torch.device("cuda", device)
+        self.ws = _Workspace(self.torch_device)
+        self._ws_need = {}
+        self.fwd = Frame(8)
+        self.bwd = Frame(11)  # slot 10: l1_scale
+        self.stats = torch.zeros(len(TRAIN_STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
+        self.bwd_stats = torch.zeros(len(TRAIN_STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
+        self.fwd.set(7, self.stats)
+        self.bwd.set(9, self.bwd_stats)
+        self.stream = _Stream(device)
+        self._n = ffi.new("size_t *")
+
+    def last_stats(self, phase: str = "forward") -> dict:
+        return stats_dict(self.stats if phase == "forward" else self.bwd_stats, TRAIN_STATS_FIELDS)
+
+    def workspace(self, m: int):
+        need = self._ws_need.get(m)
+        if need is None:
+            _ffi.check(self.lib.twell_train_workspace_size(self.plan, m, self._n))
+            need = self._ws_need[m] = int(self._n[0])
+        return self.ws.get(need)
+
+    def forward(self, x, w_gate, w_up, w_down):
+        x2 = as_rows(x, self.d_model, "x")
+        m = x2.shape[0]
+        y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+        l1 = torch.empty((1,), dtype=torch.float32, device=x.device)
+        active = torch.empty((m,), dtype=torch.int32, device=x.device)
+        _ffi.check(self.lib.twell_train_saved_size(self.plan, m, self._n))  # AUTO: the route of this forward
+        saved_bytes = int(self._n[0])
+        saved = torch.empty((max(saved_bytes, 1),), dtype=torch.uint8, device=x.device)
+        if saved.data_ptr() % 256:  # the caching allocator hands out 512-byte aligned blocks
+            raise _ffi.InternalError("the saved-state buffer is not 256-byte aligned")
+        f = self.fwd
+        f.set(0, x2)
+        f.set_cached(1, w_gate)
+        f.set_cached(2, w_up)
+        f.set_cached(3, w_down)
+        f.set(4, y)
+        f.set(5, l1)
+        p = f.ptrs
+        if m > 0:
+            f.set(6, active)
+        ws = self.workspace(m)
+        st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p[6] if m > 0 else ffi.NULL,
+                                          ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, self.ws.nbytes,
+                                          self.stream.current())
+        if st:
+            _ffi.check(st)
+        if x.dim() != 2:
+            y = y.view(x.shape)
+            active = active.view(x.shape[:-1])
+        return y, l1, active, saved
+
+    def backward(self, dy, dl1, x, w_gate, w_up, w_down, saved):
+        D = self.d_model
+        x2 = as_rows(x, D, "x")
+        dy2 = as_rows(dy, D, "dy")
+        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+        dwg = torch.empty_like(w_gate, memory_format=torch.contiguous_format)
+        dwu = torch.empty_like(w_up, memory_format=torch.contiguous_format)
+        dwd = torch.empty(w_down.shape, dtype=w_down.dtype, device=w_down.device)
+        f = self.bwd
+        f.set(0, dy2)
+        f.set(1, x2)
+        f.set_cached(2, w_gate)
+        f.set_cached(3, w_up)
+        f.set_cached(4, w_down)
+        f.set(5, dx)
+        f.set(6, dwg)
+        f.set(7, dwu)
+        f.set(8, dwd)
+        p = f.ptrs
+        if dl1 is not None:
+            f.set(10, dl1)
+            scale, coef = p[10], 1.0
+        else:
+            scale, coef = ffi.NULL, 0.0
+        ws = self.workspace(x2.shape[0])
+        st = self.lib.twell_train_backward_scaled(
+            self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
+            saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, self.ws.nbytes, self.stream.current())
+        if st:
+            _ffi.check(st)
+        if x.dim() != 2:
+            dx = dx.view(x.shape)
+        return dx, dwg, dwu, dwd
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+_runners: dict = {}
+
+
+def ffn_runner(plan_key: int, d_model: int, hidden: int, device: int, gated: bool, slots: int, path: int,
+               kernels: int) -> FFNRunner:
+    key = ("ffn", plan_key, d_model, hidden, device, gated, slots, path, kernels)
+    r = _runners.get(key)
+    if r is None:
+        with _lock:
+            r = _runners.get(key)
+            if r is None:
+                r = _runners[key] = FFNRunner(d_model, hidden, device, gated=gated, slots=slots, path=path,
+                                              kernels=kernels)
+    return r
+
+
+def train_runner(plan_key: int, d_model: int, hidden: int, device: int, w_down_dh: bool, ell_width: int, path: int,
+                 kernels: int) -> TrainRunner:
+    key = ("train", plan_key, d_model, hidden, device, w_down_dh, ell_width, path, kernels)
+    r = _runners.get(key)
+    if r is None:
+        with _lock:
+            r = _runners.get(key)
+            if r is None:
+                r = _runners[key] = TrainRunner(d_model, hidden, device, w_down_dh=w_down_dh, ell_width=ell_width,
+                                                path=path, kernels=kernels)
+    return r
+
+
+def runners_of(plan_key: int):
+    """Every runner made for a plan key (for statistics and for releasing a layer's plans)."""
+    return [r for k, r in list(_runners.items()) if k[1] == plan_key]
+
+
+def release(plan_key: int) -> None:
+    """Drop the plans (and workspaces) of a key; graphs that captured them must be gone first."""
+    with _lock:
+        for k in [k for k in _runners if k[1] == plan_key]:
+            del _runners[k]
