@@ -308,7 +308,7 @@ def test_no_device_is_a_status_not_a_crash(lib):
 def test_python_raises_typed_errors_with_the_message(lib):
     from twell import ops
 
-    with pytest.raises(_ffi.InvalidArgumentError, match=r"pre is in CPU \(host memory\)"):
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"pre is a ndarray in host memory \(CPU\)"):
         ops.pack(np.zeros((4, 256), np.float32))
     with pytest.raises(_ffi.InvalidArgumentError, match="w_down_layout must be one of"):
         ops.FFNPlan(2048, 5632, w_down_layout="xx")

@@ -225,3 +225,38 @@ def test_train_backward_rejects(lib, case, expected, fragments):
     _status(lib, _backward(lib, plan, a), expected, *fragments)
     if case == "x_rows" and not _has_gpu(lib):
         _status(lib, _backward(lib, plan, _bwd_args(T)), "TWELL_ERROR_NO_DEVICE")
+
+
+def _backward_scaled(lib, plan, a, scale):
+    ffi = _ffi.ffi
+    return lib.twell_train_backward_scaled(plan, a["dy"], a["c"], scale, a["x"], a["wg"], a["wu"], a["wd"],
+                                           ffi.cast("void *", a["saved"]), a["saved_bytes"], a["dx"], a["dwg"],
+                                           a["dwu"], a["dwd"], a["acc"], a["stats"], ffi.cast("void *", a["ws"]),
+                                           a["ws_bytes"], ffi.NULL)
+
+
+@pytest.mark.parametrize("case,fragments", [
+    ("host", ["l1_scale is in", "host"]),
+    ("dtype", ["l1_scale has dtype bfloat16, expected float32"]),
+    ("shape", ["l1_scale has shape [2], expected [1]"]),
+    ("alias_dx", ["dx overlaps l1_scale"]),
+])
+def test_train_backward_scaled_checks_the_l1_scale(lib, case, fragments):
+    """The device-side L1 coefficient (the autograd gradient of the forward's l1) is checked like
+    every tensor: CUDA memory, float32 [1], not overlapping an output."""
+    T = Tensors()
+    a = _bwd_args(T)
+    if case == "host":
+        scale = T((1,), "f32", data=FAKE + 12 * STEP, device_type=1)
+    elif case == "dtype":
+        scale = T((1,), "bf16", data=FAKE + 12 * STEP)
+    elif case == "shape":
+        scale = T((2,), "f32", data=FAKE + 12 * STEP)
+    else:
+        scale = T((1,), "f32", data=FAKE + 5 * STEP)  # = dx's data
+    plan = _plan(lib)  # bound: a plan destroyed before the message is read would clear it
+    _status(lib, _backward_scaled(lib, plan, a, scale), "TWELL_ERROR_INVALID_ARGUMENT", *fragments)
+    if case == "host" and not _has_gpu(lib):  # valid arguments (NULL scale, or a device scale): no device
+        _status(lib, _backward_scaled(lib, plan, _bwd_args(T), _ffi.ffi.NULL), "TWELL_ERROR_NO_DEVICE")
+        _status(lib, _backward_scaled(lib, plan, _bwd_args(T), T((1,), "f32", data=FAKE + 12 * STEP)),
+                "TWELL_ERROR_NO_DEVICE")

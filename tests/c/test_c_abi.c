@@ -85,6 +85,14 @@ int main(void) {
   CHECK(twell_ffn_workspace_size(plan, 4096, &bytes) == TWELL_SUCCESS && bytes > 0);
   CHECK(twell_ffn_run(plan, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL) == TWELL_ERROR_INVALID_ARGUMENT);
   CHECK(strstr(twell_last_error(), "x is NULL") != NULL);
+  /* graph replay of eager calls: on by default, 0..64 graphs */
+  {
+    int64_t replays = -1, captures = -1;
+    CHECK(twell_ffn_plan_replay_counts(plan, &replays, &captures) == TWELL_SUCCESS && replays == 0 && captures == 0);
+    CHECK(twell_ffn_plan_set_replay(plan, 65) == TWELL_ERROR_INVALID_ARGUMENT && strstr(twell_last_error(), "max_graphs"));
+    CHECK(twell_ffn_plan_set_replay(plan, 0) == TWELL_SUCCESS);
+    CHECK(twell_ffn_plan_set_replay(NULL, 4) == TWELL_ERROR_INVALID_ARGUMENT);
+  }
   CHECK(twell_ffn_plan_destroy(plan) == TWELL_SUCCESS);
 
   st = twell_device_count(&count);
