@@ -4,16 +4,17 @@
 # short table last.
 #
 #   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
-#   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests sanitizer bench)
+#   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests bench torch sanitizer)
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
+#   TWELL_PYTEST_PATHS="tests/test_gpu_torch.py"  test files (default: tests)
 #
 # Wheels the machine lacks (cffi, pycparser) are installed from .whl/ if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-$PWD/out}}"
 mkdir -p "$OUT"
-STEPS="${TWELL_GPU_STEPS:-build ctest tests bench sanitizer}"
+STEPS="${TWELL_GPU_STEPS:-build ctest tests bench torch sanitizer}"
 LOG="$OUT/gpu_log.txt"
 : > "$LOG"
 SUMMARY=()
@@ -51,7 +52,7 @@ fi
 if has tests; then
   t0=$(date +%s)
   kargs=(); [ -n "${TWELL_PYTEST_K:-}" ] && kargs=(-k "$TWELL_PYTEST_K")  # a -k expression may hold spaces
-  timeout ${TWELL_PYTEST_TIMEOUT:-330} python3 -m pytest tests -q --maxfail=25 --durations=15 "${kargs[@]}" ${TWELL_PYTEST_ARGS:-} > "$OUT/pytest_log.txt" 2>&1
+  timeout ${TWELL_PYTEST_TIMEOUT:-330} python3 -m pytest ${TWELL_PYTEST_PATHS:-tests} -q --maxfail=25 --durations=15 "${kargs[@]}" ${TWELL_PYTEST_ARGS:-} > "$OUT/pytest_log.txt" 2>&1
   rc=$?; SUMMARY+=("pytest (all, GPU included): rc=$rc ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_log.txt")")
 fi
 
@@ -98,6 +99,24 @@ if has bench; then
   [ -f "$OUT/bench_train.md" ] && cat "$OUT/bench_train.md"
 fi
 
+if has torch; then
+  # Host time of the C ABI (bench_host) and twell as PyTorch users call it (eager, CUDA graphs).
+  t0=$(date +%s)
+  timeout 150 "$BUILD/bench_host" > "$OUT/bench_host.jsonl" 2> "$OUT/bench_host_log.txt"
+  rc=$?; SUMMARY+=("bench_host (C ABI host time): rc=$rc ($(( $(date +%s) - t0 )) s)")
+  python3 - "$OUT/bench_host.jsonl" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["op"] == "ffn":
+        print(f"C host time: M={r['M']:>6} path={r['path']:<6} ran={r['ran_path']:<6} host {r['host_us']:7.2f} us  gpu {r['gpu_us']:9.2f} us")
+PY
+  t0=$(date +%s)
+  timeout ${TWELL_TORCH_BENCH_TIMEOUT:-300} python3 -m twell.bench_torch --out "$OUT" ${TWELL_TORCH_BENCH_ARGS:-} >> "$OUT/bench_log.txt" 2>&1
+  rc=$?; SUMMARY+=("bench-torch: rc=$rc ($(( $(date +%s) - t0 )) s)")
+  [ -f "$OUT/bench_torch.md" ] && cat "$OUT/bench_torch.md"
+fi
+
 if has bench; then
   # Ceiling of the sparse consumer's access pattern (random weight rows through L2).
   if nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/l2_gather.cu -o "$BUILD/l2_gather" >> "$LOG" 2>&1; then
@@ -108,7 +127,7 @@ fi
 
 # The device tool brings back at most 8 files: keep the records and plots, pack the rest.
 (cd "$OUT" && tar czf all_logs.tgz --exclude=all_logs.tgz ./* 2>/dev/null
- keep=" gpu_log.txt bench_ffn.json bench_train.json speedup_vs_M.png train_speedup.png speedup_vs_density.png all_logs.tgz "
+ keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl speedup_vs_M.png train_speedup.png all_logs.tgz "
  for f in *; do [[ "$keep" == *" $f "* ]] || rm -rf "$f"; done)
 echo "== records: bench_ffn.json bench_train.json; every log and table: all_logs.tgz"
 
