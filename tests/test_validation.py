@@ -315,3 +315,50 @@ def test_python_raises_typed_errors_with_the_message(lib):
     with pytest.raises(_ffi.UnsupportedError, match="d_model is 100"):
         ops.FFNPlan(100, 5632)
     assert issubclass(_ffi.InvalidArgumentError, ValueError)
+
+
+# The Python entry points over DLPack arrays name the bad argument before DLPack or the library see
+# it (never a raw AttributeError / IndexError / TypeError, never DLPack's dtype message for host arrays).
+def _bf16_host(shape):
+    import ml_dtypes
+
+    return np.zeros(shape, dtype=ml_dtypes.bfloat16)
+
+
+_W = lambda: _bf16_host((256, 64))  # noqa: E731
+BAD_DLPACK = [
+    ("ffn x None", lambda ops: ops.ffn(None, _W(), _W(), _W()), r"^x is None, expected a CUDA array$"),
+    ("ffn x list", lambda ops: ops.ffn([[1.0]], _W(), _W(), _W()),
+     r"^x must be a CUDA array implementing __dlpack__ \(CuPy, PyTorch, JAX\), got list$"),
+    ("ffn x str", lambda ops: ops.ffn("x", _W(), _W(), _W()), r"^x must be a CUDA array implementing __dlpack__"),
+    ("ffn x bf16 numpy", lambda ops: ops.ffn(_bf16_host((4, 64)), _W(), _W(), _W()),
+     r"^x is a ndarray in host memory \(CPU\); twell's kernels need CUDA device arrays"),
+    ("ffn x f32 numpy", lambda ops: ops.ffn(np.zeros((4, 64), np.float32), _W(), _W(), _W()), r"^x is a ndarray in host"),
+    ("gate_pack w None", lambda ops: ops.gate_pack(_bf16_host((4, 64)), None), r"^x is a ndarray in host|^w is None"),
+    ("unpack hidden str", lambda ops: ops.unpack(_bf16_host((4, 32)), "256"), r"^packed is a ndarray in host"),
+    ("plan d_model str", lambda ops: ops.FFNPlan("64", 256), r"^d_model must be an int, got str '64'$"),
+    ("plan slots float", lambda ops: ops.FFNPlan(64, 256, slots=32.0), r"^slots must be an int, got float"),
+    ("plan threshold str", lambda ops: ops.FFNPlan(64, 256, dense_threshold="0.1"), r"^dense_threshold must be a float"),
+    ("read_stats None", lambda ops: ops.read_stats(None), r"^stats must be a uint64\[8\] array, got NoneType$"),
+    ("read_stats shape", lambda ops: ops.read_stats(np.zeros(3, np.uint64)), r"^stats has shape \(3,\), expected \(8,\)$"),
+    ("layer w_up None", lambda ops: ops.TwellFFN(None, None, _W()), r"^w_up is None, expected a CUDA array$"),
+    ("layer w_up host", lambda ops: ops.TwellFFN(None, _W(), _W()), r"^w_up is a ndarray in host memory"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_DLPACK, ids=[c[0] for c in BAD_DLPACK])
+def test_dlpack_entry_points_name_the_bad_argument(lib, case):
+    from twell import ops
+
+    _, call, match = case
+    with pytest.raises(_ffi.InvalidArgumentError, match=match):
+        call(ops)
+
+
+def test_train_ops_name_the_bad_argument(lib):
+    from twell import train_ops
+
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"^x is a ndarray in host memory"):
+        train_ops.forward(_bf16_host((4, 64)), _W(), _W(), _W())
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"^x must be a CUDA array implementing __dlpack__"):
+        train_ops.forward([1, 2], _W(), _W(), _W())

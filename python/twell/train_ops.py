@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _ffi
-from .ops import _Borrowed, _device_of, _empty_like_framework, _framework, _workspace, current_stream
+from .ops import (_Borrowed, _check_array, _device_of, _empty_like_framework, _framework, _shape2, _workspace,
+                  current_stream)
 
 __all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN"]
 
@@ -117,7 +118,9 @@ class TrainPlan:
     def forward(self, x, w_gate, w_up, w_down, *, out=None, saved: SavedState | None = None, stats=None,
                 l1=None, active=None):
         """Returns (y, saved). saved.l1 / saved.active / saved.stats are device arrays of this call."""
-        m = int(x.shape[0])
+        for name, arr in (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            _check_array(arr, name)
+        m, _ = _shape2(x, "x")
         if out is None:
             out = _empty_like_framework(x, (m, self.d_model), "bfloat16")
         if saved is None or saved.nbytes < self.saved_size(m):
@@ -131,15 +134,20 @@ class TrainPlan:
         ws_ptr, ws_bytes = self._workspace_for(x, m)
         b = _Borrowed(current_stream(x))
         _ffi.check(_ffi.lib.twell_train_forward(
-            self._plan, b(x), b(w_gate), b(w_up), b(w_down), b(out), b(saved.l1), b(saved.active) if m > 0 else _ffi.ffi.NULL,
-            _ffi.ffi.cast("void *", saved.ptr), saved.nbytes, b(saved.stats),
+            self._plan, b(x, "x"), b(w_gate, "w_gate"), b(w_up, "w_up"), b(w_down, "w_down"), b(out, "out"),
+            b(saved.l1, "l1"), b(saved.active, "active") if m > 0 else _ffi.ffi.NULL,
+            _ffi.ffi.cast("void *", saved.ptr), saved.nbytes, b(saved.stats, "stats"),
             _ffi.ffi.cast("void *", ws_ptr), ws_bytes, _ffi.ffi.cast("void *", b.stream)))
         return out, saved
 
     def backward(self, dy, saved: SavedState, x, w_gate, w_up, w_down, *, l1_coeff: float = 0.0, dx=None,
                  dw_gate=None, dw_up=None, dw_down=None, accumulate: bool = False, stats=None):
         """Returns (dx, dw_gate, dw_up, dw_down); dw_* are accumulated into when accumulate=True (then required)."""
-        m = int(dy.shape[0])
+        for name, arr in (("dy", dy), ("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            _check_array(arr, name)
+        if not isinstance(saved, SavedState):
+            raise _ffi.InvalidArgumentError(f"saved must be the SavedState of a forward, got {type(saved).__name__}")
+        m, _ = _shape2(dy, "dy")
         d, h = self.d_model, self.hidden
         if accumulate and (dw_gate is None or dw_up is None or dw_down is None):
             raise _ffi.InvalidArgumentError("accumulate=True needs dw_gate, dw_up and dw_down")
@@ -154,9 +162,10 @@ class TrainPlan:
         ws_ptr, ws_bytes = self._workspace_for(dy, m)
         b = _Borrowed(current_stream(dy))
         _ffi.check(_ffi.lib.twell_train_backward(
-            self._plan, b(dy), float(l1_coeff), b(x), b(w_gate), b(w_up), b(w_down),
-            _ffi.ffi.cast("void *", saved.ptr), saved.nbytes, b(dx), b(dw_gate), b(dw_up), b(dw_down),
-            1 if accumulate else 0, b(stats), _ffi.ffi.cast("void *", ws_ptr), ws_bytes,
+            self._plan, b(dy, "dy"), float(l1_coeff), b(x, "x"), b(w_gate, "w_gate"), b(w_up, "w_up"),
+            b(w_down, "w_down"), _ffi.ffi.cast("void *", saved.ptr), saved.nbytes, b(dx, "dx"), b(dw_gate, "dw_gate"),
+            b(dw_up, "dw_up"), b(dw_down, "dw_down"), 1 if accumulate else 0, b(stats, "stats"),
+            _ffi.ffi.cast("void *", ws_ptr), ws_bytes,
             _ffi.ffi.cast("void *", b.stream)))
         return dx, dw_gate, dw_up, dw_down
 
@@ -175,7 +184,11 @@ def _plan_for(d_model, hidden, device, **options) -> TrainPlan:
 def forward(x, w_gate, w_up, w_down, *, ell_width: int = 64, w_down_layout: str = "hd", path: str = "auto",
             kernels: str = "auto", slots: int = 32, tail_chunk_rows: int = 0, out=None, stats=None):
     """(y, saved) for the gated ReLU FFN; saved carries l1, active, stats and the backward's state."""
-    plan = _plan_for(int(x.shape[1]), int(w_up.shape[0]), _device_of(x)[1], ell_width=ell_width,
+    _check_array(x, "x")
+    _check_array(w_up, "w_up")
+    _, d_model = _shape2(x, "x")
+    hidden, _ = _shape2(w_up, "w_up", "[H, D]")
+    plan = _plan_for(d_model, hidden, _device_of(x)[1], ell_width=ell_width,
                      w_down_layout=w_down_layout, path=path, kernels=kernels, slots=slots,
                      tail_chunk_rows=tail_chunk_rows)
     return plan.forward(x, w_gate, w_up, w_down, out=out, stats=stats)
