@@ -20,7 +20,7 @@ def test_info_json_runs_and_says_why_without_gpu(capsys):
         assert out["kernels"].startswith("unavailable: ")
 
 
-@pytest.mark.parametrize("sub", ["info", "demo", "train-ref", "bench", "bench-train"])
+@pytest.mark.parametrize("sub", ["info", "demo", "train-ref", "bench", "bench-train", "bench-torch"])
 def test_subcommands_have_help(sub):
     import twell
 
@@ -30,3 +30,41 @@ def test_subcommands_have_help(sub):
     r = subprocess.run([sys.executable, "-m", "twell.cli", sub, "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "usage" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-ref", "--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["train-ref", "--text", "/nonexistent/corpus.txt"], "argument --text: no such file: '/nonexistent/corpus.txt'"),
+    (["train-ref", "--d-model", "30", "--heads", "4", "--steps", "1"], "d_model=30 is not a multiple of n_heads=4"),
+    (["train-ref", "--out", "/proc/twell-cannot-write-here", "--steps", "1"],
+     "cannot write to --out /proc/twell-cannot-write-here"),
+    (["train-ref", "--l1", "-1"], "argument --l1: expected a number >= 0, got '-1'"),
+    (["train-ref", "--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    (["train-ref", "--batch-size", "two"], "argument --batch-size: expected an integer >= 1, got 'two'"),
+    (["demo", "--minutes", "0"], "argument --minutes: expected a number > 0, got '0'"),
+    (["demo", "--steps", "-3"], "argument --steps: expected an integer >= 1, got '-3'"),
+    (["demo", "--text", "/nonexistent"], "argument --text: no such file: '/nonexistent'"),
+    (["demo", "--out", "/proc/twell-cannot-write-here", "--quick"], "cannot write to --out /proc/twell-cannot-write-here"),
+])
+def test_bad_values_get_one_line_errors_and_exit_2(argv, message, capsys):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"twell {argv[0]}: error: "), err
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("twell 0.1.0")
+    with pytest.raises(SystemExit):
+        cli.main(["train-ref", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.04)" in out or "(default: [0.04])" in out
+    assert "(default: train_ref_out)" in out

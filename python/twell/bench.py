@@ -46,8 +46,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=["quick", "full"], default="quick",
                    help="preset configurations (quick: ~1-2 min on an H100; full: M, density, pattern and "
                         "kernel sweeps). Ignored when --bench-args names --D/--H/--M.")
-    p.add_argument("--out", default="bench/results", metavar="DIR",
-                   help="directory for bench_ffn.json, bench_ffn.md and the plots (default: bench/results)")
+    p.add_argument("--out", default="twell_bench_results", metavar="DIR",
+                   help="directory for bench_ffn.json, bench_ffn.md and the plots")
     p.add_argument("--exe", default=None, metavar="PATH",
                    help="the bench_ffn program (default: $TWELL_BENCH_EXE, else the newest build/**/bench_ffn)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (bench_ffn default: 50)")

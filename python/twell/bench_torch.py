@@ -39,7 +39,7 @@ def add_bench_torch_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--M", default=",".join(str(m) for m in QUICK_M), help="token counts, comma list")
     p.add_argument("--p", type=float, default=0.005, help="target active fraction (uniform pattern; default 0.005)")
     p.add_argument("--calls", type=int, default=200, help="calls per timing at M <= 64 (fewer above; default 200)")
-    p.add_argument("--out", default="bench/results", metavar="DIR", help="where bench_torch.json goes")
+    p.add_argument("--out", default="twell_bench_results", metavar="DIR", help="where bench_torch.json goes")
     p.add_argument("--no-train", action="store_true", help="skip the training-step overhead measurement")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the Python side to stderr")
     return p
@@ -287,6 +287,7 @@ def main_bench_torch(args) -> int:
             md.append(f"| {r['op']} | {r['M']} | {r['host_us']:.1f} |")
     (out / "bench_torch.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    print(f"twell bench-torch: wrote {out / 'bench_torch.json'}, {out / 'bench_torch.md'}", file=sys.stderr)
     return 0
 
 

@@ -130,8 +130,8 @@ def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="preset configurations (quick: D,H = 2048,5632 at M 16384/65536, uniform 0.5%%, skewed, "
                         "uniform 2%% (W 64 and 256), plus 4096,14336 at M 8192; about a minute on an H100). "
                         "Ignored when --M is given.")
-    p.add_argument("--out", default="bench/results", metavar="DIR",
-                   help="directory for bench_train.json, bench_train.md, train_speedup.png (default: bench/results)")
+    p.add_argument("--out", default="twell_bench_results", metavar="DIR",
+                   help="directory for bench_train.json, bench_train.md, train_speedup.png")
     p.add_argument("--D", type=int, default=None, help="model width for --M runs (default 2048)")
     p.add_argument("--H", type=int, default=None, help="hidden width for --M runs (default 5632)")
     p.add_argument("--M", default=None, metavar="M[,M]",

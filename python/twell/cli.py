@@ -45,9 +45,47 @@ def _info(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import twell
+    from twell import _ffi
+
+    lib = f"library {int(_ffi.lib.twell_version())}" if _ffi.lib is not None else "no CUDA library"
+    return f"twell {twell.__version__} ({lib})"
+
+
+class _CmakeDir(argparse.Action):
+    """--cmake-dir: where the installed package's CMake config lives (CMAKE_PREFIX_PATH / twell_DIR)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from twell import _ffi
+
+        for d in _ffi._package_dirs():
+            if (d / "cmake" / "twellConfig.cmake").is_file():
+                print(d / "cmake")
+                parser.exit(0)
+        parser.exit(1, "twell: this install has no CMake package config (the CUDA library was not built: "
+                       "see `twell info`)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twell", description="Activation-sparse FFN kernels (TwELL).")
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--cmake-dir", action=_CmakeDir,
+                   help="print the folder of the installed CMake package config (find_package(twell)) and exit")
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return _add(name, formatter_class=_Help, **kw)
+
+    sub.add_parser = add_parser
 
     info = sub.add_parser("info", help="library version, compiled architectures, GPUs seen (or why not)")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -84,8 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from twell import TwellError
+    from twell._argtypes import CliError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:  # a bad value or path: one line, as argparse reports its own errors
+        print(f"twell {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TwellError as e:
+        print(f"twell {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"twell {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 
 from twell import reference as ref
 from twell import train as T
+from twell._argtypes import existing_file, nonneg_float, output_dir, positive_float, positive_int
 from twell.corpus import load_corpus
 from twell.model import ModelConfig, TransformerLM
 
@@ -270,13 +271,13 @@ def run_demo(out_dir: str, minutes_budget: float = 8.0, quick: bool = False,
 def add_demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``twell demo``."""
     parser.add_argument("--out", default="twell_demo", help="output folder (created)")
-    parser.add_argument("--minutes", type=float, default=8.0,
-                        help="time budget for both runs; steps are lowered to fit (default 8)")
-    parser.add_argument("--l1", type=float, default=DEMO_L1, metavar="LAMBDA",
-                        help=f"λ of the L1 run (default {DEMO_L1:g})")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text", metavar="FILE", help="train on this text file instead of the "
+    parser.add_argument("--minutes", type=positive_float, default=8.0,
+                        help="time budget for both runs; steps are lowered to fit (the step time depends "
+                             "on the machine: it is measured at the start)")
+    parser.add_argument("--l1", type=nonneg_float, default=DEMO_L1, metavar="LAMBDA", help="λ of the L1 run")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--text", metavar="FILE", type=existing_file, help="train on this text file instead of the "
                         "built-in standard-library corpus")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds)")
     parser.add_argument("--save-model", action="store_true",
@@ -290,6 +291,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main_demo(args) -> int:
     """``twell demo``; exit status 0 when it ran (the verdict is reported, not an error), 1 when
     the GPU check ran and failed."""
+    args.out = output_dir(args.out)
     res = run_demo(args.out, minutes_budget=args.minutes, quick=args.quick, l1_lambda=args.l1,
                    seed=args.seed, steps=args.steps, text=args.text, progress=not args.quiet,
                    plots=not args.no_plots, save_model=args.save_model, gpu=not args.no_gpu)

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from twell import sparsity as sp
+from twell._argtypes import (CliError, existing_file, nonneg_float, nonneg_int, output_dir, positive_float,
+                             positive_int)
 from twell.corpus import Corpus, load_corpus
 from twell.model import ModelConfig, TransformerLM
 
@@ -496,10 +498,10 @@ def plot_runs(runs: dict, out_dir: str, prefix: str = "") -> list[str]:
 
 def add_model_args(p: argparse.ArgumentParser, d=ModelConfig()) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=d.d_model)
-    g.add_argument("--layers", type=int, default=d.n_layers)
-    g.add_argument("--heads", type=int, default=d.n_heads)
-    g.add_argument("--hidden", type=int, default=d.d_hidden, help="FFN hidden width H")
+    g.add_argument("--d-model", type=positive_int, default=d.d_model, help="model width D")
+    g.add_argument("--layers", type=positive_int, default=d.n_layers, help="transformer layers")
+    g.add_argument("--heads", type=positive_int, default=d.n_heads, help="attention heads (must divide D)")
+    g.add_argument("--hidden", type=positive_int, default=d.d_hidden, help="FFN hidden width H")
     g.add_argument("--activation", choices=("relu", "silu"), default=d.activation,
                    help="gate nonlinearity (silu: the usual dense baseline, for comparison)")
     g.add_argument("--non-gated", action="store_true", help="h = act(x W_u^T), no gate")
@@ -507,25 +509,25 @@ def add_model_args(p: argparse.ArgumentParser, d=ModelConfig()) -> None:
 
 def add_optim_args(p: argparse.ArgumentParser, d=TrainConfig()) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--seq-len", type=int, default=d.seq_len)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--warmup", type=int, default=d.warmup_steps, help="learning-rate warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--l1-warmup", type=int, default=None,
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="training steps per run")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sequences per step")
+    g.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="bytes per sequence")
+    g.add_argument("--lr", type=positive_float, default=d.lr, help="peak AdamW learning rate")
+    g.add_argument("--warmup", type=nonneg_int, default=d.warmup_steps, help="learning-rate warm-up steps")
+    g.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=nonneg_float, default=d.grad_clip, help="global gradient-norm clip (0: off)")
+    g.add_argument("--l1-warmup", type=nonneg_int, default=None,
                    help="ramp λ linearly from 0 over this many steps (0: constant λ; "
                         "default: half of --steps)")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="steps between evaluations")
+    g.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per evaluation")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--slots", type=int, default=d.slots, choices=(32, 64, 128),
                    help="TwELL slots per 256-column tile for the overflow instrument")
-    g.add_argument("--reinit-dead-every", type=int, default=0,
+    g.add_argument("--reinit-dead-every", type=nonneg_int, default=0,
                    help="experiment: every N steps re-initialise gate rows of neurons that did not "
                         "fire in the last N steps (0: off)")
-    g.add_argument("--text", metavar="FILE", help="train on this text file instead of the "
+    g.add_argument("--text", metavar="FILE", type=existing_file, help="train on this text file instead of the "
                    "built-in standard-library corpus")
 
 
@@ -583,7 +585,7 @@ def run_label(l1_lambda: float, activation: str = "relu") -> str:
 def add_train_ref_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``twell train-ref``."""
     parser.add_argument("--out", default="train_ref_out", help="output folder (created)")
-    parser.add_argument("--l1", type=float, nargs="+", default=[0.04], metavar="LAMBDA",
+    parser.add_argument("--l1", type=nonneg_float, nargs="+", default=[0.04], metavar="LAMBDA",
                         help="λ of the L1 recipe; several values train one model each, same seed, "
                              "plotted together (0: dense baseline)")
     add_model_args(parser)
@@ -591,8 +593,8 @@ def add_train_ref_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--export", action="store_true",
                         help="write each run's FFN inputs/weights/activations on validation text "
                              "(ffn_export_<label>.npz; layout in docs/reference_model.md)")
-    parser.add_argument("--export-tokens", type=int, default=4096,
-                        help="tokens of validation text to export (default 4096)")
+    parser.add_argument("--export-tokens", type=positive_int, default=4096,
+                        help="tokens of validation text to export")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -604,7 +606,12 @@ def _slug(label: str) -> str:
 
 def main_train_ref(args) -> int:
     """``twell train-ref``: train one model per λ, write metrics.json, plots, checkpoints."""
-    os.makedirs(args.out, exist_ok=True)
+    for lam in args.l1:  # every configuration is checked before anything is trained or written
+        try:
+            configs_from_args(args, lam)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    args.out = output_dir(args.out)
     corpus = load_corpus(args.text)
     print(f"corpus: {corpus.meta['source']}, {corpus.meta['n_bytes']:,} bytes, "
           f"sha256 {corpus.sha256[:16]}..., Python {corpus.meta['python_version']}")
@@ -617,13 +624,15 @@ def main_train_ref(args) -> int:
         bar.close()
         runs[label] = metrics
         slug = _slug(label)
-        save_checkpoint(os.path.join(args.out, f"checkpoint_{slug}.npz"), model,
-                        {"label": label, "corpus_sha256": corpus.sha256, "final": metrics["final"]})
+        ckpt = os.path.join(args.out, f"checkpoint_{slug}.npz")
+        save_checkpoint(ckpt, model, {"label": label, "corpus_sha256": corpus.sha256, "final": metrics["final"]})
+        print(f"wrote {ckpt}")
         if args.export:
             n_seq = max(1, args.export_tokens // tc.seq_len)
             vx, _ = val_windows(corpus.val, n_seq, tc.seq_len)
-            export_ffn(model, vx, os.path.join(args.out, f"ffn_export_{slug}.npz"),
-                       meta={"label": label, "l1_lambda": lam, "corpus": corpus.meta})
+            exp = os.path.join(args.out, f"ffn_export_{slug}.npz")
+            export_ffn(model, vx, exp, meta={"label": label, "l1_lambda": lam, "corpus": corpus.meta})
+            print(f"wrote {exp}")
         f = metrics["final"]
         print(f"{label}: val CE {f['val_ce']:.4f} nats/byte, zeros {100 * f['zero_fraction']:.2f}%, "
               f"active/token {f['active_mean']:.1f} (max {f['active_max']}), "
