@@ -1,3 +1,5 @@
+#include <dlfcn.h>
+
 #include <cstdarg>
 #include <cstdio>
 
@@ -26,6 +28,12 @@ twell_status fail_cuda(cudaError_t err, const char* what) {
   if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) status = TWELL_ERROR_NO_DEVICE;
   if (err == cudaErrorMemoryAllocation) status = TWELL_ERROR_OUT_OF_MEMORY;
   if (err == cudaErrorNoKernelImageForDevice) status = TWELL_ERROR_UNSUPPORTED;
+  // The CUDA runtime says "driver version is insufficient" also when there is no driver at all:
+  // the runtime loads libcuda.so.1 itself, so if it is not loaded now there is none.
+  if (err == cudaErrorInsufficientDriver && dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD) == nullptr) {
+    return fail(status, "%s: no NVIDIA driver found (libcuda.so.1 cannot be loaded; %s): twell's kernels need an "
+                "NVIDIA GPU and its driver", what, cudaGetErrorName(err));
+  }
   return fail(status, "%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <map>
+#include <string>
 #include <mutex>
 #include <tuple>
 
@@ -39,7 +40,17 @@ const LtApi& api() {
   static std::once_flag once;
   std::call_once(once, [] {
     const char* env = std::getenv("TWELL_CUBLASLT_PATH");
-    const char* candidates[] = {env, "libcublasLt.so.13", "libcublasLt.so"};
+    // Beside a wheel install: <site-packages>/twell/libtwell.so and the nvidia-cublas wheel's
+    // <site-packages>/nvidia/cu13/lib/libcublasLt.so.13 (so C/C++ programs linked against the
+    // wheel find it without a preload or LD_LIBRARY_PATH).
+    std::string beside;
+    Dl_info self{};
+    if (dladdr(reinterpret_cast<void*>(&lt_matmul), &self) != 0 && self.dli_fname != nullptr) {
+      std::string dir(self.dli_fname);
+      const size_t slash = dir.rfind('/');
+      if (slash != std::string::npos) beside = dir.substr(0, slash) + "/../nvidia/cu13/lib/libcublasLt.so.13";
+    }
+    const char* candidates[] = {env, "libcublasLt.so.13", beside.empty() ? nullptr : beside.c_str(), "libcublasLt.so"};
     void* lib = nullptr;
     for (const char* c : candidates) {
       if (c != nullptr && (lib = dlopen(c, RTLD_NOW | RTLD_GLOBAL)) != nullptr) break;
