@@ -65,9 +65,10 @@ int main() try {
   Plan plan(raw);
   int32_t gpus = 0;
   if (twell_device_count(&gpus) != TWELL_SUCCESS || gpus == 0) {
+    const std::string why = twell_last_error();  // the next successful call clears it
     size_t bytes = 0;
     check(twell_ffn_workspace_size(plan.get(), 4096, &bytes), "twell_ffn_workspace_size");
-    std::printf("no GPU (%s); a 4096-token call would need %zu bytes of workspace\n", twell_last_error(), bytes);
+    std::printf("no GPU (%s); a 4096-token call would need %zu bytes of workspace\n", why.c_str(), bytes);
     return 0;
   }
   std::vector<uint16_t> w(static_cast<size_t>(H * D));

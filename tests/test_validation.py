@@ -77,7 +77,7 @@ def _pack(lib, a, slots=32, ws=FAKE + (4 << 30), ws_bytes=1 << 20):
 
 @pytest.mark.parametrize("case,expected,fragments", [
     ("null_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre is NULL"]),
-    ("host_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre is in CPU (host memory)"]),
+    ("host_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre is in host (CPU) memory (DLPack device type 1)"]),
     ("int_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has dtype int32, expected bfloat16 or float32"]),
     ("f16_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has dtype float16"]),
     ("3d_pre", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has 3 dimensions, expected 2"]),
@@ -181,8 +181,8 @@ def _options(lib, **kw):
 
 @pytest.mark.parametrize("d,h,kw,expected,fragment", [
     (2047, 5632, {}, "TWELL_ERROR_UNSUPPORTED", "d_model is 2047"),
-    (2048, 0, {}, "TWELL_ERROR_UNSUPPORTED", "hidden is 0"),
-    (32768, 5632, {}, "TWELL_ERROR_UNSUPPORTED", "up to 16384"),
+    (2048, 0, {}, "TWELL_ERROR_INVALID_ARGUMENT", "hidden is 0, expected a positive size"),
+    (32768, 5632, {}, "TWELL_ERROR_UNSUPPORTED", "expected a multiple of 8 in [8, 16384]"),
     (2048, 5632, {"slots": 16}, "TWELL_ERROR_INVALID_ARGUMENT", "options.slots is 16"),
     (2048, 5632, {"gated": 2}, "TWELL_ERROR_INVALID_ARGUMENT", "options.gated is 2"),
     (2048, 5632, {"w_down_layout": 5}, "TWELL_ERROR_INVALID_ARGUMENT", "options.w_down_layout is 5"),
@@ -224,7 +224,7 @@ def _run(lib, plan, a, ws=FAKE + (8 << 30), ws_bytes=1 << 40):
 @pytest.mark.parametrize("case,expected,fragments", [
     ("x_width", "TWELL_ERROR_INVALID_ARGUMENT", ["x has shape [4, 1024], expected [M, 2048]"]),
     ("x_dtype", "TWELL_ERROR_INVALID_ARGUMENT", ["x has dtype float32, expected bfloat16"]),
-    ("x_host", "TWELL_ERROR_INVALID_ARGUMENT", ["x is in CPU (host memory)"]),
+    ("x_host", "TWELL_ERROR_INVALID_ARGUMENT", ["x is in host (CPU) memory (DLPack device type 1)"]),
     ("wg_missing", "TWELL_ERROR_INVALID_ARGUMENT", ["w_gate is NULL"]),
     ("wu_shape", "TWELL_ERROR_INVALID_ARGUMENT", ["w_up has shape [5632, 1024], expected [5632, 2048]"]),
     ("wd_wrong_layout", "TWELL_ERROR_INVALID_ARGUMENT",
@@ -362,3 +362,16 @@ def test_train_ops_name_the_bad_argument(lib):
         train_ops.forward(_bf16_host((4, 64)), _W(), _W(), _W())
     with pytest.raises(_ffi.InvalidArgumentError, match=r"^x must be a CUDA array implementing __dlpack__"):
         train_ops.forward([1, 2], _W(), _W(), _W())
+
+
+@pytest.mark.parametrize("d,h,status,fragment", [
+    (-8, 5632, "TWELL_ERROR_INVALID_ARGUMENT", "d_model is -8, expected a positive size"),
+    (2048, 0, "TWELL_ERROR_INVALID_ARGUMENT", "hidden is 0, expected a positive size"),
+    (2047, 5632, "TWELL_ERROR_UNSUPPORTED", "d_model is 2047, expected a multiple of 8 in [8, 16384]"),
+    (16392, 5632, "TWELL_ERROR_UNSUPPORTED", "d_model is 16392, expected a multiple of 8 in [8, 16384]"),
+])
+def test_sizes_negative_invalid_unsupported_named(lib, d, h, status, fragment):
+    for kind in ("ffn", "train"):
+        opt = _ffi.ffi.new(f"twell_{kind}_options *")
+        getattr(lib, f"twell_{kind}_options_default")(opt)
+        _status(lib, getattr(lib, f"twell_{kind}_supported")(d, h, opt), status, fragment)

@@ -50,7 +50,7 @@ def _align(n):
 
 @pytest.mark.parametrize("d,h,kw,expected,fragment", [
     (2047, 5632, {}, "TWELL_ERROR_UNSUPPORTED", "d_model is 2047"),
-    (2048, 0, {}, "TWELL_ERROR_UNSUPPORTED", "hidden is 0"),
+    (2048, 0, {}, "TWELL_ERROR_INVALID_ARGUMENT", "hidden is 0, expected a positive size"),
     (2048, 5632, {"ell_width": 12}, "TWELL_ERROR_INVALID_ARGUMENT", "options.ell_width is 12"),
     (2048, 5632, {"ell_width": 264}, "TWELL_ERROR_INVALID_ARGUMENT", "options.ell_width is 264"),
     (2048, 5632, {"slots": 16}, "TWELL_ERROR_INVALID_ARGUMENT", "options.slots is 16"),

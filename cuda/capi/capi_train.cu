@@ -41,10 +41,12 @@ constexpr int64_t kMaxDim = int64_t(1) << 20;
 
 twell_status check_options(int64_t D, int64_t H, const twell_train_options* o) {
   if (o == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options is NULL (use twell_train_options_default)");
-  if (D < 8 || D % 8 != 0 || D > 16384) {
+  if (D <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "d_model is %" PRId64 ", expected a positive size", D);
+  if (H <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "hidden is %" PRId64 ", expected a positive size", H);
+  if (D % 8 != 0 || D > 16384) {
     return fail(TWELL_ERROR_UNSUPPORTED, "d_model is %" PRId64 ", expected a multiple of 8 in [8, 16384]", D);
   }
-  if (H < 8 || H % 8 != 0 || H > kMaxDim) {
+  if (H % 8 != 0 || H > kMaxDim) {
     return fail(TWELL_ERROR_UNSUPPORTED, "hidden is %" PRId64 ", expected a multiple of 8 in [8, %" PRId64 "]", H, kMaxDim);
   }
   if (o->ell_width < 8 || o->ell_width > 256 || o->ell_width % 8 != 0) {

@@ -39,11 +39,11 @@ static bool dtype_matches(const DLDataType& d, DType t) {
 
 static const char* device_type_name(int t) {
   switch (t) {
-    case kDLCPU: return "CPU (host memory)";
-    case kDLCUDA: return "CUDA";
-    case kDLCUDAHost: return "CUDA pinned host memory";
+    case kDLCPU: return "host (CPU)";
+    case kDLCUDA: return "CUDA device";
+    case kDLCUDAHost: return "CUDA pinned host";
     case kDLCUDAManaged: return "CUDA managed";
-    default: return "a non-CUDA device";
+    default: return "non-CUDA";
   }
 }
 

@@ -224,7 +224,8 @@ TWELL_API twell_status twell_unpack(const DLTensor* packed, int32_t slots, DLTen
 /* non-gated: y = relu(x W_u^T) W_d                                       */
 /* x [M, D], W_g and W_u [H, D] (nn.Linear layout), W_d [H, D]            */
 /* (TWELL_LAYOUT_HD) or [D, H] (TWELL_LAYOUT_DH = nn.Linear down_proj).   */
-/* All bf16 (fp32 accumulation), D and H multiples of 8, M >= 1.          */
+/* All bf16 (fp32 accumulation), D and H multiples of 8 (D <= 16384),    */
+/* M >= 0 (M = 0 only writes the statistics).                          */
 /* ===================================================================== */
 typedef enum {
   TWELL_LAYOUT_HD = 0, /* W_d as [H, D]: row j is neuron j's output vector */
