@@ -375,3 +375,26 @@ def test_sizes_negative_invalid_unsupported_named(lib, d, h, status, fragment):
         opt = _ffi.ffi.new(f"twell_{kind}_options *")
         getattr(lib, f"twell_{kind}_options_default")(opt)
         _status(lib, getattr(lib, f"twell_{kind}_supported")(d, h, opt), status, fragment)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64", "int8", "uint16", "bool"])
+@pytest.mark.parametrize("shape", [(4, 64), (64,), (2, 4, 64)])
+def test_host_numpy_arrays_of_any_dtype_and_rank_are_named_as_host_memory(lib, dtype, shape):
+    """The natural first try (a NumPy array, bf16 from ml_dtypes or any other dtype, any rank) is
+    told it is in host memory, not that DLPack lacks a dtype or that a dimension is missing."""
+    import ml_dtypes
+
+    from twell import ops
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"^x is a ndarray in host memory \(CPU\)"):
+        ops.ffn(np.zeros(shape, dtype=dt), _W(), _W(), _W())
+
+
+def test_train_plan_arguments_are_named(lib):
+    from twell import train_ops
+
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"^d_model must be an int, got str '64'$"):
+        train_ops.TrainPlan("64", 256)
+    with pytest.raises(_ffi.InvalidArgumentError, match=r"^ell_width must be an int, got float"):
+        train_ops.TrainPlan(64, 256, ell_width=64.0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _ffi
-from .ops import (_Borrowed, _check_array, _device_of, _empty_like_framework, _framework, _shape2, _workspace,
+from .ops import (_Borrowed, _check_array, _check_int, _device_of, _empty_like_framework, _framework, _shape2, _workspace,
                   current_stream)
 
 __all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN"]
@@ -72,6 +72,9 @@ class TrainPlan:
     def __init__(self, d_model: int, hidden: int, *, ell_width: int = 64, slots: int = 32, w_down_layout: str = "hd",
                  path: str = "auto", kernels: str = "auto", tail_chunk_rows: int = 0, device: int = 0):
         lib = _ffi.require()
+        d_model, hidden = _check_int(d_model, "d_model"), _check_int(hidden, "hidden")
+        ell_width, slots = _check_int(ell_width, "ell_width"), _check_int(slots, "slots")
+        tail_chunk_rows, device = _check_int(tail_chunk_rows, "tail_chunk_rows"), _check_int(device, "device")
         for name, val, table in (("w_down_layout", w_down_layout, _LAYOUTS), ("path", path, _PATHS),
                                  ("kernels", kernels, _KERNELS)):
             if val not in table:
