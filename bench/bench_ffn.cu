@@ -507,7 +507,7 @@ static void usage(FILE* f) {
   fprintf(f,
           "usage: bench_ffn [--suite quick|full] [--D N --H N --M N[,N...]] [options]\n"
           "\n"
-          "twell's sparse FFN vs a dense cuBLASLt FFN on synthetic inputs (DESIGN.md 6).\n"
+          "twell's sparse FFN vs a dense cuBLASLt FFN on synthetic inputs (docs/design.md).\n"
           "One JSON object per line on stdout, a table on stderr.\n"
           "\n"
           "configuration (ignored with --suite, except --kernels):\n"

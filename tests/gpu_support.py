@@ -1,4 +1,4 @@
-"""Helpers for the GPU tests: synthetic FFN problems (DESIGN.md section 6) and
+"""Helpers for the GPU tests: synthetic FFN problems (docs/design.md) and
 framework adapters (CuPy first, PyTorch for interop).
 
 Inputs are drawn on the host in float32, rounded to bf16 there, and the same
@@ -57,7 +57,7 @@ def base_weights(d, h):
 
 
 def synthetic_problem(rng, m, d, h, pattern="uniform") -> Problem:
-    """DESIGN.md section 6 inputs: x N(0,1) with last column 1, W_g's last column -Phi^-1(1-p).
+    """docs/design.md inputs: x N(0,1) with last column 1, W_g's last column -Phi^-1(1-p).
 
     uniform: p = 0.5% (~28 of 5632 active per token); uniform2: 2%; overflow: 25% (most tiles
     overflow); skewed: uniform 0.5% with each token's x scaled by exp(0.35 z); hot: uniform plus 8

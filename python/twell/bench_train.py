@@ -1,7 +1,7 @@
 """``twell bench-train``: training step (forward + backward with the L1 term) vs dense PyTorch autograd.
 
 For each configuration (D, H, M, activation pattern, ELL width, plan path) this builds the
-synthetic inputs of DESIGN.md section 6 on the GPU with PyTorch (x N(0,1) with
+synthetic inputs of docs/design.md on the GPU with PyTorch (x N(0,1) with
 the last column 1; W_g N(0, 1/(D-1)) with the last column -Phi^-1(1-p); W_u
 N(0, 1/D); W_d N(0, 1/H) as [H, D]; "skewed": each token's x but its last
 column scaled by exp(0.35 z)), all bf16, plus a random dy and the L1
@@ -185,7 +185,7 @@ def _time_ms(torch, fn, reps: int, warmup: int, min_warm_s: float = 0.15) -> tup
 
 
 def make_inputs(torch, d: int, h: int, m: int, pattern: str, p: float, seed: int, device="cuda"):
-    """Synthetic bf16 (x, W_g, W_u, W_d [H, D], dy) of DESIGN.md section 6, drawn on the device."""
+    """Synthetic bf16 (x, W_g, W_u, W_d [H, D], dy) of docs/design.md, drawn on the device."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     f32, bf16 = torch.float32, torch.bfloat16

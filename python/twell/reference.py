@@ -2,7 +2,7 @@
 
 Every kernel in twell is checked against these functions in float64.
 
-Conventions (see include/twell/twell.h and DESIGN.md section 1):
+Conventions (see include/twell/twell.h and docs/design.md):
 
     g = x @ w_gate.T          w_gate: [H, D]  (nn.Linear layout)
     u = x @ w_up.T            w_up:   [H, D]
