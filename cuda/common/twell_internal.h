@@ -1,5 +1,5 @@
 // Internal declarations shared by the kernels and the C ABI layer.
-// Kernels never see DLTensor: the C ABI layer (cuda/capi_*.cu) validates
+// Kernels never see DLTensor: the C ABI layer (cuda/capi/) validates
 // arguments and hands plain pointers, leading dimensions and sizes down here.
 #pragma once
 
