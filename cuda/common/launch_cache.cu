@@ -14,8 +14,6 @@ std::map<std::pair<int, int>, int> g_attr;                                 // (d
 
 }  // namespace
 
-cudaError_t current_device(int* device) { return cudaGetDevice(device); }
-
 cudaError_t set_max_dynamic_smem(const void* kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;  // the default limit needs no attribute
   int dev = 0;

@@ -19,8 +19,6 @@ namespace twell {
 cudaError_t set_max_dynamic_smem(const void* kernel, size_t bytes);
 cudaError_t occupancy_per_sm(int* blocks, const void* kernel, int threads, size_t dynamic_smem);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device);
-// The current device (cudaGetDevice), or an error.
-cudaError_t current_device(int* device);
 
 template <typename K>
 cudaError_t set_max_dynamic_smem(K* kernel, size_t bytes) {

@@ -52,6 +52,7 @@
 #include <atomic>
 #include <climits>
 
+#include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
 #include "common/bf16x8.cuh"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
@@ -708,28 +709,15 @@ bool clusters_usable() {
 template <int NT, int CH, int TB, int G, bool GATED, bool MMA>
 cudaError_t launch_variant(KParams kp, int csize, cudaStream_t stream) {
   auto kern = sparse_ffn_kernel<NT, CH, TB, G, GATED, MMA>;
-  // Largest dynamic shared memory size already allowed per device, so the
-  // attribute call is made once, not on every launch.
-  static std::atomic<uint32_t> smem_allowed[kMaxDevices];
   if (TB != 1) csize = 1;
   if (csize > 1 && !clusters_usable()) csize = 1;
   const int64_t blocks = (kp.M + TB - 1) / TB;
-  const int dev = current_device();
   for (;;) {
     kp.csize = csize;
     const Layout L = make_layout(NT, TB, GATED, kp.D, csize);
     const uint32_t smem = L.total;
     if (blocks * csize > INT_MAX) return cudaErrorInvalidValue;
-    if (smem > 48 * 1024 &&
-        (dev < 0 || smem > smem_allowed[dev].load(std::memory_order_relaxed))) {
-      TWELL_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-      if (dev >= 0) {
-        uint32_t cur = smem_allowed[dev].load(std::memory_order_relaxed);
-        while (cur < smem && !smem_allowed[dev].compare_exchange_weak(cur, smem)) {
-        }
-      }
-    }
+    TWELL_CUDA_TRY(set_max_dynamic_smem(kern, smem));  // once per device and size (common/launch_cache.h)
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(blocks * csize), 1, 1);
     cfg.blockDim = dim3(NT, 1, 1);

@@ -160,15 +160,20 @@ def _aligned_buffer(device, nbytes: int):
 
 
 def _capturing() -> bool:
-    return torch.cuda.is_current_stream_capturing()
+    """Whether the current CUDA stream is capturing a graph (CUDA builds of PyTorch only)."""
+    return torch._C._cuda_isCurrentStreamCapturing()
 
 
 class _Workspace:
-    """A growing device workspace of one plan. A buffer a CUDA graph captured is never freed
-    while the runner lives (the graph replays with its address baked in)."""
+    """A growing device workspace of one plan, sized by the plan's query (memoised per M). A
+    buffer a CUDA graph captured is never freed while the runner lives (the graph replays with
+    its address baked in)."""
 
-    def __init__(self, device):
+    def __init__(self, device, plan, size_query):
         self.device = device
+        self._plan, self._query = plan, size_query
+        self._need = {}
+        self._n = ffi.new("size_t *")
         self.buf = None
         self.ptr = 0
         self.cdata = ffi.NULL
@@ -176,7 +181,12 @@ class _Workspace:
         self.captured = False
         self._keep = []
 
-    def get(self, need: int):
+    def for_rows(self, m: int):
+        """The workspace (a cffi void*) for a call over m rows; self.nbytes is its size."""
+        need = self._need.get(m)
+        if need is None:
+            _ffi.check(self._query(self._plan, m, self._n))
+            need = self._need[m] = int(self._n[0])
         if need > self.nbytes:
             if self.buf is not None and (self.captured or _capturing()):
                 self._keep.append(self.buf)
@@ -279,21 +289,8 @@ class FFNRunner:
         # pointer and M change per call (run()).
         self.frame.set(4, torch.empty((1, d_model), dtype=torch.bfloat16, device=self.torch_device))
         self._wstate = None
-        self.ws = _Workspace(self.torch_device)
-        self._ws_need = {}
+        self.ws = _Workspace(self.torch_device, self.plan, lib.twell_ffn_workspace_size)
         self.stream = _Stream(device)
-
-    def workspace_bytes(self, m: int) -> int:
-        need = self._ws_need.get(m)
-        if need is None:
-            n = ffi.new("size_t *")
-            _ffi.check(self.lib.twell_ffn_workspace_size(self.plan, m, n))
-            need = self._ws_need[m] = int(n[0])
-        return need
-
-    def w_down_hd(self, w_down):
-        """W_d as [H, D] rows (see hd_rows)."""
-        return hd_rows(w_down, self.d_model, self.hidden)
 
     def _set_weights(self, w_gate, w_up, w_down, w_down_dh: bool) -> None:
         """Descriptors of the weights, re-made only when a weight is another tensor, moved to other
@@ -332,11 +329,8 @@ class FFNRunner:
         words[24] = y.data_ptr()
         dims[16] = m
         dims[18] = self.d_model
-        need = self._ws_need.get(m)
-        if need is None:
-            need = self.workspace_bytes(m)
-        ws = self.ws.get(need)
-        if torch._C._cuda_isCurrentStreamCapturing():
+        ws = self.ws.for_rows(m)
+        if _capturing():
             self.ws.captured = True
         p = f.ptrs
         st = self.lib.twell_ffn_run(self.plan, p[0], p[1] if self.gated else ffi.NULL, p[2], p[3], p[4], p[5], ws,
@@ -376,8 +370,7 @@ class TrainRunner:
         self.lib = lib
         self.d_model, self.hidden, self.device, self.w_down_dh = d_model, hidden, device, w_down_dh
         self.torch_device = torch.device("cuda", device)
-        self.ws = _Workspace(self.torch_device)
-        self._ws_need = {}
+        self.ws = _Workspace(self.torch_device, self.plan, lib.twell_train_workspace_size)
         self.fwd = Frame(8)
         self.bwd = Frame(11)  # slot 10: l1_scale
         self.stats = torch.zeros(len(TRAIN_STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
@@ -389,13 +382,6 @@ class TrainRunner:
 
     def last_stats(self, phase: str = "forward") -> dict:
         return stats_dict(self.stats if phase == "forward" else self.bwd_stats, TRAIN_STATS_FIELDS)
-
-    def workspace(self, m: int):
-        need = self._ws_need.get(m)
-        if need is None:
-            _ffi.check(self.lib.twell_train_workspace_size(self.plan, m, self._n))
-            need = self._ws_need[m] = int(self._n[0])
-        return self.ws.get(need)
 
     def forward(self, x, w_gate, w_up, w_down):
         x2 = as_rows(x, self.d_model, "x")
@@ -418,7 +404,7 @@ class TrainRunner:
         p = f.ptrs
         if m > 0:
             f.set(6, active)
-        ws = self.workspace(m)
+        ws = self.ws.for_rows(m)
         st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p[6] if m > 0 else ffi.NULL,
                                           ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, self.ws.nbytes,
                                           self.stream.current())
@@ -453,7 +439,7 @@ class TrainRunner:
             scale, coef = p[10], 1.0
         else:
             scale, coef = ffi.NULL, 0.0
-        ws = self.workspace(x2.shape[0])
+        ws = self.ws.for_rows(x2.shape[0])
         st = self.lib.twell_train_backward_scaled(
             self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
             saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, self.ws.nbytes, self.stream.current())

@@ -43,14 +43,10 @@ _lib.define("train_backward(Tensor dy, Tensor? dl1, Tensor x, Tensor w_gate, Ten
 # ---------------------------------------------------------------------------
 # Shapes (shared by the real and the fake implementations)
 # ---------------------------------------------------------------------------
-def _dims(x, w_gate, w_up, w_down, w_down_layout: int, gated_required: bool):
-    """(D, H, w_down_is_dh) after checking every argument's type, device, dtype and shape."""
-    rt.check_tensor(x, "x")
-    rt.check_tensor(w_gate, "w_gate", ndim=(2,), optional=not gated_required)
-    rt.check_tensor(w_up, "w_up", ndim=(2,))
-    rt.check_tensor(w_down, "w_down", ndim=(2,))
+def _check_shapes(x, w_gate, w_up, w_down, w_down_layout: int):
+    """(D, H) after checking x [..., D], W_g and W_u [H, D] and W_d in its layout."""
     if x.dim() < 1:
-        raise _ffi.InvalidArgumentError(f"x must be [..., D] (at least 1-D), got a 0-D tensor")
+        raise _ffi.InvalidArgumentError("x must be [..., D] (at least 1-D), got a 0-D tensor")
     H, D = w_up.shape
     if x.shape[-1] != D:
         raise _ffi.InvalidArgumentError(f"x has shape {tuple(x.shape)}, expected [..., {D}] (w_up is [{H}, {D}])")
@@ -64,7 +60,25 @@ def _dims(x, w_gate, w_up, w_down, w_down_layout: int, gated_required: bool):
         raise _ffi.InvalidArgumentError(
             f"w_down has shape {tuple(w_down.shape)}, expected [{H}, {D}] (w_down_layout='hd'; nn.Linear's "
             f"down_proj.weight [{D}, {H}] needs w_down_layout='dh')")
+    return D, H
+
+
+def _dims(x, w_gate, w_up, w_down, w_down_layout: int, gated_required: bool):
+    """(D, H, w_down_is_dh) after checking every argument's type, device, dtype and shape."""
+    rt.check_tensor(x, "x")
+    rt.check_tensor(w_gate, "w_gate", ndim=(2,), optional=not gated_required)
+    rt.check_tensor(w_up, "w_up", ndim=(2,))
+    rt.check_tensor(w_down, "w_down", ndim=(2,))
+    D, H = _check_shapes(x, w_gate, w_up, w_down, w_down_layout)
     return D, H, w_down_layout == 1
+
+
+def _dims_fake(x, w_gate, w_up, w_down, w_down_layout):
+    """Fake tensors may live on "meta" or carry a CUDA device: check what a trace can know."""
+    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if t is not None and t.dtype is not torch.bfloat16:
+            raise _ffi.InvalidArgumentError(f"{name} has dtype {t.dtype}, expected torch.bfloat16")
+    return _check_shapes(x, w_gate, w_up, w_down, w_down_layout)
 
 
 def _check_ints(**kw):
@@ -91,22 +105,6 @@ def _ffn_cuda(x, w_gate, w_up, w_down, w_down_layout=0, slots=32, path=0, kernel
 def _ffn_fake(x, w_gate, w_up, w_down, w_down_layout=0, slots=32, path=0, kernels=0, plan=0):
     _dims_fake(x, w_gate, w_up, w_down, w_down_layout)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _dims_fake(x, w_gate, w_up, w_down, w_down_layout):
-    # Fake tensors may live on "meta" or carry a CUDA device: check what a trace can know.
-    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
-        if t.dtype is not torch.bfloat16:
-            raise _ffi.InvalidArgumentError(f"{name} has dtype {t.dtype}, expected torch.bfloat16")
-    H, D = w_up.shape
-    if x.shape[-1] != D:
-        raise _ffi.InvalidArgumentError(f"x has shape {tuple(x.shape)}, expected [..., {D}]")
-    want = (D, H) if w_down_layout == 1 else (H, D)
-    if tuple(w_down.shape) != want:
-        raise _ffi.InvalidArgumentError(f"w_down has shape {tuple(w_down.shape)}, expected {list(want)}")
-    if w_gate is not None and tuple(w_gate.shape) != (H, D):
-        raise _ffi.InvalidArgumentError(f"w_gate has shape {tuple(w_gate.shape)}, expected [{H}, {D}]")
-    return D, H
 
 
 _lib.impl("ffn", _ffn_cuda, "CUDA")
