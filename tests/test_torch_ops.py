@@ -180,3 +180,27 @@ def test_torch_entry_points_name_the_bad_argument(case):
 def test_plan_keys_are_unique():
     a, b = tt.new_plan_key(), tt.new_plan_key()
     assert a != b and a > 0 and b > 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_dispatch_modes_see_the_op(training):
+    """Eager calls skip the dispatcher, except under a dispatch mode (make_fx, FlopCounterMode,
+    ...), which must see twell's op and not a kernel launched behind its back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            if "twell" in str(func):
+                raise Stop
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(M, D, dtype=BF, requires_grad=training)
+    with Record(), pytest.raises(Stop):
+        tt.ffn(x, *_weights(requires_grad=training))
+    assert seen[-1] == ("twell.train_forward.default" if training else "twell.ffn.default")

@@ -11,14 +11,14 @@ larger than L2):
 - **host time**: microseconds the host spends per call while the GPU is held by a sleeping kernel
   (so nothing waits for the GPU): ``twell.torch.ffn`` and the dense PyTorch FFN;
 - **training step host overhead**: one forward + backward through autograd
-  (``ffn_with_l1`` + ``backward``): ``layer_us``, the time in the layer's own code outside the C
-  library's calls (which hold the launches and the kernels' host waits), and ``host_us``, the
-  step's wall time minus the library's (this harness's loss ops and the autograd engine included).
+  (``ffn_with_l1`` + ``torch.autograd.backward((y, l1), (dy, dl1))``), host time outside the C
+  library's calls (which hold the launches and the kernels' host waits): Python, allocations,
+  autograd and its engine; beside it the dense PyTorch FFN's forward + backward host time.
 
 Records (``bench_torch.json`` under ``--out``, schema of bench/README.md):
 ``{"bench": "ffn_torch", "D", "H", "M", "pattern", "density", "graph", "ms", "dense_ms",
 "speedup_vs_dense", "relerr", "path_ran"}`` and ``{"bench": "host_time", "api": "torch", "op": "ffn" |
-"train_step" | "dense_ffn", "D", "H", "M", "host_us"}``. Exit status 2 without a GPU.
+"train_step" | "dense_ffn" | "dense_train_step", "D", "H", "M", "host_us"}``. Exit status 2 without a GPU.
 """
 
 from __future__ import annotations
@@ -160,36 +160,36 @@ def run(args) -> dict:
         if not args.no_train and M in (16, 2048):
             recs.append(_train_overhead(torch, tt, rt, x, sets[0], M, D, H))
             print(json.dumps(recs[-1]), file=sys.stderr)
+            recs.append(_dense_train_host_us(torch, x, sets[0], M, D, H))
+            print(json.dumps(recs[-1]), file=sys.stderr)
         torch.cuda.empty_cache()
     return {"records": recs}
 
 
 def _train_overhead(torch, tt, rt, x, weights, M, D, H):
-    """Host cost of a training forward + backward through autograd: ``layer_us`` is the time spent
-    in the PyTorch layer's own code (the runner's forward and backward, outside the C library's
-    calls, which hold the launches and the kernels' host waits); ``host_us`` is the whole step's
-    wall time minus the library's, so it also counts this harness's loss ops and the autograd
-    engine (an upper bound of what twell adds)."""
+    """Host time of one training forward + backward through autograd beyond the library's calls:
+    ``ffn_with_l1`` and ``torch.autograd.backward((y, l1), (dy, dl1))`` timed on the host, minus
+    the time inside the C library (which holds the launches and the kernels' host waits), so what
+    is left is the PyTorch layer's own cost: Python, allocations, autograd and the engine's hand-off
+    to its device thread. Grads are set to None before each step (no accumulation kernels)."""
     key = tt.new_plan_key()
     leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
-    r = torch.randn_like(x)
-    spent = {"lib": 0.0, "layer": 0.0}
+    dy = torch.randn_like(x)
+    dl1 = torch.full((1,), 1e-3, dtype=torch.float32, device=x.device)
+    spent = {"lib": 0.0}
 
     def step():
+        for a in leaves:
+            a.grad = None
+        t0 = time.perf_counter()
         y, l1 = tt.ffn_with_l1(*leaves, w_down_layout="dh", plan=key)
-        ((y * r).sum() + 1e-3 * l1.sum()).backward()
+        t1 = time.perf_counter()
+        torch.autograd.backward((y, l1), (dy, dl1))
+        return t1 - t0, time.perf_counter() - t1
 
-    step()
+    for _ in range(3):
+        step()
     runner = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
-
-    def timed(fn, slot):
-        def call(*a):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                spent[slot] += time.perf_counter() - t0
-        return call
 
     class Timed:
         def __init__(self, lib):
@@ -197,26 +197,52 @@ def _train_overhead(torch, tt, rt, x, weights, M, D, H):
 
         def __getattr__(self, name):
             fn = getattr(self._lib, name)
-            return timed(fn, "lib") if name.startswith("twell_train_") else fn
+            if not name.startswith("twell_train_"):
+                return fn
+
+            def call(*a):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a)
+                finally:
+                    spent["lib"] += time.perf_counter() - t0
+            return call
 
     lib = runner.lib
     runner.lib = Timed(lib)
-    runner.forward = timed(runner.forward, "layer")
-    runner.backward = timed(runner.backward, "layer")
     try:
-        n = 20
+        n, fwd, bwd = 50, 0.0, 0.0
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
         for _ in range(n):
-            step()
+            f, b = step()
+            fwd += f
+            bwd += b
         torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
     finally:
         runner.lib = lib
-        del runner.forward, runner.backward
     return {"bench": "host_time", "api": "torch", "op": "train_step", "D": D, "H": H, "M": M,
-            "host_us": (wall - spent["lib"]) * 1e6 / n, "layer_us": (spent["layer"] - spent["lib"]) * 1e6 / n,
-            "step_ms": wall * 1e3 / n, "in_library_ms": spent["lib"] * 1e3 / n}
+            "host_us": (fwd + bwd - spent["lib"]) * 1e6 / n, "forward_ms": fwd * 1e3 / n,
+            "backward_ms": bwd * 1e3 / n, "in_library_ms": spent["lib"] * 1e3 / n,
+            "path_ran": runner.last_stats()["path"]}
+
+
+def _dense_train_host_us(torch, x, weights, M, D, H):
+    """Host time of the dense PyTorch FFN's forward + backward (no host waits: timed while a
+    sleeping kernel holds the stream)."""
+    import torch.nn.functional as F
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    dy = torch.randn_like(x)
+
+    def step(_i):
+        for a in leaves:
+            a.grad = None
+        xx, wg, wu, wd = leaves
+        y = F.linear(F.relu(F.linear(xx, wg)) * F.linear(xx, wu), wd)
+        torch.autograd.backward(y, dy)
+
+    return {"bench": "host_time", "api": "torch", "op": "dense_train_step", "D": D, "H": H, "M": M,
+            "host_us": _host_us(torch, step, 20)}
 
 
 def _profile(torch, tt, D, H):

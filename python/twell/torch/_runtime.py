@@ -47,8 +47,11 @@ def new_plan_key() -> int:
 def option_code(table: dict, name: str, value) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value in table.values():
         return value
-    if value in table:
-        return table[value]
+    try:
+        if value in table:
+            return table[value]
+    except TypeError:  # unhashable
+        pass
     raise _ffi.InvalidArgumentError(f"{name} must be one of {sorted(table)}, got {value!r}")
 
 
@@ -159,9 +162,10 @@ def _aligned_buffer(device, nbytes: int):
     return buf, ptr + ((-ptr) % 256)
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (CUDA builds of PyTorch only)."""
-    return torch._C._cuda_isCurrentStreamCapturing()
+# Whether the current stream is capturing a CUDA graph; the current raw stream of a device (CUDA
+# builds of PyTorch; on others no CUDA tensor reaches the code that calls them).
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 class _Workspace:
@@ -172,7 +176,7 @@ class _Workspace:
     def __init__(self, device, plan, size_query):
         self.device = device
         self._plan, self._query = plan, size_query
-        self._need = {}
+        self.need = {}
         self._n = ffi.new("size_t *")
         self.buf = None
         self.ptr = 0
@@ -183,12 +187,12 @@ class _Workspace:
 
     def for_rows(self, m: int):
         """The workspace (a cffi void*) for a call over m rows; self.nbytes is its size."""
-        need = self._need.get(m)
+        need = self.need.get(m)
         if need is None:
             _ffi.check(self._query(self._plan, m, self._n))
-            need = self._need[m] = int(self._n[0])
+            need = self.need[m] = int(self._n[0])
         if need > self.nbytes:
-            if self.buf is not None and (self.captured or _capturing()):
+            if self.buf is not None and (self.captured or _is_capturing()):
                 self._keep.append(self.buf)
             self.buf, self.ptr = _aligned_buffer(self.device, need)
             self.cdata = ffi.cast("void *", self.ptr)
@@ -208,7 +212,7 @@ class _Stream:
         self.cdata = ffi.NULL
 
     def current(self):
-        raw = torch._C._cuda_getCurrentRawStream(self.device)
+        raw = _raw_stream(self.device)
         if raw != self.raw:
             self.raw = raw
             self.cdata = ffi.cast("void *", raw)
@@ -221,49 +225,67 @@ class _Stream:
 # id(weight) -> (weakref to the weight, (data_ptr, version, strides), [H, D] copy); an entry goes
 # when its weight is collected. (Tensors cannot be WeakKeyDictionary keys: their == is elementwise.)
 _hd_copies: dict = {}
-_hd_keep = []  # copies replaced while a CUDA graph may still read them (kept for the process)
+# id(copy) -> copy: copies a CUDA graph captured a read of, kept for the process once replaced (a
+# graph replays with their address baked in).
+_hd_keep: dict = {}
+
+
+def version_of(t) -> int:
+    """t._version; -1 for an inference-mode tensor (it keeps no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def hd_rows(w_down, d_model: int, hidden: int):
-    """The weight itself if it is [H, D]; its transpose if it is a transposed view of [H, D]
-    storage (no copy); else a transposed copy made once per weight version (``w._version``) and
-    kept with the weight (it goes when the weight goes).
+    """(rows, graph_owned): W_d [D, H] (nn.Linear's down_proj.weight) as [H, D] rows. Its transpose
+    if it is a transposed view of [H, D] storage (no copy); else a transposed copy made once per
+    weight version (``w._version``) and kept with the weight (it goes when the weight goes).
 
     Inside a CUDA graph capture a missing or stale copy is made inside the graph (so every replay
-    makes it again: correct if the weight changes, but slower); an up-to-date copy is read as it
-    is (so a weight changed in place after the capture is seen only after the next eager call).
+    makes it again: correct if the weight changes, but slower) and ``graph_owned`` is True (its
+    memory belongs to the graph's pool: never cache it); an up-to-date copy is read as it is (so a
+    weight changed in place after the capture is seen only after the next eager call). An
+    inference-mode weight keeps no version counter: a write into it in place is not seen by its
+    copy (make a new tensor, or release the plan key).
     """
     D, H = d_model, hidden
     shape = w_down.shape
-    if shape[0] == H and shape[1] == D:
-        return w_down
     if shape[0] != D or shape[1] != H:
         raise _ffi.InvalidArgumentError(
             f"w_down has shape {tuple(shape)}, expected [{D}, {H}] (w_down_layout='dh', nn.Linear's "
-            f"down_proj.weight) or [{H}, {D}]")
+            f"down_proj.weight)")
     if w_down.stride(1) == D and w_down.stride(0) == 1:
-        return w_down.t()  # a transposed view of contiguous [H, D] storage
-    key = (w_down.data_ptr(), w_down._version, w_down.stride())
+        return w_down.t(), False  # a transposed view of contiguous [H, D] storage
+    key = (w_down.data_ptr(), version_of(w_down), w_down.stride())
     hit = _hd_copies.get(id(w_down))
     if hit is not None and hit[0]() is w_down and hit[1] == key:
-        return hit[2]
+        return hit[2], False
     copy = w_down.detach().t().contiguous()
-    if _capturing():
-        if hit is not None:
-            _hd_keep.append(hit[2])
-        return copy  # made by the graph itself; not cached (its memory belongs to the graph's pool)
+    if _is_capturing():
+        return copy, True
     ident = id(w_down)
     ref = weakref.ref(w_down, lambda _r, i=ident: _hd_copies.pop(i, None))
     _hd_copies[ident] = (ref, key, copy)
-    return copy
+    return copy, False
+
+
+def keep_for_graphs(t) -> None:
+    """Keep t (a cached copy a CUDA graph being captured reads) for the life of the process."""
+    _hd_keep[id(t)] = t
 
 
 # ---------------------------------------------------------------------------
 # Inference
 # ---------------------------------------------------------------------------
+_BF16 = torch.bfloat16
+
+
 class FFNRunner:
     """One twell_ffn_plan (always W_d as [H, D]: [D, H] weights are turned around here, once per
-    weight version) with its workspace, statistics and descriptors."""
+    weight version) with its workspace, statistics buffer and stream; ``bind`` gives the call state
+    of one weight set."""
 
     def __init__(self, d_model: int, hidden: int, device: int, *, gated: bool, slots: int, path: int,
                  kernels: int, replay: int = 8):
@@ -283,61 +305,24 @@ class FFNRunner:
         self.d_model, self.hidden, self.gated, self.device = d_model, hidden, gated, device
         self.torch_device = torch.device("cuda", device)
         self.stats = torch.zeros(len(STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
-        self.frame = Frame(6)
-        self.frame.set(5, self.stats)
-        # Slot 4 (y) is always a compact bf16 [M, D] tensor on the plan's device: only its data
-        # pointer and M change per call (run()).
-        self.frame.set(4, torch.empty((1, d_model), dtype=torch.bfloat16, device=self.torch_device))
-        self._wstate = None
         self.ws = _Workspace(self.torch_device, self.plan, lib.twell_ffn_workspace_size)
         self.stream = _Stream(device)
+        self._bound = {}  # (id(w_gate), id(w_up), id(w_down), dh) -> BoundFFN (a few weight sets)
 
-    def _set_weights(self, w_gate, w_up, w_down, w_down_dh: bool) -> None:
-        """Descriptors of the weights, re-made only when a weight is another tensor, moved to other
-        storage or written in place (``_version``) since the last call."""
-        st = self._wstate
-        if (st is not None and st[1]() is w_up and st[2]() is w_down and st[3] == w_down_dh
-                and w_up._version == st[5] and w_down._version == st[6]
-                and w_up.data_ptr() == st[8] and w_down.data_ptr() == st[9]
-                and (w_gate is None if st[0] is None else
-                     (st[0]() is w_gate and w_gate._version == st[4] and w_gate.data_ptr() == st[7]))):
-            return
-        check_tensor(w_gate, "w_gate", ndim=(2,), optional=True)
-        check_tensor(w_up, "w_up", ndim=(2,))
-        check_tensor(w_down, "w_down", ndim=(2,))
-        if (w_gate is not None) != self.gated:
-            raise _ffi.InvalidArgumentError("w_gate must be given for a gated FFN and None for a non-gated one")
-        f = self.frame
-        if w_gate is not None:
-            f.set(1, w_gate)
-        f.set(2, w_up)
-        f.set(3, hd_rows(w_down, self.d_model, self.hidden) if w_down_dh else w_down)
-        self._wstate = (None if w_gate is None else weakref.ref(w_gate), weakref.ref(w_up), weakref.ref(w_down),
-                        w_down_dh, 0 if w_gate is None else w_gate._version, w_up._version, w_down._version,
-                        0 if w_gate is None else w_gate.data_ptr(), w_up.data_ptr(), w_down.data_ptr())
-
-    def run(self, x, w_gate, w_up, w_down, w_down_dh: bool):
-        x2 = x if x.dim() == 2 else as_rows(x, self.d_model, "x")
-        m = x2.shape[0]
-        y = torch.empty((m, self.d_model), dtype=torch.bfloat16, device=self.torch_device)
-        if m == 0:
-            return y.view(x.shape)
-        self._set_weights(w_gate, w_up, w_down, w_down_dh)
-        f = self.frame
-        f.set(0, x2)
-        words, dims = f.words, f.dims  # y: compact [M, D] on the plan's device
-        words[24] = y.data_ptr()
-        dims[16] = m
-        dims[18] = self.d_model
-        ws = self.ws.for_rows(m)
-        if _capturing():
-            self.ws.captured = True
-        p = f.ptrs
-        st = self.lib.twell_ffn_run(self.plan, p[0], p[1] if self.gated else ffi.NULL, p[2], p[3], p[4], p[5], ws,
-                                    self.ws.nbytes, self.stream.current())
-        if st:
-            _ffi.check(st)
-        return y if x.dim() == 2 else y.view(x.shape)
+    def bind(self, w_gate, w_up, w_down, w_down_dh: bool) -> "BoundFFN":
+        """The call state for this weight set: re-made only when a weight is another tensor, moved
+        to other storage or written in place (``_version``) since it was made."""
+        key = (id(w_gate), id(w_up), id(w_down), w_down_dh)
+        b = self._bound.get(key)
+        if b is None or not b.fresh(w_gate, w_up, w_down):
+            b = BoundFFN(self, w_gate, w_up, w_down, w_down_dh)
+            if b.graph_owned:
+                return b  # reads a copy made inside a graph being captured: never reused
+            if len(self._bound) >= 8:  # weight sets that went out of use leave in call order
+                del self._bound[next(iter(self._bound))]
+            self._bound.pop(key, None)
+            self._bound[key] = b
+        return b
 
     def last_stats(self) -> dict:
         return stats_dict(self.stats, STATS_FIELDS)
@@ -347,6 +332,122 @@ class FFNRunner:
         c = ffi.new("int64_t *")
         _ffi.check(self.lib.twell_ffn_plan_replay_counts(self.plan, r, c))
         return int(r[0]), int(c[0])
+
+
+def _dead():
+    return None
+
+
+class BoundFFN:
+    """A runner with one weight set: the six DLTensor descriptors of a call, the weights' written
+    once; a call writes x's and y's data pointer and row count and makes one cffi call.
+
+    Holds only weak references to the weights, so it never keeps a model's parameters (or the
+    [H, D] copy of a [D, H] weight, which lives with its weight: ``hd_rows``) alive; a state whose
+    weights are gone is never ``fresh`` again and is dropped when its cache makes room."""
+
+    __slots__ = ("runner", "frame", "refs", "state", "head", "copy_ref", "graph_owned")
+
+    def __init__(self, runner: FFNRunner, w_gate, w_up, w_down, w_down_dh: bool):
+        check_tensor(w_gate, "w_gate", ndim=(2,), optional=True)
+        check_tensor(w_up, "w_up", ndim=(2,))
+        check_tensor(w_down, "w_down", ndim=(2,))
+        if (w_gate is not None) != runner.gated:
+            raise _ffi.InvalidArgumentError("w_gate must be given for a gated FFN and None for a non-gated one")
+        D = runner.d_model
+        self.runner = runner
+        f = self.frame = Frame(6)
+        if w_gate is not None:
+            f.set(1, w_gate)
+        f.set(2, w_up)
+        rows, self.graph_owned = hd_rows(w_down, D, runner.hidden) if w_down_dh else (w_down, False)
+        f.set(3, rows)
+        self.copy_ref = weakref.ref(rows) if rows is not w_down and rows._base is None else None
+        # Slots 0 (x) and 4 (y): compact bf16 [M, D] on the plan's device; a call writes their data
+        # pointer and M. Slot 5: the runner's statistics.
+        row = torch.empty((1, D), dtype=_BF16, device=runner.torch_device)
+        f.set(0, row)
+        f.set(4, row)
+        f.set(5, runner.stats)
+        self.refs = (weakref.ref(w_gate) if w_gate is not None else _dead, weakref.ref(w_up), weakref.ref(w_down))
+        self.state = _weight_state(w_gate, w_up, w_down)
+        p = f.ptrs
+        self.head = (runner.plan, p[0], p[1] if runner.gated else ffi.NULL, p[2], p[3], p[4], p[5])
+
+    def fresh(self, w_gate, w_up, w_down) -> bool:
+        """Whether these are the weights this state was made for, unchanged since."""
+        rg, ru, rd = self.refs
+        return (rg() is w_gate and ru() is w_up and rd() is w_down
+                and self.state == _weight_state(w_gate, w_up, w_down))
+
+    def __call__(self, x):
+        """y = FFN(x) for a CUDA bf16 x [..., D] (named errors otherwise)."""
+        r = self.runner
+        D = r.d_model
+        if x.is_cuda and x.dtype is _BF16 and x.get_device() == r.device and x.is_contiguous():
+            # The common case, without a copy or a view: x is compact rows, y is made like it.
+            m = x.numel() // D
+            if m == 0 or x.shape[-1] != D:
+                return self._general(x)
+            y = torch.empty_like(x)
+        else:
+            return self._general(x)
+        return self._launch(x.data_ptr(), D, y, m)
+
+    def _general(self, x):
+        r = self.runner
+        D = r.d_model
+        check_tensor(x, "x")
+        if x.get_device() != r.device:
+            raise _ffi.InvalidArgumentError(f"x is on {x.device}, the weights on cuda:{r.device}")
+        x2 = as_rows(x, D, "x")
+        m = x2.shape[0]
+        y = torch.empty((m, D), dtype=_BF16, device=r.torch_device)
+        if m:
+            f = self.frame
+            f.set(0, x2)
+            try:
+                self._launch(x2.data_ptr(), x2.stride(0), y, m)
+            finally:
+                f.set(0, y)  # back to compact rows for the common case (only M and the pointer change)
+        return y.view(x.shape)
+
+    def _launch(self, x_ptr: int, ldx: int, y, m: int):
+        r = self.runner
+        words, dims = self.frame.words, self.frame.dims
+        words[0] = x_ptr
+        dims[0] = m
+        dims[2] = ldx
+        words[24] = y.data_ptr()
+        dims[16] = m
+        ws = r.ws
+        need = ws.need.get(m)
+        cdata = ws.cdata if need is not None and need <= ws.nbytes else ws.for_rows(m)
+        if _is_capturing():
+            ws.captured = True
+            copy = self.copy_ref() if self.copy_ref is not None else None
+            if copy is not None:
+                keep_for_graphs(copy)
+        raw = _raw_stream(r.device)
+        s = r.stream
+        if raw != s.raw:
+            s.raw, s.cdata = raw, ffi.cast("void *", raw)
+        st = r.lib.twell_ffn_run(*self.head, cdata, ws.nbytes, s.cdata)
+        if st:
+            _ffi.check(st)
+        return y
+
+
+def _weight_state(w_gate, w_up, w_down):
+    """What a call state depends on beyond the weights' identity: their storage and version."""
+    try:
+        if w_gate is None:
+            return (0, 0, w_up._version, w_up.data_ptr(), w_down._version, w_down.data_ptr())
+        return (w_gate._version, w_gate.data_ptr(), w_up._version, w_up.data_ptr(), w_down._version,
+                w_down.data_ptr())
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return tuple(f(t) if t is not None else 0 for t in (w_gate, w_up, w_down)
+                     for f in (version_of, lambda t: t.data_ptr()))
 
 
 # ---------------------------------------------------------------------------
@@ -482,6 +583,17 @@ def train_runner(plan_key: int, d_model: int, hidden: int, device: int, w_down_d
     return r
 
 
+# The eager fast path's memo (twell.torch.ffn): the call's weights and options as given -> BoundFFN.
+calls: dict = {}
+_MAX_CALLS = 256
+
+
+def remember_call(key, bound: BoundFFN) -> None:
+    if len(calls) >= _MAX_CALLS:
+        calls.clear()
+    calls[key] = bound
+
+
 def runners_of(plan_key: int):
     """Every runner made for a plan key (for statistics and for releasing a layer's plans)."""
     return [r for k, r in list(_runners.items()) if k[1] == plan_key]
@@ -490,5 +602,6 @@ def runners_of(plan_key: int):
 def release(plan_key: int) -> None:
     """Drop the plans (and workspaces) of a key; graphs that captured them must be gone first."""
     with _lock:
+        calls.clear()
         for k in [k for k in _runners if k[1] == plan_key]:
             del _runners[k]
