@@ -17,42 +17,16 @@ Plans are not thread-safe: one thread at a time per key.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 
 import torch
 
 from .. import _ffi
-from ..format import STATS_FIELDS
+from .._options import STATS_FIELDS, TRAIN_STATS_FIELDS
+from .._plans import new_plan_key  # noqa: F401  (one key counter for twell.ops and twell.torch)
 
-_LAYOUTS = {"hd": 0, "dh": 1}
-_PATHS = {"auto": 0, "sparse": 1, "dense": 2}
-_TRAIN_PATHS = {"auto": 0, "sparse": 1, "hybrid": 1, "dense": 2}
-_KERNELS = {"auto": 0, "portable": 1, "sm90": 2}
-TRAIN_STATS_FIELDS = ("rows", "active", "overflow_rows", "overflow_tiles", "max_tile_count", "max_row_count", "path",
-                      "format", "tail_rows", "ell_rows", "ell_width", "tail_chunks", "host_syncs", "ell_entries",
-                      "max_neuron_count", "phase")
-
-_keys = itertools.count(1)
 _lock = threading.Lock()
-
-
-def new_plan_key() -> int:
-    """A plan key no other caller has (for a layer that wants its own plans and AUTO history)."""
-    with _lock:
-        return next(_keys)
-
-
-def option_code(table: dict, name: str, value) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value in table.values():
-        return value
-    try:
-        if value in table:
-            return table[value]
-    except TypeError:  # unhashable
-        pass
-    raise _ffi.InvalidArgumentError(f"{name} must be one of {sorted(table)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +283,7 @@ class FFNRunner:
         self.stream = _Stream(device)
         self._bound = {}  # (id(w_gate), id(w_up), id(w_down), dh) -> BoundFFN (a few weight sets)
 
-    def bind(self, w_gate, w_up, w_down, w_down_dh: bool) -> "BoundFFN":
+    def bind(self, w_gate, w_up, w_down, w_down_dh: bool) -> BoundFFN:
         """The call state for this weight set: re-made only when a weight is another tensor, moved
         to other storage or written in place (``_version``) since it was made."""
         key = (id(w_gate), id(w_up), id(w_down), w_down_dh)
@@ -379,6 +353,13 @@ class BoundFFN:
         rg, ru, rd = self.refs
         return (rg() is w_gate and ru() is w_up and rd() is w_down
                 and self.state == _weight_state(w_gate, w_up, w_down))
+
+    def run_if_fresh(self, x, w_gate, w_up, w_down):
+        """self(x) if these are the weights this state was made for, unchanged since; else None."""
+        rg, ru, rd = self.refs
+        if rg() is w_gate and ru() is w_up and rd() is w_down and self.state == _weight_state(w_gate, w_up, w_down):
+            return self(x)
+        return None
 
     def __call__(self, x):
         """y = FFN(x) for a CUDA bf16 x [..., D] (named errors otherwise)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ffi
+from .._options import KERNELS, LAYOUTS, PATHS, TRAIN_PATHS, option_code
 from . import _runtime as rt
 
 __all__ = ["ffn", "ffn_with_l1", "last_stats"]
@@ -270,8 +271,8 @@ def ffn(x, w_gate, w_up, w_down, *, w_down_layout="hd", slots: int = 32, path="a
     the plans (and AUTO's history) of every caller with the same shapes and options; a layer passes a
     key of its own (``twell.torch.new_plan_key()``).
     """
-    eager = _eager(x)
-    if eager and not _needs_grad(x, w_gate, w_up, w_down):
+    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _dispatch_modes()  # _eager(x)
+    if eager and not (torch.is_grad_enabled() and _needs_grad(x, w_gate, w_up, w_down)):
         # The steady state of an eager caller: the call state made for these weights and options
         # the last time, still fresh (same tensors, same storage, not written since).
         key = (id(w_gate), id(w_up), id(w_down), w_down_layout, slots, path, kernels, plan)
@@ -279,18 +280,20 @@ def ffn(x, w_gate, w_up, w_down, *, w_down_layout="hd", slots: int = 32, path="a
             b = _calls.get(key)
         except TypeError:  # an unhashable option: the checks below name it
             b = None
-        if b is not None and b.fresh(w_gate, w_up, w_down):
-            return b(x)
+        if b is not None:
+            y = b.run_if_fresh(x, w_gate, w_up, w_down)
+            if y is not None:
+                return y
     _check_types(x, w_gate, w_up, w_down)
-    layout = rt.option_code(rt._LAYOUTS, "w_down_layout", w_down_layout)
-    k = rt.option_code(rt._KERNELS, "kernels", kernels)
+    layout = option_code(LAYOUTS, "w_down_layout", w_down_layout)
+    k = option_code(KERNELS, "kernels", kernels)
     if _needs_grad(x, w_gate, w_up, w_down):
         if w_gate is None:
             raise _ffi.UnsupportedError("training (inputs that require grad) needs a gated FFN: w_gate is None")
-        p = rt.option_code(rt._TRAIN_PATHS, "path", path)
+        p = option_code(TRAIN_PATHS, "path", path)
         _check_ints(ell_width=ell_width, plan=plan)
         return _train(x, w_gate, w_up, w_down, layout, ell_width, p, k, plan)[0]
-    p = rt.option_code(rt._PATHS, "path", path)
+    p = option_code(PATHS, "path", path)
     _check_ints(slots=slots, plan=plan)
     if eager:
         # The op's own implementation, without the dispatcher's round trip (about 5 us per call);
@@ -309,9 +312,9 @@ def ffn_with_l1(x, w_gate, w_up, w_down, *, w_down_layout="hd", path="auto", ker
     _check_types(x, w_gate, w_up, w_down)
     if w_gate is None:
         raise _ffi.UnsupportedError("the training op needs a gated FFN: w_gate is None")
-    layout = rt.option_code(rt._LAYOUTS, "w_down_layout", w_down_layout)
-    p = rt.option_code(rt._TRAIN_PATHS, "path", path)
-    k = rt.option_code(rt._KERNELS, "kernels", kernels)
+    layout = option_code(LAYOUTS, "w_down_layout", w_down_layout)
+    p = option_code(TRAIN_PATHS, "path", path)
+    k = option_code(KERNELS, "kernels", kernels)
     _check_ints(ell_width=ell_width, plan=plan)
     return _train(x, w_gate, w_up, w_down, layout, ell_width, p, k, plan)
 
