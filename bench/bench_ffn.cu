@@ -1,9 +1,10 @@
 // bench_ffn: twell's sparse FFN against a dense cuBLASLt FFN, in one process.
 //
-// This program is also an example of the public C API: it includes only
-// <twell/twell.h> (plus CUDA and cuBLASLt), builds DLTensor descriptors by
-// hand over cudaMalloc'd buffers, makes plans, sizes and owns the workspace,
-// and reads the device-side statistics after the timed runs.
+// This program is also an example of the public C API: of twell it includes
+// only <twell/twell.h> (plus CUDA, cuBLASLt and the test programs' harness,
+// tests/cuda/harness.cuh, for checks and timing), builds DLTensor descriptors
+// by hand over cudaMalloc'd buffers, makes plans, sizes and owns the
+// workspace, and reads the device-side statistics after the timed runs.
 //
 //   bench_ffn --suite quick
 //   bench_ffn --D 2048 --H 5632 --M 1,64,65536 --pattern uniform --p 0.005
@@ -34,13 +35,16 @@
 
 #include <twell/twell.h>
 
+#include "../tests/cuda/harness.cuh"
+
 typedef __nv_bfloat16 bf16;
 
 // ---------------------------------------------------------------------------
 // Error handling. CUDA and cuBLAS errors outside twell are fatal (exit 3):
-// after one the numbers mean nothing. A failing twell call is reported as a
-// record with an "error" field and the next configuration runs, unless the
-// failure left the CUDA context broken.
+// after one the numbers mean nothing (the harness's CUDA_CHECK / CUBLAS_CHECK
+// end here through harness::fatal_handler). A failing twell call is reported
+// as a record with an "error" field and the next configuration runs, unless
+// the failure left the CUDA context broken.
 // ---------------------------------------------------------------------------
 static std::string g_doing = "start-up";  // named in fatal messages
 
@@ -55,21 +59,6 @@ static void fatal(const char* fmt, ...) {
   exit(3);
 }
 
-#define CK(expr)                                                                                 \
-  do {                                                                                           \
-    cudaError_t ck_e_ = (expr);                                                                  \
-    if (ck_e_ != cudaSuccess)                                                                    \
-      fatal("%s:%d: %s -> %s (%s)", __FILE__, __LINE__, #expr, cudaGetErrorName(ck_e_),          \
-            cudaGetErrorString(ck_e_));                                                          \
-  } while (0)
-
-#define LT(expr)                                                                                 \
-  do {                                                                                           \
-    cublasStatus_t lt_s_ = (expr);                                                               \
-    if (lt_s_ != CUBLAS_STATUS_SUCCESS) fatal("%s:%d: %s -> cuBLAS status %d", __FILE__, __LINE__, #expr, \
-                                              static_cast<int>(lt_s_));                          \
-  } while (0)
-
 // A twell status as a message ("" on success).
 static std::string twell_msg(const char* call, twell_status s) {
   if (s == TWELL_SUCCESS) return "";
@@ -80,12 +69,8 @@ static std::string twell_msg(const char* call, twell_status s) {
 // Counter-based RNG: value i of tensor `key` depends only on (seed, key, i),
 // so inputs are reproducible for any launch shape and need no cuRAND.
 // ---------------------------------------------------------------------------
-__host__ __device__ inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+using harness::grid_for;
+using harness::splitmix64;
 
 // Standard normal by Box-Muller on two 24-bit uniforms.
 __device__ inline float normal01(uint64_t key, uint64_t i) {
@@ -98,10 +83,6 @@ __device__ inline float normal01(uint64_t key, uint64_t i) {
 
 static uint64_t tensor_key(uint64_t seed, int set, int tensor) {
   return splitmix64(seed * 0x100000001B3ull + static_cast<uint64_t>(set) * 64 + tensor);
-}
-
-static int grid_for(int64_t n, int threads = 256) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65536));
 }
 
 // x [M, D]: N(0,1), last column 1. skew: every token's row (but its last
@@ -205,27 +186,11 @@ __global__ void active_kernel(const bf16* g, int64_t M, int64_t H, uint8_t* col_
   if (threadIdx.x == 0) partial_count[blockIdx.x] = s[0];
 }
 
-// Holds the stream until the host has queued a batch of timed runs (or the
-// timeout passes), so the events measure GPU time, not host launch gaps
-// (the "blocking kernel" of NVIDIA's nvbench).
-__global__ void blocking_kernel(const volatile int* release, volatile int* timed_out, unsigned long long timeout_ns) {
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  while (*release == 0) {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    if (t - t0 > timeout_ns) {
-      *timed_out = 1;
-      return;
-    }
-    __nanosleep(1000);
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Host helpers
 // ---------------------------------------------------------------------------
 static double norm_ppf(double p) {  // inverse standard normal CDF (Acklam + one Halley step)
-  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02,  -2.759285104469687e+02,
                              1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
   static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
                              6.680131188771972e+01, -1.328068155288572e+01};
@@ -255,12 +220,12 @@ static double norm_ppf(double p) {  // inverse standard normal CDF (Acklam + one
 template <class T>
 static T* dalloc(size_t count) {
   void* p = nullptr;
-  CK(cudaMalloc(&p, std::max<size_t>(count * sizeof(T), 256)));
+  CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count * sizeof(T), 256)));
   return static_cast<T*>(p);
 }
 
 static void dfree(void* p) {
-  if (p != nullptr) CK(cudaFree(p));
+  if (p != nullptr) CUDA_CHECK(cudaFree(p));
 }
 
 // A DLTensor over a device buffer; owns its shape array (so it must not be copied).
@@ -295,28 +260,30 @@ struct LtGemm {
   // column-major: C[m, n] = op(A) · op(B), A stored [lda, *], k inner.
   void init(cublasLtHandle_t lt, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
             int64_t lda, int64_t ldb, int64_t ldc, size_t ws_bytes) {
-    LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-    LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    LT(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda));
-    LT(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb));
-    LT(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, m, n, ldc));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda));
+    CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, m, n, ldc));
     cublasLtMatmulPreference_t pref;
-    LT(cublasLtMatmulPreferenceCreate(&pref));
-    LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                            sizeof(ws_bytes)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                      sizeof(ws_bytes)));
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
-    LT(cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref, 1, &res, &found));
-    if (found < 1) fatal("cuBLASLt has no algorithm for a %lld x %lld x %lld bf16 GEMM", (long long)m, (long long)n,
-                         (long long)k);
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref, 1, &res, &found));
+    if (found < 1)
+      fatal("cuBLASLt has no algorithm for a %lld x %lld x %lld bf16 GEMM", (long long)m, (long long)n, (long long)k);
     algo = res.algo;
-    LT(cublasLtMatmulPreferenceDestroy(pref));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
   }
   void run(cublasLtHandle_t lt, const void* A, const void* B, void* C, void* ws, size_t ws_bytes,
            cudaStream_t s) const {
     const float one = 1.0f, zero = 0.0f;
-    LT(cublasLtMatmul(lt, desc, &one, A, a, B, b, &zero, C, c, C, c, &algo, ws, ws_bytes, s));
+    CUBLAS_CHECK(cublasLtMatmul(lt, desc, &one, A, a, B, b, &zero, C, c, C, c, &algo, ws, ws_bytes, s));
   }
   void destroy() {
     if (desc) cublasLtMatmulDescDestroy(desc);
@@ -416,7 +383,9 @@ struct Config {
 
 static const char* kAllBenches[] = {"ffn_sparse", "ffn_auto", "ffn_dense", "gate_pack"};
 
-static bool has(const std::vector<std::string>& v, const char* s) { return std::find(v.begin(), v.end(), s) != v.end(); }
+static bool has(const std::vector<std::string>& v, const char* s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
 
 static std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -534,107 +503,15 @@ static void usage(FILE* f) {
           "exit: 0 ok, 1 a twell call failed or relerr > tol, 2 no GPU, 3 fatal CUDA/cuBLAS error, 64 usage\n");
 }
 
-// ---------------------------------------------------------------------------
-// Timing
-// ---------------------------------------------------------------------------
-struct Timing {
-  double med = NAN, p10 = NAN, p90 = NAN, mean = NAN;
-  int n = 0;
-  bool blocked = false;  // runs were queued behind the blocking kernel
-  int blocking_timeouts = 0;
-};
+// Timing: the harness's method (bench/README.md, "Methodology").
+using harness::Timing;
 
-static double quantile(std::vector<float> v, double q) {
-  if (v.empty()) return NAN;
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t lo = static_cast<size_t>(pos);
-  const size_t hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (pos - lo) * (v[hi] - v[lo]);
+static harness::TimeOptions timing_options(const Options& o, int sets) {
+  return {.warmup = o.warmup,
+          .reps = o.reps,
+          .sets = sets,
+          .queue = o.blocking ? harness::Queue::kHeld : harness::Queue::kBackToBack};
 }
-
-struct Timer {
-  static constexpr int kBatch = 16;             // timed runs queued behind one blocking kernel
-  static constexpr float kBlockBelowMs = 1.0f;  // longer calls: the host is ahead of the GPU anyway
-  cudaEvent_t start[kBatch], stop[kBatch];
-  int* release_host = nullptr;
-  int* release_dev = nullptr;
-  int* timeout_host = nullptr;
-  int* timeout_dev = nullptr;
-  void init() {
-    for (int i = 0; i < kBatch; ++i) {
-      CK(cudaEventCreate(&start[i]));
-      CK(cudaEventCreate(&stop[i]));
-    }
-    CK(cudaHostAlloc(&release_host, sizeof(int), cudaHostAllocMapped));
-    CK(cudaHostGetDevicePointer(&release_dev, release_host, 0));
-    CK(cudaHostAlloc(&timeout_host, sizeof(int), cudaHostAllocMapped));
-    CK(cudaHostGetDevicePointer(&timeout_dev, timeout_host, 0));
-  }
-
-  // call(run_index, set) enqueues one run and returns "" or an error message.
-  // Runs 0..warmup-1 are untimed; then `reps` timed runs, each on the next
-  // rotated input set. Short calls (the last warm-up under kBlockBelowMs)
-  // are queued in batches behind the blocking kernel, so host launch gaps
-  // stay out of the numbers; long calls are queued as they come (the host
-  // runs ahead of the GPU), which also keeps calls of many launches from
-  // filling the launch queue while the stream is held.
-  template <class F>
-  std::string time(F&& call, const Options& o, int nsets, cudaStream_t s, Timing* t) {
-    int run = 0;
-    const int warm = std::max(o.warmup, 1);
-    for (; run < warm; ++run) {
-      if (run == warm - 1) CK(cudaEventRecord(start[0], s));
-      std::string e = call(run, run % nsets);
-      if (run == warm - 1) CK(cudaEventRecord(stop[0], s));
-      if (!e.empty()) return e;
-    }
-    CK(cudaStreamSynchronize(s));
-    float last_warm_ms = 0;
-    CK(cudaEventElapsedTime(&last_warm_ms, start[0], stop[0]));
-    bool block = o.blocking && last_warm_ms < kBlockBelowMs;
-    t->blocked = block;
-    std::vector<float> ms;
-    for (int r0 = 0; r0 < o.reps; r0 += kBatch) {
-      const int n = std::min(kBatch, o.reps - r0);
-      if (block) {
-        *(volatile int*)release_host = 0;
-        *(volatile int*)timeout_host = 0;
-        blocking_kernel<<<1, 1, 0, s>>>(release_dev, timeout_dev, 2000000000ull);
-        CK(cudaGetLastError());
-      }
-      std::string err;
-      for (int k = 0; k < n && err.empty(); ++k, ++run) {
-        CK(cudaEventRecord(start[k], s));
-        err = call(run, run % nsets);
-        CK(cudaEventRecord(stop[k], s));
-      }
-      if (block) {
-        __sync_synchronize();
-        *(volatile int*)release_host = 1;
-      }
-      CK(cudaStreamSynchronize(s));
-      if (!err.empty()) return err;
-      if (block && *(volatile int*)timeout_host) {
-        ++t->blocking_timeouts;
-        block = false;  // the host could not queue a batch in time: stop holding the stream
-      }
-      for (int k = 0; k < n; ++k) {
-        float v = 0;
-        CK(cudaEventElapsedTime(&v, start[k], stop[k]));
-        ms.push_back(v);
-      }
-    }
-    t->n = static_cast<int>(ms.size());
-    t->med = quantile(ms, 0.5);
-    t->p10 = quantile(ms, 0.1);
-    t->p90 = quantile(ms, 0.9);
-    double sum = 0;
-    for (float v : ms) sum += v;
-    t->mean = ms.empty() ? NAN : sum / ms.size();
-    return "";
-  }
-};
 
 // ---------------------------------------------------------------------------
 // Per-process context
@@ -652,7 +529,7 @@ struct Ctx {
   size_t lt_ws_bytes = 64 << 20;
   double copy_gbps = NAN;    // device copy bandwidth, bytes read + written, GB/s
   double gemm_tflops = NAN;  // cuBLASLt bf16 8192^3
-  Timer timer;
+  harness::Timer timer;
   int failures = 0;
   bool table_header = false;
   double* partials = nullptr;  // relerr partials, 2 * 1024 doubles
@@ -661,10 +538,10 @@ struct Ctx {
 static double relerr(Ctx& c, const bf16* a, const bf16* ref, int64_t n, bool relu_ref) {
   const int blocks = std::min(grid_for(n), 1024);
   relerr_kernel<<<blocks, 256, 0, c.stream>>>(a, ref, n, relu_ref ? 1 : 0, c.partials);
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
   std::vector<double> h(2 * blocks);
-  CK(cudaMemcpyAsync(h.data(), c.partials, h.size() * sizeof(double), cudaMemcpyDeviceToHost, c.stream));
-  CK(cudaStreamSynchronize(c.stream));
+  CUDA_CHECK(cudaMemcpyAsync(h.data(), c.partials, h.size() * sizeof(double), cudaMemcpyDeviceToHost, c.stream));
+  CUDA_CHECK(cudaStreamSynchronize(c.stream));
   double d2 = 0, r2 = 0;
   for (int i = 0; i < blocks; ++i) {
     d2 += h[2 * i];
@@ -679,15 +556,12 @@ static void measure_ceilings(Ctx& c) {
   const size_t bytes = size_t(512) << 20;
   char* a = dalloc<char>(bytes);
   char* b = dalloc<char>(bytes);
-  CK(cudaMemsetAsync(a, 0x3c, bytes, c.stream));
-  Options o = c.opt;
+  CUDA_CHECK(cudaMemsetAsync(a, 0x3c, bytes, c.stream));
+  harness::TimeOptions o = timing_options(c.opt, 1);
   o.reps = 20;
   o.warmup = 3;
-  Timing t;
-  c.timer.time([&](int, int) {
-    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, c.stream));
-    return std::string();
-  }, o, 1, c.stream, &t);
+  Timing t = c.timer.time(
+      [&](int, int) { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, c.stream)); }, o, c.stream);
   c.copy_gbps = 2.0 * bytes / (t.med * 1e-3) / 1e9;
   dfree(a);
   dfree(b);
@@ -700,14 +574,11 @@ static void measure_ceilings(Ctx& c) {
   bf16* C = dalloc<bf16>(n * n);
   fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(A, n, n, 1.0f, tensor_key(c.opt.seed, 999, 1), 0, 0, 1, 0, 0);
   fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(B, n, n, 1.0f, tensor_key(c.opt.seed, 999, 2), 0, 0, 1, 0, 0);
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
   LtGemm g;
   init_linear(g, c.lt, n, n, n, c.lt_ws_bytes);
   o.reps = 10;
-  c.timer.time([&](int, int) {
-    g.run(c.lt, A, B, C, c.lt_ws, c.lt_ws_bytes, c.stream);
-    return std::string();
-  }, o, 1, c.stream, &t);
+  t = c.timer.time([&](int, int) { g.run(c.lt, A, B, C, c.lt_ws, c.lt_ws_bytes, c.stream); }, o, c.stream);
   c.gemm_tflops = 2.0 * n * n * n / (t.med * 1e-3) / 1e12;
   g.destroy();
   dfree(A);
@@ -733,8 +604,8 @@ static void table_row(Ctx& c, const char* bench, const Config& cfg, const char* 
                       double floor_frac, double mem, double rel, const std::string& err) {
   if (!c.opt.table) return;
   if (!c.table_header) {
-    fprintf(stderr, "%-17s %5s %6s %7s %-8s %-8s %4s %8s %7s %-6s %9s %9s %7s %7s %6s %6s %9s\n", "bench", "D", "H", "M",
-            "pattern", "kernels", "S", "act/tok", "ovf", "path", "ms", "dense_ms", "speedup", "TFLOP/s", "floor%",
+    fprintf(stderr, "%-17s %5s %6s %7s %-8s %-8s %4s %8s %7s %-6s %9s %9s %7s %7s %6s %6s %9s\n", "bench", "D", "H",
+            "M", "pattern", "kernels", "S", "act/tok", "ovf", "path", "ms", "dense_ms", "speedup", "TFLOP/s", "floor%",
             "mem", "relerr");
     c.table_header = true;
   }
@@ -744,8 +615,8 @@ static void table_row(Ctx& c, const char* bench, const Config& cfg, const char* 
     return;
   }
   fprintf(stderr, "%-17s %5lld %6lld %7lld %-8s %-8s %4d %8.2f %7lld %-6s %9.4f %9.4f %7.2f %7.1f %6.1f %6.3f %9.2e\n",
-          bench, (long long)cfg.D, (long long)cfg.H, (long long)cfg.M, cfg.pattern.c_str(), kern, slots, act, ovf,
-          path, t.med, dense_ms, dense_ms / t.med, tflops, 100.0 * floor_frac, mem, rel);
+          bench, (long long)cfg.D, (long long)cfg.H, (long long)cfg.M, cfg.pattern.c_str(), kern, slots, act, ovf, path,
+          t.med, dense_ms, dense_ms / t.med, tflops, 100.0 * floor_frac, mem, rel);
 }
 
 static void common_fields(Ctx& c, Json& j, const char* bench, const Config& cfg, const char* kern, int slots,
@@ -784,40 +655,68 @@ static void emit(const Json& j) {
 
 // ---------------------------------------------------------------------------
 // One configuration: generate the inputs, time the dense baselines, then
-// every (kernels, slots, bench) variant of twell.
+// every (kernels, slots, bench) variant of twell. The steps share a Workload.
 // ---------------------------------------------------------------------------
-static void run_config(Ctx& c, const Config& cfg) {
+struct Workload {
+  explicit Workload(const Config& config) : cfg(config) {}
+  const Config& cfg;
+  std::string label;  // names the configuration in messages
+  bool any_ffn = false, any_pack = false;
+  int nsets = 1;
+  std::vector<Set> sets;
+  bf16 *g = nullptr, *u = nullptr, *h = nullptr;  // the dense FFN's intermediates [M, H]
+  bf16* y_ref = nullptr;                          // its y on set 0 [M, D]
+  Timing t_dense, t_gemm;
+  int64_t union_active = 0;  // neurons that fire for at least one token of set 0
+  double density_ref = NAN;  // fraction of the gate pre-activations of set 0 that are > 0
+  // Work and least bytes of each kind of call, for the floors (bench/README.md).
+  double gate_flops = 0, w_bytes = 0, xy_bytes = 0, sparse_bytes = 0;
+  size_t dense_inter = 0;  // bytes of the dense g, u, h
+  // One statistics slot per twell run (warm-up, timed and correctness runs), read back at the end.
+  int total_runs = 0;
+  uint64_t* stats_all = nullptr;
+  std::vector<uint64_t> hstats;
+  int32_t* overflow_list = nullptr;  // gate_pack's overflow-row list [M]
+};
+
+// Floor of a call (bench/README.md): compute floor = FLOPs / cuBLAS GEMM rate; bytes floor =
+// least bytes / copy bandwidth; the floor is the larger.
+static double floor_ms(const Ctx& c, double flops, double bytes, double* fc, double* fb) {
+  *fc = flops / (c.gemm_tflops * 1e12) * 1e3;
+  *fb = bytes / (c.copy_gbps * 1e9) * 1e3;
+  return std::max(*fc, *fb);
+}
+
+// Rotation: enough input sets that one pass over them exceeds twice the L2. Returns false (and
+// writes a record saying why) when the sets, the dense intermediates and twell's workspace would
+// not fit in GPU memory.
+static bool plan_memory(Ctx& c, Workload& w) {
+  const Config& cfg = w.cfg;
+  const int64_t D = cfg.D, H = cfg.H, M = cfg.M;
+  const size_t set_bytes = size_t(2 * M * D + 3 * H * D) * sizeof(bf16);
+  w.nsets = static_cast<int>(
+      std::min<int64_t>(c.opt.max_sets, std::max<int64_t>(1, (2 * c.l2_bytes + set_bytes - 1) / set_bytes)));
+  w.dense_inter = size_t(3) * M * H * sizeof(bf16);
+  size_t free_b = 0, total_b = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  const size_t packed_est = size_t(M) * ((H + 255) / 256) * 128 * 4;
+  const size_t need = w.nsets * set_bytes + w.dense_inter + size_t(M) * D * 2 + 2 * packed_est + (size_t(256) << 20);
+  if (need <= free_b) return true;
+  Json j;
+  common_fields(c, j, "config", cfg, "-", 0, w.nsets);
+  j.str("error", "skipped: needs about " + std::to_string(need >> 20) + " MiB of GPU memory, " +
+                     std::to_string(free_b >> 20) + " MiB free");
+  emit(j);
+  fprintf(stderr, "SKIPPED %s: not enough GPU memory\n", w.label.c_str());
+  ++c.failures;
+  return false;
+}
+
+// The rotated input sets and the dense intermediates.
+static void make_inputs(Ctx& c, Workload& w) {
+  const Config& cfg = w.cfg;
   const int64_t D = cfg.D, H = cfg.H, M = cfg.M;
   const int dev = c.device;
-  char label[256];
-  snprintf(label, sizeof(label), "D=%lld H=%lld M=%lld %s p=%g", (long long)D, (long long)H, (long long)M,
-           cfg.pattern.c_str(), cfg.p);
-  g_doing = std::string("setting up ") + label;
-
-  const bool any_ffn = has(cfg.benches, "ffn_sparse") || has(cfg.benches, "ffn_auto") || has(cfg.benches, "ffn_dense");
-  const bool any_pack = has(cfg.benches, "gate_pack");
-
-  // Rotation: enough input sets that one pass over them exceeds twice the L2.
-  const size_t set_bytes = size_t(2 * M * D + 3 * H * D) * sizeof(bf16);
-  int nsets = static_cast<int>(std::min<int64_t>(c.opt.max_sets, std::max<int64_t>(1, (2 * c.l2_bytes + set_bytes - 1) / set_bytes)));
-
-  // Memory check (inputs + dense intermediates + y_ref + twell workspace estimate).
-  const size_t inter_bytes = size_t(3) * M * H * sizeof(bf16);
-  size_t free_b = 0, total_b = 0;
-  CK(cudaMemGetInfo(&free_b, &total_b));
-  const size_t packed_est = size_t(M) * ((H + 255) / 256) * 128 * 4;
-  const size_t need = nsets * set_bytes + inter_bytes + size_t(M) * D * 2 + 2 * packed_est + (size_t(256) << 20);
-  if (need > free_b) {
-    Json j;
-    common_fields(c, j, "config", cfg, "-", 0, nsets);
-    j.str("error", "skipped: needs about " + std::to_string(need >> 20) + " MiB of GPU memory, " +
-                       std::to_string(free_b >> 20) + " MiB free");
-    emit(j);
-    fprintf(stderr, "SKIPPED %s: not enough GPU memory\n", label);
-    ++c.failures;
-    return;
-  }
-
   // Thresholds: gate pre-activations are N(thr, 1), so P(active) = p.
   const double p = cfg.pattern == "dense" ? 0.5 : cfg.p;
   const float thr = static_cast<float>(-norm_ppf(1.0 - p));
@@ -826,9 +725,9 @@ static void run_config(Ctx& c, const Config& cfg) {
   const float thr_hot = static_cast<float>(-norm_ppf(1.0 - 0.6));  // ~60% of tokens
   const int64_t hot_stride = n_hot > 0 ? H / n_hot : 1;
 
-  std::vector<Set> sets(nsets);
-  for (int s = 0; s < nsets; ++s) {
-    Set& S = sets[s];
+  w.sets = std::vector<Set>(w.nsets);
+  for (int s = 0; s < w.nsets; ++s) {
+    Set& S = w.sets[s];
     S.x = dalloc<bf16>(M * D);
     S.y = dalloc<bf16>(M * D);
     S.wg = dalloc<bf16>(H * D);
@@ -836,91 +735,94 @@ static void run_config(Ctx& c, const Config& cfg) {
     S.wd = dalloc<bf16>(H * D);
     fill_x_kernel<<<grid_for(M * D), 256, 0, c.stream>>>(S.x, M, D, tensor_key(c.opt.seed, s, 0),
                                                          tensor_key(c.opt.seed, s, 5), cfg.pattern == "skewed");
-    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wg, H, D, 1.0f / sqrtf(float(D - 1)),
-                                                         tensor_key(c.opt.seed, s, 1), 1, thr, hot_stride, n_hot,
-                                                         thr_hot);
+    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(
+        S.wg, H, D, 1.0f / sqrtf(float(D - 1)), tensor_key(c.opt.seed, s, 1), 1, thr, hot_stride, n_hot, thr_hot);
     fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wu, H, D, 1.0f / sqrtf(float(D)),
                                                          tensor_key(c.opt.seed, s, 2), 0, 0, 1, 0, 0);
     fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wd, H, D, 1.0f / sqrtf(float(H)),
                                                          tensor_key(c.opt.seed, s, 3), 0, 0, 1, 0, 0);
-    CK(cudaGetLastError());
-    CK(cudaMemsetAsync(S.y, 0, size_t(M) * D * 2, c.stream));  // defined, never read before written
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaMemsetAsync(S.y, 0, size_t(M) * D * 2, c.stream));  // defined, never read before written
     S.tx.set(S.x, kDLBfloat, 16, M, D, dev);
     S.ty.set(S.y, kDLBfloat, 16, M, D, dev);
     S.twg.set(S.wg, kDLBfloat, 16, H, D, dev);
     S.twu.set(S.wu, kDLBfloat, 16, H, D, dev);
     S.twd.set(S.wd, kDLBfloat, 16, H, D, dev);  // TWELL_LAYOUT_HD
   }
-  bf16* g = dalloc<bf16>(M * H);
-  bf16* u = dalloc<bf16>(M * H);
-  bf16* h = dalloc<bf16>(M * H);
-  bf16* y_ref = dalloc<bf16>(M * D);
+  w.g = dalloc<bf16>(M * H);
+  w.u = dalloc<bf16>(M * H);
+  w.h = dalloc<bf16>(M * H);
+  w.y_ref = dalloc<bf16>(M * D);
+}
 
-  // ---- dense baselines (cuBLASLt) ----
-  g_doing = std::string("timing the cuBLASLt baselines, ") + label;
+// Times the cuBLASLt dense FFN and gate GEMM, then computes the reference y (and g, u, h) of set 0.
+static void run_dense_baselines(Ctx& c, Workload& w) {
+  const int64_t D = w.cfg.D, H = w.cfg.H, M = w.cfg.M;
+  g_doing = std::string("timing the cuBLASLt baselines, ") + w.label;
   LtGemm gemm_gate, gemm_down;
   init_linear(gemm_gate, c.lt, M, H, D, c.lt_ws_bytes);
   init_matmul(gemm_down, c.lt, M, D, H, c.lt_ws_bytes);
   auto dense_ffn = [&](const Set& S, bf16* y) {
-    gemm_gate.run(c.lt, S.wg, S.x, g, c.lt_ws, c.lt_ws_bytes, c.stream);
-    gemm_gate.run(c.lt, S.wu, S.x, u, c.lt_ws, c.lt_ws_bytes, c.stream);
-    relu_mul_kernel<<<grid_for(M * H / 8), 256, 0, c.stream>>>(g, u, h, M * H / 8);
-    CK(cudaGetLastError());
-    gemm_down.run(c.lt, S.wd, h, y, c.lt_ws, c.lt_ws_bytes, c.stream);
+    gemm_gate.run(c.lt, S.wg, S.x, w.g, c.lt_ws, c.lt_ws_bytes, c.stream);
+    gemm_gate.run(c.lt, S.wu, S.x, w.u, c.lt_ws, c.lt_ws_bytes, c.stream);
+    relu_mul_kernel<<<grid_for(M * H / 8), 256, 0, c.stream>>>(w.g, w.u, w.h, M * H / 8);
+    CUDA_CHECK(cudaGetLastError());
+    gemm_down.run(c.lt, S.wd, w.h, y, c.lt_ws, c.lt_ws_bytes, c.stream);
   };
-  Timing t_dense, t_gemm;
-  if (any_ffn) {
-    c.timer.time([&](int, int s) {
-      dense_ffn(sets[s], sets[s].y);
-      return std::string();
-    }, c.opt, nsets, c.stream, &t_dense);
-  }
-  c.timer.time([&](int, int s) {
-    gemm_gate.run(c.lt, sets[s].wg, sets[s].x, g, c.lt_ws, c.lt_ws_bytes, c.stream);
-    return std::string();
-  }, c.opt, nsets, c.stream, &t_gemm);
+  const harness::TimeOptions o = timing_options(c.opt, w.nsets);
+  if (w.any_ffn) w.t_dense = c.timer.time([&](int, int s) { dense_ffn(w.sets[s], w.sets[s].y); }, o, c.stream);
+  w.t_gemm = c.timer.time(
+      [&](int, int s) { gemm_gate.run(c.lt, w.sets[s].wg, w.sets[s].x, w.g, c.lt_ws, c.lt_ws_bytes, c.stream); }, o,
+      c.stream);
 
-  // Reference on set 0: y_ref, and g/u/h of set 0 (g is read below).
-  g_doing = std::string("computing the reference, ") + label;
-  dense_ffn(sets[0], y_ref);
+  g_doing = std::string("computing the reference, ") + w.label;
+  dense_ffn(w.sets[0], w.y_ref);
+  gemm_gate.destroy();
+  gemm_down.destroy();
+}
+
+// From g of set 0: the neurons that fire for some token, and the fraction of entries > 0.
+static void count_reference_activity(Ctx& c, Workload& w) {
+  const int64_t H = w.cfg.H, M = w.cfg.M;
   uint8_t* col_active = dalloc<uint8_t>(H);
   unsigned long long* cnt = dalloc<unsigned long long>(1024);
-  CK(cudaMemsetAsync(col_active, 0, H, c.stream));
+  CUDA_CHECK(cudaMemsetAsync(col_active, 0, H, c.stream));
   const int ablocks = std::min(grid_for(M * H), 1024);
-  active_kernel<<<ablocks, 256, 0, c.stream>>>(g, M, H, col_active, cnt);
-  CK(cudaGetLastError());
+  active_kernel<<<ablocks, 256, 0, c.stream>>>(w.g, M, H, col_active, cnt);
+  CUDA_CHECK(cudaGetLastError());
   std::vector<uint8_t> hcol(H);
   std::vector<unsigned long long> hcnt(ablocks);
-  CK(cudaMemcpyAsync(hcol.data(), col_active, H, cudaMemcpyDeviceToHost, c.stream));
-  CK(cudaMemcpyAsync(hcnt.data(), cnt, ablocks * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c.stream));
-  CK(cudaStreamSynchronize(c.stream));
-  int64_t union_active = 0;
-  for (uint8_t v : hcol) union_active += v;
+  CUDA_CHECK(cudaMemcpyAsync(hcol.data(), col_active, H, cudaMemcpyDeviceToHost, c.stream));
+  CUDA_CHECK(cudaMemcpyAsync(hcnt.data(), cnt, ablocks * sizeof(unsigned long long), cudaMemcpyDeviceToHost, c.stream));
+  CUDA_CHECK(cudaStreamSynchronize(c.stream));
+  w.union_active = 0;
+  for (uint8_t v : hcol) w.union_active += v;
   unsigned long long pos = 0;
   for (auto v : hcnt) pos += v;
-  const double density_ref = double(pos) / (double(M) * H);
+  w.density_ref = double(pos) / (double(M) * H);
   dfree(col_active);
   dfree(cnt);
 
-  // Floors (bench/README.md): compute floor = FLOPs / cuBLAS GEMM rate;
-  // bytes floor = least bytes / copy bandwidth; floor = the larger.
-  const double gate_flops = 2.0 * M * D * H;
-  const double w_bytes = double(H) * D * 2;
-  const double xy_bytes = 2.0 * M * D * 2;
-  const double sparse_bytes = w_bytes + 2.0 * union_active * D * 2 + xy_bytes;  // W_g + active rows of W_u, W_d
-  auto floor_ms = [&](double flops, double bytes, double* fc, double* fb) {
-    *fc = flops / (c.gemm_tflops * 1e12) * 1e3;
-    *fb = bytes / (c.copy_gbps * 1e9) * 1e3;
-    return std::max(*fc, *fb);
-  };
+  const int64_t D = w.cfg.D;
+  w.gate_flops = 2.0 * M * D * H;
+  w.w_bytes = double(H) * D * 2;
+  w.xy_bytes = 2.0 * M * D * 2;
+  w.sparse_bytes = w.w_bytes + 2.0 * w.union_active * D * 2 + w.xy_bytes;  // W_g + active rows of W_u, W_d
+}
 
-  const size_t dense_inter = inter_bytes;
-  if (any_ffn) {
+// The records (and table rows) of the two cuBLASLt baselines.
+static void write_baseline_records(Ctx& c, const Workload& w) {
+  const Config& cfg = w.cfg;
+  const int64_t D = cfg.D, H = cfg.H, M = cfg.M;
+  const Timing& t_dense = w.t_dense;
+  const Timing& t_gemm = w.t_gemm;
+  const double gate_flops = w.gate_flops;
+  if (w.any_ffn) {
     Json j;
-    common_fields(c, j, "dense_cublas", cfg, "cublasLt", 0, nsets);
-    j.num("density", density_ref);
-    j.num("active_per_token", density_ref * H);
-    j.integer("union_active_neurons", union_active);
+    common_fields(c, j, "dense_cublas", cfg, "cublasLt", 0, w.nsets);
+    j.num("density", w.density_ref);
+    j.num("active_per_token", w.density_ref * H);
+    j.integer("union_active_neurons", w.union_active);
     timing_fields(j, t_dense);
     j.num("dense_ms", t_dense.med);
     j.str("baseline", "cublasLt dense gated FFN (g, u GEMMs + relu*mul kernel + down GEMM)");
@@ -929,228 +831,256 @@ static void run_config(Ctx& c, const Config& cfg) {
     j.num("tflops", gate_flops / (t_dense.med * 1e9));
     j.num("effective_tflops", 3 * gate_flops / (t_dense.med * 1e9));
     double fc, fb;
-    const double fl = floor_ms(3 * gate_flops, 3 * w_bytes + xy_bytes, &fc, &fb);
+    const double fl = floor_ms(c, 3 * gate_flops, 3 * w.w_bytes + w.xy_bytes, &fc, &fb);
     j.num("floor_ms", fl);
     j.num("floor_compute_ms", fc);
     j.num("floor_bytes_ms", fb);
     j.num("floor_fraction", fl / t_dense.med);
-    j.num("gbps", (3 * w_bytes + xy_bytes) / (t_dense.med * 1e6));
-    j.integer("intermediate_bytes", static_cast<long long>(dense_inter));
+    j.num("gbps", (3 * w.w_bytes + w.xy_bytes) / (t_dense.med * 1e6));
+    j.integer("intermediate_bytes", static_cast<long long>(w.dense_inter));
     emit(j);
-    table_row(c, "dense_cublas", cfg, "cublasLt", 0, density_ref * H, 0, "dense", t_dense, t_dense.med,
+    table_row(c, "dense_cublas", cfg, "cublasLt", 0, w.density_ref * H, 0, "dense", t_dense, t_dense.med,
               3 * gate_flops / (t_dense.med * 1e9), fl / t_dense.med, 1.0, NAN, "");
   }
-  {
-    Json j;
-    common_fields(c, j, "gate_gemm_cublas", cfg, "cublasLt", 0, nsets);
-    timing_fields(j, t_gemm);
-    j.num("dense_ms", t_gemm.med);
-    j.str("baseline", "cublasLt x W_g^T");
-    j.num("speedup_vs_dense", 1.0);
-    j.num("tflops", gate_flops / (t_gemm.med * 1e9));
-    double fc, fb;
-    const double fl = floor_ms(gate_flops, w_bytes + M * D * 2.0 + M * H * 2.0, &fc, &fb);
-    j.num("floor_ms", fl);
-    j.num("floor_compute_ms", fc);
-    j.num("floor_bytes_ms", fb);
-    j.num("floor_fraction", fl / t_gemm.med);
-    emit(j);
-    table_row(c, "gate_gemm_cublas", cfg, "cublasLt", 0, density_ref * H, 0, "dense", t_gemm, t_gemm.med,
-              gate_flops / (t_gemm.med * 1e9), fl / t_gemm.med, NAN, NAN, "");
-  }
-  gemm_gate.destroy();
-  gemm_down.destroy();
+  Json j;
+  common_fields(c, j, "gate_gemm_cublas", cfg, "cublasLt", 0, w.nsets);
+  timing_fields(j, t_gemm);
+  j.num("dense_ms", t_gemm.med);
+  j.str("baseline", "cublasLt x W_g^T");
+  j.num("speedup_vs_dense", 1.0);
+  j.num("tflops", gate_flops / (t_gemm.med * 1e9));
+  double fc, fb;
+  const double fl = floor_ms(c, gate_flops, w.w_bytes + M * D * 2.0 + M * H * 2.0, &fc, &fb);
+  j.num("floor_ms", fl);
+  j.num("floor_compute_ms", fc);
+  j.num("floor_bytes_ms", fb);
+  j.num("floor_fraction", fl / t_gemm.med);
+  emit(j);
+  table_row(c, "gate_gemm_cublas", cfg, "cublasLt", 0, w.density_ref * H, 0, "dense", t_gemm, t_gemm.med,
+            gate_flops / (t_gemm.med * 1e9), fl / t_gemm.med, NAN, NAN, "");
+}
 
-  // ---- twell ----
-  const int total_runs = std::max(c.opt.warmup, 1) + c.opt.reps + 1;  // + the correctness run
-  uint64_t* stats_all = dalloc<uint64_t>(size_t(total_runs) * TWELL_STATS_WORDS);
-  std::vector<uint64_t> hstats(size_t(total_runs) * TWELL_STATS_WORDS);
-  int32_t* overflow_list = any_pack ? dalloc<int32_t>(M) : nullptr;
+// One twell variant: the bench it runs, its plan and the buffers it owns.
+struct TwellRun {
+  const char* bench = nullptr;
+  std::string kern;
+  int slots = 32;
+  bool is_pack = false;  // twell_gate_pack; else twell_ffn_run
+  twell_ffn_plan* plan = nullptr;
+  size_t ws_bytes = 0;
+  void* ws = nullptr;
+  uint32_t* packed = nullptr;  // gate_pack's output [M, row_words]
+  int64_t row_words = 0;
+  Tensor tpacked, tlist;
+};
 
-  for (const std::string& kern : cfg.kernels) {
-    for (int slots : cfg.slots) {
-      for (const char* bench : kAllBenches) {
-        if (!has(cfg.benches, bench)) continue;
-        const bool is_pack = strcmp(bench, "gate_pack") == 0;
-        g_doing = std::string(bench) + " (kernels=" + kern + ", slots=" + std::to_string(slots) + "), " + label;
-        Json j;
-        common_fields(c, j, bench, cfg, kern.c_str(), slots, nsets);
-        std::string err;
-
-        twell_ffn_options o;
-        twell_ffn_options_default(&o);
-        o.slots = slots;
-        o.w_down_layout = TWELL_LAYOUT_HD;
-        o.path = strcmp(bench, "ffn_sparse") == 0 || is_pack ? TWELL_PATH_SPARSE
-                 : strcmp(bench, "ffn_dense") == 0         ? TWELL_PATH_DENSE
-                                                           : TWELL_PATH_AUTO;
-        o.kernels = kern == "portable" ? TWELL_KERNELS_PORTABLE : kern == "sm90" ? TWELL_KERNELS_SM90 : TWELL_KERNELS_AUTO;
-        twell_ffn_plan* plan = nullptr;
-        size_t ws_bytes = 0;
-        void* ws = nullptr;
-        uint32_t* packed = nullptr;
-        int64_t row_words = 0;
-        Tensor tpacked, tlist, tdense;
-        err = twell_msg("twell_ffn_supported", twell_ffn_supported(D, H, &o));
-        if (err.empty()) err = twell_msg("twell_ffn_plan_create", twell_ffn_plan_create(&plan, D, H, &o, dev));
-        if (err.empty()) err = twell_msg("twell_ffn_workspace_size", twell_ffn_workspace_size(plan, M, &ws_bytes));
-        if (err.empty()) ws = dalloc<char>(ws_bytes);  // cudaMalloc: 256-byte aligned
-        if (err.empty() && is_pack) {
-          err = twell_msg("twell_packed_row_words", twell_packed_row_words(H, slots, &row_words));
-          if (err.empty()) {
-            packed = dalloc<uint32_t>(size_t(M) * row_words);
-            tpacked.set(packed, kDLUInt, 32, M, row_words, dev);
-            tlist.set(overflow_list, kDLInt, 32, 1, M, dev, 1);
-          }
-        }
-        CK(cudaMemsetAsync(stats_all, 0, size_t(total_runs) * TWELL_STATS_WORDS * 8, c.stream));
-
-        // One call of twell on set s; run r writes its own statistics slot,
-        // so nothing is read back (and nothing synchronises) while timing.
-        auto call = [&](int r, int s) -> std::string {
-          Tensor tstats;
-          tstats.set(stats_all + size_t(r) * TWELL_STATS_WORDS, kDLUInt, 64, 1, TWELL_STATS_WORDS, dev, 1);
-          Set& S = sets[s];
-          twell_status st;
-          if (is_pack) {
-            st = twell_gate_pack(plan, &S.tx.dl, &S.twg.dl, &tpacked.dl, &tlist.dl, &tstats.dl, ws, ws_bytes, c.stream);
-            return twell_msg("twell_gate_pack", st);
-          }
-          st = twell_ffn_run(plan, &S.tx.dl, &S.twg.dl, &S.twu.dl, &S.twd.dl, &S.ty.dl, &tstats.dl, ws, ws_bytes, c.stream);
-          return twell_msg("twell_ffn_run", st);
-        };
-        Timing t;
-        if (err.empty()) err = c.timer.time(call, c.opt, nsets, c.stream, &t);
-
-        // Correctness on set 0 (poisoned output first: NaN bf16 everywhere).
-        double rel = NAN;
-        const int corr = total_runs - 1;
-        if (err.empty()) {
-          if (is_pack) {
-            CK(cudaMemsetAsync(packed, 0xFF, size_t(M) * row_words * 4, c.stream));
-            err = call(corr, 0);
-            if (err.empty()) {
-              tdense.set(h, kDLBfloat, 16, M, H, dev);  // h is free now: unpack into it
-              CK(cudaMemsetAsync(h, 0xFF, size_t(M) * H * 2, c.stream));
-              err = twell_msg("twell_unpack", twell_unpack(&tpacked.dl, slots, &tdense.dl, c.stream));
-            }
-            if (err.empty()) rel = relerr(c, h, g, M * H, true);  // vs relu(g) of cuBLAS
-          } else {
-            CK(cudaMemsetAsync(sets[0].y, 0xFF, size_t(M) * D * 2, c.stream));
-            err = call(corr, 0);
-            if (err.empty()) rel = relerr(c, sets[0].y, y_ref, M * D, false);
-          }
-        }
-        if (!err.empty()) {
-          // Did the failure break the CUDA context? Then nothing else can run.
-          cudaError_t e = cudaStreamSynchronize(c.stream);
-          if (e == cudaSuccess) e = cudaDeviceSynchronize();
-          if (e != cudaSuccess) {
-            j.str("error", err + " (then CUDA: " + cudaGetErrorString(e) + ")");
-            emit(j);
-            fatal("the CUDA context is broken after %s: %s", bench, cudaGetErrorString(e));
-          }
-          cudaGetLastError();
-        }
-
-        if (err.empty()) {
-          CK(cudaMemcpyAsync(hstats.data(), stats_all, hstats.size() * 8, cudaMemcpyDeviceToHost, c.stream));
-          CK(cudaStreamSynchronize(c.stream));
-          // Statistics of the timed runs (every rotated set), averaged.
-          const int first = std::max(c.opt.warmup, 1);
-          double active = 0, rows = 0, ovf_rows = 0, ovf_tiles = 0;
-          uint64_t max_row = 0, max_tile = 0;
-          int n_sparse = 0, n_dense = 0;
-          uint64_t last_path = 0;
-          for (int r = first; r < first + c.opt.reps; ++r) {
-            const uint64_t* s = &hstats[size_t(r) * TWELL_STATS_WORDS];
-            rows += double(s[TWELL_STAT_ROWS]);
-            active += double(s[TWELL_STAT_ACTIVE]);
-            ovf_rows += double(s[TWELL_STAT_OVERFLOW_ROWS]);
-            ovf_tiles += double(s[TWELL_STAT_OVERFLOW_TILES]);
-            max_row = std::max<uint64_t>(max_row, s[TWELL_STAT_MAX_ROW_COUNT]);
-            max_tile = std::max<uint64_t>(max_tile, s[TWELL_STAT_MAX_TILE_COUNT]);
-            last_path = s[TWELL_STAT_PATH];
-            (last_path == TWELL_PATH_DENSE ? n_dense : n_sparse) += 1;
-          }
-          const double nr = std::max(1, c.opt.reps);
-          const double density = rows > 0 ? active / (rows * H) : NAN;
-          const uint64_t* sc = &hstats[size_t(corr) * TWELL_STATS_WORDS];
-          const double baseline_ms = is_pack ? t_gemm.med : t_dense.med;
-          const bool rel_ok = std::isfinite(rel) && rel <= c.opt.tol;
-
-          j.num("density", density);
-          j.num("density_ref", density_ref);
-          j.num("active_per_token", density * H);
-          j.integer("max_row_active", static_cast<long long>(max_row));
-          j.integer("max_tile_count", static_cast<long long>(max_tile));
-          j.num("overflow_rows", ovf_rows / nr);
-          j.num("overflow_tiles", ovf_tiles / nr);
-          j.num("overflow_row_fraction", ovf_rows / std::max(rows, 1.0));
-          j.str("path", path_name(last_path));
-          j.raw("path_counts", "{\"sparse\": " + std::to_string(n_sparse) + ", \"dense\": " + std::to_string(n_dense) + "}");
-          j.integer("stats_format", static_cast<long long>(sc[TWELL_STAT_FORMAT]));
-          j.integer("union_active_neurons", union_active);
-          timing_fields(j, t);
-          j.num("dense_ms", baseline_ms);
-          j.str("baseline", is_pack ? "cublasLt x W_g^T" : "cublasLt dense gated FFN");
-          j.num("dense_ffn_ms", t_dense.med);
-          j.num("gate_gemm_ms", t_gemm.med);
-          j.num("speedup_vs_dense", baseline_ms / t.med);
-          j.num("relerr", rel);
-          j.boolean("relerr_ok", rel_ok);
-          j.str("relerr_vs", is_pack ? "relu(cuBLAS x W_g^T), set 0, after twell_unpack" : "cuBLAS dense y, set 0");
-          j.num("tflops", gate_flops / (t.med * 1e9));
-          double fc, fb, fl, mem;
-          if (is_pack) {
-            const double out_bytes = double(M) * row_words * 4;
-            fl = floor_ms(gate_flops, w_bytes + M * D * 2.0 + out_bytes, &fc, &fb);
-            j.num("gbps", (w_bytes + M * D * 2.0 + out_bytes) / (t.med * 1e6));
-            mem = (double(ws_bytes) + out_bytes + 4.0 * M) / (double(M) * H * 2);  // vs a dense [M, H] gate output
-            j.integer("packed_bytes", static_cast<long long>(out_bytes));
-          } else {
-            const bool dense_path = last_path == TWELL_PATH_DENSE;
-            fl = dense_path ? floor_ms(3 * gate_flops, 3 * w_bytes + xy_bytes, &fc, &fb)
-                            : floor_ms(gate_flops, sparse_bytes, &fc, &fb);
-            j.num("effective_tflops", 3 * gate_flops / (t.med * 1e9));
-            j.num("gbps", (dense_path ? 3 * w_bytes + xy_bytes : sparse_bytes) / (t.med * 1e6));
-            mem = double(ws_bytes) / double(dense_inter);
-            j.integer("dense_intermediate_bytes", static_cast<long long>(dense_inter));
-          }
-          j.num("floor_ms", fl);
-          j.num("floor_compute_ms", fc);
-          j.num("floor_bytes_ms", fb);
-          j.num("floor_fraction", fl / t.med);
-          j.integer("workspace_bytes", static_cast<long long>(ws_bytes));
-          j.num("peak_mem_ratio", mem);
-          if (!rel_ok) {
-            j.str("error", "relerr " + std::to_string(rel) + " is not <= tol " + std::to_string(c.opt.tol));
-            ++c.failures;
-          }
-          emit(j);
-          table_row(c, bench, cfg, kern.c_str(), slots, density * H, static_cast<long long>(ovf_rows / nr + 0.5),
-                    path_name(last_path), t, baseline_ms, gate_flops / (t.med * 1e9), fl / t.med, mem, rel,
-                    rel_ok ? "" : "relerr over tolerance");
-        } else {
-          j.str("error", err);
-          emit(j);
-          table_row(c, bench, cfg, kern.c_str(), slots, NAN, 0, "-", t, NAN, NAN, NAN, NAN, NAN, err);
-          ++c.failures;
-        }
-        if (plan) twell_ffn_plan_destroy(plan);
-        dfree(ws);
-        dfree(packed);
-      }
+// The options, the plan and the workspace of a variant ("" or the failing call's message).
+static std::string set_up_twell(Ctx& c, const Workload& w, TwellRun& run) {
+  const int64_t D = w.cfg.D, H = w.cfg.H, M = w.cfg.M;
+  twell_ffn_options o;
+  twell_ffn_options_default(&o);
+  o.slots = run.slots;
+  o.w_down_layout = TWELL_LAYOUT_HD;
+  o.path = strcmp(run.bench, "ffn_sparse") == 0 || run.is_pack ? TWELL_PATH_SPARSE
+           : strcmp(run.bench, "ffn_dense") == 0               ? TWELL_PATH_DENSE
+                                                               : TWELL_PATH_AUTO;
+  o.kernels = run.kern == "portable" ? TWELL_KERNELS_PORTABLE
+              : run.kern == "sm90"   ? TWELL_KERNELS_SM90
+                                     : TWELL_KERNELS_AUTO;
+  std::string err = twell_msg("twell_ffn_supported", twell_ffn_supported(D, H, &o));
+  if (err.empty()) err = twell_msg("twell_ffn_plan_create", twell_ffn_plan_create(&run.plan, D, H, &o, c.device));
+  if (err.empty()) err = twell_msg("twell_ffn_workspace_size", twell_ffn_workspace_size(run.plan, M, &run.ws_bytes));
+  if (err.empty()) run.ws = dalloc<char>(run.ws_bytes);  // cudaMalloc: 256-byte aligned
+  if (err.empty() && run.is_pack) {
+    err = twell_msg("twell_packed_row_words", twell_packed_row_words(H, run.slots, &run.row_words));
+    if (err.empty()) {
+      run.packed = dalloc<uint32_t>(size_t(M) * run.row_words);
+      run.tpacked.set(run.packed, kDLUInt, 32, M, run.row_words, c.device);
+      run.tlist.set(w.overflow_list, kDLInt, 32, 1, M, c.device, 1);
     }
   }
+  CUDA_CHECK(cudaMemsetAsync(w.stats_all, 0, size_t(w.total_runs) * TWELL_STATS_WORDS * 8, c.stream));
+  return err;
+}
 
-  dfree(stats_all);
-  dfree(overflow_list);
-  dfree(g);
-  dfree(u);
-  dfree(h);
-  dfree(y_ref);
-  for (Set& S : sets) {
+// One call of twell on set s; run r writes its own statistics slot, so nothing is read back
+// (and nothing synchronises) while timing.
+static std::string call_twell(Ctx& c, Workload& w, TwellRun& run, int r, int s) {
+  Tensor tstats;
+  tstats.set(w.stats_all + size_t(r) * TWELL_STATS_WORDS, kDLUInt, 64, 1, TWELL_STATS_WORDS, c.device, 1);
+  Set& S = w.sets[s];
+  twell_status st;
+  if (run.is_pack) {
+    st = twell_gate_pack(run.plan, &S.tx.dl, &S.twg.dl, &run.tpacked.dl, &run.tlist.dl, &tstats.dl, run.ws,
+                         run.ws_bytes, c.stream);
+    return twell_msg("twell_gate_pack", st);
+  }
+  st = twell_ffn_run(run.plan, &S.tx.dl, &S.twg.dl, &S.twu.dl, &S.twd.dl, &S.ty.dl, &tstats.dl, run.ws, run.ws_bytes,
+                     c.stream);
+  return twell_msg("twell_ffn_run", st);
+}
+
+// Correctness on set 0, output poisoned first (NaN bf16 everywhere): the relative error
+// against cuBLAS in *rel ("" or the failing call's message).
+static std::string check_twell(Ctx& c, Workload& w, TwellRun& run, double* rel) {
+  const int64_t D = w.cfg.D, H = w.cfg.H, M = w.cfg.M;
+  const int corr = w.total_runs - 1;
+  std::string err;
+  if (run.is_pack) {
+    CUDA_CHECK(cudaMemsetAsync(run.packed, 0xFF, size_t(M) * run.row_words * 4, c.stream));
+    err = call_twell(c, w, run, corr, 0);
+    if (err.empty()) {
+      Tensor tdense;
+      tdense.set(w.h, kDLBfloat, 16, M, H, c.device);  // h is free now: unpack into it
+      harness::poison_bf16(w.h, size_t(M) * H, c.stream);
+      err = twell_msg("twell_unpack", twell_unpack(&run.tpacked.dl, run.slots, &tdense.dl, c.stream));
+    }
+    if (err.empty()) *rel = relerr(c, w.h, w.g, M * H, true);  // vs relu(g) of cuBLAS
+  } else {
+    harness::poison_bf16(w.sets[0].y, size_t(M) * D, c.stream);
+    err = call_twell(c, w, run, corr, 0);
+    if (err.empty()) *rel = relerr(c, w.sets[0].y, w.y_ref, M * D, false);
+  }
+  return err;
+}
+
+// After a failed twell call: if it broke the CUDA context, nothing else can run.
+static void stop_if_context_broken(Ctx& c, Json& j, const std::string& err, const char* bench) {
+  cudaError_t e = cudaStreamSynchronize(c.stream);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  if (e != cudaSuccess) {
+    j.str("error", err + " (then CUDA: " + cudaGetErrorString(e) + ")");
+    emit(j);
+    fatal("the CUDA context is broken after %s: %s", bench, cudaGetErrorString(e));
+  }
+  cudaGetLastError();
+}
+
+// The record (and table row) of a variant that ran: the statistics of its timed runs,
+// averaged, its time against the baseline and the floor, and its error.
+static void write_twell_record(Ctx& c, Workload& w, const TwellRun& run, Json& j, const Timing& t, double rel) {
+  const Config& cfg = w.cfg;
+  const int64_t D = cfg.D, H = cfg.H, M = cfg.M;
+  CUDA_CHECK(cudaMemcpyAsync(w.hstats.data(), w.stats_all, w.hstats.size() * 8, cudaMemcpyDeviceToHost, c.stream));
+  CUDA_CHECK(cudaStreamSynchronize(c.stream));
+  const int first = std::max(c.opt.warmup, 1);
+  double active = 0, rows = 0, ovf_rows = 0, ovf_tiles = 0;
+  uint64_t max_row = 0, max_tile = 0;
+  int n_sparse = 0, n_dense = 0;
+  uint64_t last_path = 0;
+  for (int r = first; r < first + c.opt.reps; ++r) {
+    const uint64_t* s = &w.hstats[size_t(r) * TWELL_STATS_WORDS];
+    rows += double(s[TWELL_STAT_ROWS]);
+    active += double(s[TWELL_STAT_ACTIVE]);
+    ovf_rows += double(s[TWELL_STAT_OVERFLOW_ROWS]);
+    ovf_tiles += double(s[TWELL_STAT_OVERFLOW_TILES]);
+    max_row = std::max<uint64_t>(max_row, s[TWELL_STAT_MAX_ROW_COUNT]);
+    max_tile = std::max<uint64_t>(max_tile, s[TWELL_STAT_MAX_TILE_COUNT]);
+    last_path = s[TWELL_STAT_PATH];
+    (last_path == TWELL_PATH_DENSE ? n_dense : n_sparse) += 1;
+  }
+  const double nr = std::max(1, c.opt.reps);
+  const double density = rows > 0 ? active / (rows * H) : NAN;
+  const uint64_t* sc = &w.hstats[size_t(w.total_runs - 1) * TWELL_STATS_WORDS];
+  const double baseline_ms = run.is_pack ? w.t_gemm.med : w.t_dense.med;
+  const bool rel_ok = std::isfinite(rel) && rel <= c.opt.tol;
+  const double gate_flops = w.gate_flops;
+
+  j.num("density", density);
+  j.num("density_ref", w.density_ref);
+  j.num("active_per_token", density * H);
+  j.integer("max_row_active", static_cast<long long>(max_row));
+  j.integer("max_tile_count", static_cast<long long>(max_tile));
+  j.num("overflow_rows", ovf_rows / nr);
+  j.num("overflow_tiles", ovf_tiles / nr);
+  j.num("overflow_row_fraction", ovf_rows / std::max(rows, 1.0));
+  j.str("path", path_name(last_path));
+  j.raw("path_counts", "{\"sparse\": " + std::to_string(n_sparse) + ", \"dense\": " + std::to_string(n_dense) + "}");
+  j.integer("stats_format", static_cast<long long>(sc[TWELL_STAT_FORMAT]));
+  j.integer("union_active_neurons", w.union_active);
+  timing_fields(j, t);
+  j.num("dense_ms", baseline_ms);
+  j.str("baseline", run.is_pack ? "cublasLt x W_g^T" : "cublasLt dense gated FFN");
+  j.num("dense_ffn_ms", w.t_dense.med);
+  j.num("gate_gemm_ms", w.t_gemm.med);
+  j.num("speedup_vs_dense", baseline_ms / t.med);
+  j.num("relerr", rel);
+  j.boolean("relerr_ok", rel_ok);
+  j.str("relerr_vs", run.is_pack ? "relu(cuBLAS x W_g^T), set 0, after twell_unpack" : "cuBLAS dense y, set 0");
+  j.num("tflops", gate_flops / (t.med * 1e9));
+  double fc, fb, fl, mem;
+  if (run.is_pack) {
+    const double out_bytes = double(M) * run.row_words * 4;
+    fl = floor_ms(c, gate_flops, w.w_bytes + M * D * 2.0 + out_bytes, &fc, &fb);
+    j.num("gbps", (w.w_bytes + M * D * 2.0 + out_bytes) / (t.med * 1e6));
+    mem = (double(run.ws_bytes) + out_bytes + 4.0 * M) / (double(M) * H * 2);  // vs a dense [M, H] gate output
+    j.integer("packed_bytes", static_cast<long long>(out_bytes));
+  } else {
+    const bool dense_path = last_path == TWELL_PATH_DENSE;
+    fl = dense_path ? floor_ms(c, 3 * gate_flops, 3 * w.w_bytes + w.xy_bytes, &fc, &fb)
+                    : floor_ms(c, gate_flops, w.sparse_bytes, &fc, &fb);
+    j.num("effective_tflops", 3 * gate_flops / (t.med * 1e9));
+    j.num("gbps", (dense_path ? 3 * w.w_bytes + w.xy_bytes : w.sparse_bytes) / (t.med * 1e6));
+    mem = double(run.ws_bytes) / double(w.dense_inter);
+    j.integer("dense_intermediate_bytes", static_cast<long long>(w.dense_inter));
+  }
+  j.num("floor_ms", fl);
+  j.num("floor_compute_ms", fc);
+  j.num("floor_bytes_ms", fb);
+  j.num("floor_fraction", fl / t.med);
+  j.integer("workspace_bytes", static_cast<long long>(run.ws_bytes));
+  j.num("peak_mem_ratio", mem);
+  if (!rel_ok) {
+    j.str("error", "relerr " + std::to_string(rel) + " is not <= tol " + std::to_string(c.opt.tol));
+    ++c.failures;
+  }
+  emit(j);
+  table_row(c, run.bench, cfg, run.kern.c_str(), run.slots, density * H, static_cast<long long>(ovf_rows / nr + 0.5),
+            path_name(last_path), t, baseline_ms, gate_flops / (t.med * 1e9), fl / t.med, mem, rel,
+            rel_ok ? "" : "relerr over tolerance");
+}
+
+// One (kernels, slots, bench) variant: set up, time, check, write its record.
+static void run_twell_variant(Ctx& c, Workload& w, const std::string& kern, int slots, const char* bench) {
+  TwellRun run;
+  run.bench = bench;
+  run.kern = kern;
+  run.slots = slots;
+  run.is_pack = strcmp(bench, "gate_pack") == 0;
+  g_doing = std::string(bench) + " (kernels=" + kern + ", slots=" + std::to_string(slots) + "), " + w.label;
+  Json j;
+  common_fields(c, j, bench, w.cfg, kern.c_str(), slots, w.nsets);
+  std::string err = set_up_twell(c, w, run);
+  Timing t;
+  if (err.empty()) {
+    t = c.timer.time([&](int r, int s) { return call_twell(c, w, run, r, s); }, timing_options(c.opt, w.nsets),
+                     c.stream, &err);
+  }
+  double rel = NAN;
+  if (err.empty()) err = check_twell(c, w, run, &rel);
+  if (!err.empty()) stop_if_context_broken(c, j, err, bench);
+
+  if (err.empty()) {
+    write_twell_record(c, w, run, j, t, rel);
+  } else {
+    j.str("error", err);
+    emit(j);
+    table_row(c, bench, w.cfg, kern.c_str(), slots, NAN, 0, "-", t, NAN, NAN, NAN, NAN, NAN, err);
+    ++c.failures;
+  }
+  if (run.plan) twell_ffn_plan_destroy(run.plan);
+  dfree(run.ws);
+  dfree(run.packed);
+}
+
+static void free_workload(Workload& w) {
+  dfree(w.stats_all);
+  dfree(w.overflow_list);
+  dfree(w.g);
+  dfree(w.u);
+  dfree(w.h);
+  dfree(w.y_ref);
+  for (Set& S : w.sets) {
     dfree(S.x);
     dfree(S.y);
     dfree(S.wg);
@@ -1159,8 +1089,36 @@ static void run_config(Ctx& c, const Config& cfg) {
   }
 }
 
+static void run_config(Ctx& c, const Config& cfg) {
+  Workload w(cfg);
+  char label[256];
+  snprintf(label, sizeof(label), "D=%lld H=%lld M=%lld %s p=%g", (long long)cfg.D, (long long)cfg.H, (long long)cfg.M,
+           cfg.pattern.c_str(), cfg.p);
+  w.label = label;
+  g_doing = std::string("setting up ") + w.label;
+  w.any_ffn = has(cfg.benches, "ffn_sparse") || has(cfg.benches, "ffn_auto") || has(cfg.benches, "ffn_dense");
+  w.any_pack = has(cfg.benches, "gate_pack");
+  if (!plan_memory(c, w)) return;
+
+  make_inputs(c, w);
+  run_dense_baselines(c, w);
+  count_reference_activity(c, w);
+  write_baseline_records(c, w);
+
+  w.total_runs = std::max(c.opt.warmup, 1) + c.opt.reps + 1;  // + the correctness run
+  w.stats_all = dalloc<uint64_t>(size_t(w.total_runs) * TWELL_STATS_WORDS);
+  w.hstats.resize(size_t(w.total_runs) * TWELL_STATS_WORDS);
+  w.overflow_list = w.any_pack ? dalloc<int32_t>(cfg.M) : nullptr;
+  for (const std::string& kern : cfg.kernels)
+    for (int slots : cfg.slots)
+      for (const char* bench : kAllBenches)
+        if (has(cfg.benches, bench)) run_twell_variant(c, w, kern, slots, bench);
+  free_workload(w);
+}
+
 // ---------------------------------------------------------------------------
 int main(int argc, char** argv) {
+  harness::fatal_handler = [](const char* message) { fatal("%s", message); };
   Options opt;
   std::string suite_name;
   Config custom;
@@ -1234,7 +1192,8 @@ int main(int argc, char** argv) {
     bool ok = false;
     for (const char* k : kAllBenches) ok = ok || b == k;
     if (!ok) {
-      fprintf(stderr, "bench_ffn: --benches: '%s' is not one of ffn_sparse, ffn_auto, ffn_dense, gate_pack\n", b.c_str());
+      fprintf(stderr, "bench_ffn: --benches: '%s' is not one of ffn_sparse, ffn_auto, ffn_dense, gate_pack\n",
+              b.c_str());
       return 64;
     }
   }
@@ -1265,7 +1224,9 @@ int main(int argc, char** argv) {
   }
   for (const Config& c : configs) {
     if (c.D < 16 || c.H < 8 || c.M < 1 || c.D % 8 || c.H % 8 || !(c.p > 0 && c.p < 1)) {
-      fprintf(stderr, "bench_ffn: bad configuration D=%lld H=%lld M=%lld p=%g (D >= 16, H >= 8 multiples of 8, M >= 1, 0 < p < 1)\n",
+      fprintf(stderr,
+              "bench_ffn: bad configuration D=%lld H=%lld M=%lld p=%g (D >= 16, H >= 8 multiples of 8, M >= 1, 0 < p < "
+              "1)\n",
               (long long)c.D, (long long)c.H, (long long)c.M, c.p);
       return 64;
     }
@@ -1320,20 +1281,20 @@ int main(int argc, char** argv) {
   c.cc_minor = info.cc_minor;
   c.l2_bytes = info.l2_bytes > 0 ? info.l2_bytes : (50 << 20);
   c.sm90a = info.has_sm90a_kernels != 0;
-  CK(cudaSetDevice(opt.device));
-  CK(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking));
-  LT(cublasLtCreate(&c.lt));
-  CK(cudaMalloc(&c.lt_ws, c.lt_ws_bytes));
+  CUDA_CHECK(cudaSetDevice(opt.device));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasLtCreate(&c.lt));
+  CUDA_CHECK(cudaMalloc(&c.lt_ws, c.lt_ws_bytes));
   c.partials = dalloc<double>(2 * 1024);
-  c.timer.init();
   {
     time_t now = time(nullptr);
     char date[64];
     strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    fprintf(stderr, "# bench_ffn on %s (cc %d.%d, %d SMs, L2 %lld MiB, sm90a kernels %s), %s\n# twell %s\n",
-            info.name, info.cc_major, info.cc_minor, info.sm_count, (long long)(c.l2_bytes >> 20),
-            c.sm90a ? "yes" : "no", date, twell_build_info());
-    fprintf(stderr, "# %zu configurations, reps %d, warm-up %d, %s\n", configs.size(), opt.reps, std::max(opt.warmup, 1),
+    fprintf(stderr, "# bench_ffn on %s (cc %d.%d, %d SMs, L2 %lld MiB, sm90a kernels %s), %s\n# twell %s\n", info.name,
+            info.cc_major, info.cc_minor, info.sm_count, (long long)(c.l2_bytes >> 20), c.sm90a ? "yes" : "no", date,
+            twell_build_info());
+    fprintf(stderr, "# %zu configurations, reps %d, warm-up %d, %s\n", configs.size(), opt.reps,
+            std::max(opt.warmup, 1),
             opt.blocking ? "calls under 1 ms queued behind a blocking kernel (GPU time)" : "no blocking kernel");
     Json j;
     j.str("bench", "environment");
@@ -1358,7 +1319,7 @@ int main(int argc, char** argv) {
   for (const Config& cfg : configs) run_config(c, cfg);
 
   g_doing = "shutting down";
-  CK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaDeviceSynchronize());
   cublasLtDestroy(c.lt);
   fprintf(stderr, "# done: %zu configurations, %d failure(s)\n", configs.size(), c.failures);
   return c.failures ? 1 : 0;

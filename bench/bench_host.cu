@@ -31,43 +31,29 @@
 
 #include "twell/twell.h"
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      fprintf(stderr, "bench_host: %s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(3);                                                                                  \
-    }                                                                                           \
-  } while (0)
+#include "../tests/cuda/harness.cuh"
 
-#define TW(x)                                                                                  \
-  do {                                                                                         \
-    twell_status s_ = (x);                                                                     \
-    if (s_ != TWELL_SUCCESS) {                                                                 \
+#define TW(x)                                                                                              \
+  do {                                                                                                     \
+    twell_status s_ = (x);                                                                                 \
+    if (s_ != TWELL_SUCCESS) {                                                                             \
       fprintf(stderr, "bench_host: %s failed: %s: %s\n", #x, twell_status_string(s_), twell_last_error()); \
-      exit(1);                                                                                 \
-    }                                                                                          \
+      exit(1);                                                                                             \
+    }                                                                                                      \
   } while (0)
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-__device__ uint64_t mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 // Approximately N(0, 1) (sum of four uniforms, rescaled); never exactly zero in bulk.
 __device__ float normal_of(uint64_t key) {
   float s = 0.f;
-  for (int k = 0; k < 4; ++k) s += static_cast<float>(mix(key * 4 + k) >> 40) * (1.0f / 16777216.0f);
+  for (int k = 0; k < 4; ++k) s += static_cast<float>(harness::splitmix64(key * 4 + k) >> 40) * (1.0f / 16777216.0f);
   return (s - 2.0f) * 1.7320508f;
 }
 
-// DESIGN-style synthetic inputs: x N(0,1) with the last column 1; W_g N(0, 1/(D-1))
+// The synthetic inputs of docs/design.md: x N(0,1) with the last column 1; W_g N(0, 1/(D-1))
 // with the last column `last` (a threshold that makes ~p of the neurons fire).
 __global__ void fill_kernel(__nv_bfloat16* a, int64_t rows, int64_t cols, float scale, uint64_t key, int set_last,
                             float last) {
@@ -79,38 +65,9 @@ __global__ void fill_kernel(__nv_bfloat16* a, int64_t rows, int64_t cols, float 
   }
 }
 
-__global__ void hold_kernel(const volatile int* release) {
-  while (*release == 0) __nanosleep(500);
-}
-
 __global__ void empty_kernel(int* p) {
   if (p != nullptr && threadIdx.x == 1024) *p = 0;
 }
-
-double quantile(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t lo = static_cast<size_t>(pos), hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (pos - lo) * (v[hi] - v[lo]);
-}
-
-struct Hold {
-  int* host = nullptr;
-  int* dev = nullptr;
-  Hold() {
-    CK(cudaHostAlloc(&host, sizeof(int), cudaHostAllocMapped));
-    CK(cudaHostGetDevicePointer(&dev, host, 0));
-  }
-  void engage(cudaStream_t s) {
-    *(volatile int*)host = 0;
-    hold_kernel<<<1, 1, 0, s>>>(dev);
-    CK(cudaGetLastError());
-  }
-  void release() {
-    __sync_synchronize();
-    *(volatile int*)host = 1;
-  }
-};
 
 struct HostTiming {
   double med = 0, p10 = 0, p90 = 0;
@@ -119,7 +76,7 @@ struct HostTiming {
 // Host microseconds per call of f(), in `rounds` bursts of `calls` calls each,
 // with the stream held so that nothing waits for the GPU.
 template <class F>
-HostTiming host_time(F&& f, int calls, int rounds, cudaStream_t s, Hold& hold, bool held = true) {
+HostTiming host_time(F&& f, int calls, int rounds, cudaStream_t s, harness::StreamHold& hold, bool held = true) {
   std::vector<double> per_call;
   for (int r = 0; r < rounds; ++r) {
     if (held) hold.engage(s);
@@ -127,10 +84,10 @@ HostTiming host_time(F&& f, int calls, int rounds, cudaStream_t s, Hold& hold, b
     for (int i = 0; i < calls; ++i) f();
     const auto t1 = Clock::now();
     if (held) hold.release();
-    CK(cudaStreamSynchronize(s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
     per_call.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / calls);
   }
-  return {quantile(per_call, 0.5), quantile(per_call, 0.1), quantile(per_call, 0.9)};
+  return {harness::quantile(per_call, 0.5), harness::quantile(per_call, 0.1), harness::quantile(per_call, 0.9)};
 }
 
 std::vector<int64_t> parse_list(const char* s) {
@@ -178,6 +135,10 @@ struct Tensor2 {
 }  // namespace
 
 int main(int argc, char** argv) {
+  harness::fatal_handler = [](const char* message) {
+    fprintf(stderr, "bench_host: %s\n", message);
+    exit(3);
+  };
   int64_t D = 2048, H = 5632;
   std::vector<int64_t> Ms = {1, 16, 64, 2048, 16384};
   std::vector<std::string> paths = {"sparse", "dense", "auto"}, layouts = {"hd"};
@@ -201,8 +162,9 @@ int main(int argc, char** argv) {
     else if (a == "--rounds") rounds = static_cast<int>(std::strtol(val(), nullptr, 10));
     else if (a == "--no-primitives") primitives = false;
     else {
-      fprintf(stderr, "usage: bench_host [--D N] [--H N] [--M list] [--paths sparse,dense,auto] [--layouts hd,dh] "
-                      "[--calls N] [--rounds N] [--no-primitives]\n");
+      fprintf(stderr,
+              "usage: bench_host [--D N] [--H N] [--M list] [--paths sparse,dense,auto] [--layouts hd,dh] "
+              "[--calls N] [--rounds N] [--no-primitives]\n");
       return a == "--help" ? 0 : 64;
     }
   }
@@ -212,88 +174,104 @@ int main(int argc, char** argv) {
     return 2;
   }
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   fprintf(stderr, "# bench_host on %s, D=%lld H=%lld, %d calls x %d rounds\n", prop.name, (long long)D, (long long)H,
           calls, rounds);
   cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  Hold hold;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  harness::StreamHold hold;
 
   if (primitives) {
     int* dummy = nullptr;
-    CK(cudaMalloc(&dummy, 1 << 20));
+    CUDA_CHECK(cudaMalloc(&dummy, 1 << 20));
     void* pinned = nullptr;
-    CK(cudaHostAlloc(&pinned, 4096, cudaHostAllocDefault));
+    CUDA_CHECK(cudaHostAlloc(&pinned, 4096, cudaHostAllocDefault));
     cudaEvent_t ev;
-    CK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     struct Prim {
       const char* name;
       bool held;
     };
     auto emit = [&](const char* name, const HostTiming& t) {
-      printf("{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, "
-             "\"host_us_p90\": %.3f}\n", name, t.med, t.p10, t.p90);
+      printf(
+          "{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, "
+          "\"host_us_p90\": %.3f}\n",
+          name, t.med, t.p10, t.p90);
       fflush(stdout);
     };
     emit("cuda_launch", host_time([&] { empty_kernel<<<1, 32, 0, s>>>(dummy); }, calls, rounds, s, hold));
-    emit("cuda_launch_ex_pdl", host_time([&] {
-           cudaLaunchConfig_t cfg = {};
-           cfg.gridDim = dim3(1);
-           cfg.blockDim = dim3(32);
-           cfg.stream = s;
-           cudaLaunchAttribute at[1];
-           at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-           at[0].val.programmaticStreamSerializationAllowed = 1;
-           cfg.attrs = at;
-           cfg.numAttrs = 1;
-           cudaLaunchKernelEx(&cfg, empty_kernel, dummy);
-         }, calls, rounds, s, hold));
-    emit("cuda_memcpy_d2h_64B_plus_event_record", host_time([&] {
-           cudaMemcpyAsync(pinned, dummy, 64, cudaMemcpyDeviceToHost, s);
-           cudaEventRecord(ev, s);
-         }, calls, rounds, s, hold));
+    emit("cuda_launch_ex_pdl", host_time(
+                                   [&] {
+                                     cudaLaunchConfig_t cfg = {};
+                                     cfg.gridDim = dim3(1);
+                                     cfg.blockDim = dim3(32);
+                                     cfg.stream = s;
+                                     cudaLaunchAttribute at[1];
+                                     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                                     at[0].val.programmaticStreamSerializationAllowed = 1;
+                                     cfg.attrs = at;
+                                     cfg.numAttrs = 1;
+                                     cudaLaunchKernelEx(&cfg, empty_kernel, dummy);
+                                   },
+                                   calls, rounds, s, hold));
+    emit("cuda_memcpy_d2h_64B_plus_event_record", host_time(
+                                                      [&] {
+                                                        cudaMemcpyAsync(pinned, dummy, 64, cudaMemcpyDeviceToHost, s);
+                                                        cudaEventRecord(ev, s);
+                                                      },
+                                                      calls, rounds, s, hold));
     emit("cuda_memset_64B", host_time([&] { cudaMemsetAsync(dummy, 0, 64, s); }, calls, rounds, s, hold));
-    emit("cuda_event_query", host_time([&] { (void)cudaEventQuery(ev); (void)cudaGetLastError(); }, calls, rounds, s,
-                                       hold, false));
-    emit("cuda_func_set_attribute", host_time([&] {
-           cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024);
-         }, calls, rounds, s, hold, false));
-    emit("cuda_occupancy_query", host_time([&] {
-           int b = 0;
-           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, empty_kernel, 256, 0);
-         }, calls, rounds, s, hold, false));
-    emit("cuda_device_attribute", host_time([&] {
-           int v = 0;
-           cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, 0);
-         }, calls, rounds, s, hold, false));
-    emit("cuda_stream_is_capturing", host_time([&] {
-           cudaStreamCaptureStatus st;
-           cudaStreamIsCapturing(s, &st);
-         }, calls, rounds, s, hold, false));
-    CK(cudaFree(dummy));
+    emit("cuda_event_query", host_time(
+                                 [&] {
+                                   (void)cudaEventQuery(ev);
+                                   (void)cudaGetLastError();
+                                 },
+                                 calls, rounds, s, hold, false));
+    emit("cuda_func_set_attribute",
+         host_time([&] { cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024); },
+                   calls, rounds, s, hold, false));
+    emit("cuda_occupancy_query", host_time(
+                                     [&] {
+                                       int b = 0;
+                                       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, empty_kernel, 256, 0);
+                                     },
+                                     calls, rounds, s, hold, false));
+    emit("cuda_device_attribute", host_time(
+                                      [&] {
+                                        int v = 0;
+                                        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, 0);
+                                      },
+                                      calls, rounds, s, hold, false));
+    emit("cuda_stream_is_capturing", host_time(
+                                         [&] {
+                                           cudaStreamCaptureStatus st;
+                                           cudaStreamIsCapturing(s, &st);
+                                         },
+                                         calls, rounds, s, hold, false));
+    CUDA_CHECK(cudaFree(dummy));
   }
 
   const int64_t maxM = *std::max_element(Ms.begin(), Ms.end());
   __nv_bfloat16 *x, *wg, *wu, *wd, *wdt, *y;
-  CK(cudaMalloc(&x, maxM * D * 2));
-  CK(cudaMalloc(&y, maxM * D * 2));
-  CK(cudaMalloc(&wg, H * D * 2));
-  CK(cudaMalloc(&wu, H * D * 2));
-  CK(cudaMalloc(&wd, H * D * 2));
-  CK(cudaMalloc(&wdt, H * D * 2));
+  CUDA_CHECK(cudaMalloc(&x, maxM * D * 2));
+  CUDA_CHECK(cudaMalloc(&y, maxM * D * 2));
+  CUDA_CHECK(cudaMalloc(&wg, H * D * 2));
+  CUDA_CHECK(cudaMalloc(&wu, H * D * 2));
+  CUDA_CHECK(cudaMalloc(&wd, H * D * 2));
+  CUDA_CHECK(cudaMalloc(&wdt, H * D * 2));
   uint64_t* stats;
-  CK(cudaMalloc(&stats, 8 * sizeof(uint64_t)));
+  CUDA_CHECK(cudaMalloc(&stats, 8 * sizeof(uint64_t)));
   fill_kernel<<<1024, 256, 0, s>>>(x, maxM, D, 1.0f, 1, 1, 1.0f);
   fill_kernel<<<1024, 256, 0, s>>>(wg, H, D, 1.0f / std::sqrt(float(D - 1)), 2, 1, -2.5758f);  // p = 0.5%
   fill_kernel<<<1024, 256, 0, s>>>(wu, H, D, 1.0f / std::sqrt(float(D)), 3, 0, 0.f);
   fill_kernel<<<1024, 256, 0, s>>>(wd, H, D, 1.0f / std::sqrt(float(H)), 4, 0, 0.f);
   fill_kernel<<<1024, 256, 0, s>>>(wdt, D, H, 1.0f / std::sqrt(float(H)), 5, 0, 0.f);
-  CK(cudaGetLastError());
-  CK(cudaStreamSynchronize(s));
+  CUDA_CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaStreamSynchronize(s));
 
   cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
   for (const std::string& layout : layouts) {
     for (const std::string& path : paths) {
       twell_ffn_options opt;
@@ -306,7 +284,7 @@ int main(int argc, char** argv) {
         size_t ws_bytes = 0;
         TW(twell_ffn_workspace_size(plan, M, &ws_bytes));
         void* ws = nullptr;
-        CK(cudaMalloc(&ws, ws_bytes));
+        CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
         Tensor2 tx, tg, tu, td, ty, ts;
         tx.set(x, M, D, kDLBfloat, 16);
         tg.set(wg, H, D, kDLBfloat, 16);
@@ -316,32 +294,31 @@ int main(int argc, char** argv) {
         ty.set(y, M, D, kDLBfloat, 16);
         ts.set(stats, 8, 1, kDLUInt, 64);
         ts.dl.ndim = 1;
-        auto call = [&] {
-          TW(twell_ffn_run(plan, &tx.dl, &tg.dl, &tu.dl, &td.dl, &ty.dl, &ts.dl, ws, ws_bytes, s));
-        };
+        auto call = [&] { TW(twell_ffn_run(plan, &tx.dl, &tg.dl, &tu.dl, &td.dl, &ty.dl, &ts.dl, ws, ws_bytes, s)); };
         for (int w = 0; w < 20; ++w) call();  // warm-up (AUTO settles, caches fill)
-        CK(cudaStreamSynchronize(s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
         // Host time: bursts behind the held stream (fewer calls at large M: the queue holds them all).
         const int c = M >= 8192 ? std::min(calls, 16) : calls;
         const HostTiming ht = host_time(call, c, rounds, s, hold);
         // GPU time per call: back-to-back calls between two events.
         const int reps = M >= 8192 ? 20 : 100;
-        CK(cudaEventRecord(e0, s));
+        CUDA_CHECK(cudaEventRecord(e0, s));
         for (int r = 0; r < reps; ++r) call();
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
+        CUDA_CHECK(cudaEventRecord(e1, s));
+        CUDA_CHECK(cudaEventSynchronize(e1));
         float ms = 0;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
         uint64_t hs[8];
-        CK(cudaMemcpy(hs, stats, sizeof(hs), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(hs, stats, sizeof(hs), cudaMemcpyDeviceToHost));
         const char* ran = hs[TWELL_STAT_PATH] == TWELL_PATH_DENSE ? "dense" : "sparse";
-        printf("{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"ffn\", \"D\": %lld, \"H\": %lld, \"M\": %lld, "
-               "\"path\": \"%s\", \"layout\": \"%s\", \"ran_path\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, "
-               "\"host_us_p90\": %.3f, \"gpu_us\": %.3f}\n",
-               (long long)D, (long long)H, (long long)M, path.c_str(), layout.c_str(), ran, ht.med, ht.p10, ht.p90,
-               1000.0 * ms / reps);
+        printf(
+            "{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"ffn\", \"D\": %lld, \"H\": %lld, \"M\": %lld, "
+            "\"path\": \"%s\", \"layout\": \"%s\", \"ran_path\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, "
+            "\"host_us_p90\": %.3f, \"gpu_us\": %.3f}\n",
+            (long long)D, (long long)H, (long long)M, path.c_str(), layout.c_str(), ran, ht.med, ht.p10, ht.p90,
+            1000.0 * ms / reps);
         fflush(stdout);
-        CK(cudaFree(ws));
+        CUDA_CHECK(cudaFree(ws));
       }
       TW(twell_ffn_plan_destroy(plan));
     }

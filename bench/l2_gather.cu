@@ -8,19 +8,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                    \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                      \
-    }                                                                               \
-  } while (0)
+#include "../tests/cuda/harness.cuh"
 
 // Each warp walks `per_warp` random neuron ids; for each it reads row j of A
 // and row j of B (D bf16 each) with 16-byte loads, UNROLL rows in flight.
@@ -50,13 +42,13 @@ int main(int argc, char** argv) {
   const int D = argc > 1 ? atoi(argv[1]) : 2048;
   const int H = argc > 2 ? atoi(argv[2]) : 5632;
   int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const size_t mat = static_cast<size_t>(H) * D * 2;
   uint4 *a, *b;
-  CHECK(cudaMalloc(&a, mat));
-  CHECK(cudaMalloc(&b, mat));
-  CHECK(cudaMemset(a, 1, mat));
-  CHECK(cudaMemset(b, 2, mat));
+  CUDA_CHECK(cudaMalloc(&a, mat));
+  CUDA_CHECK(cudaMalloc(&b, mat));
+  CUDA_CHECK(cudaMemset(a, 1, mat));
+  CUDA_CHECK(cudaMemset(b, 2, mat));
   const int threads = 256, per_warp = 64;
   const int blocks = sms * 8;
   const long warps = static_cast<long>(blocks) * threads / 32;
@@ -65,33 +57,24 @@ int main(int argc, char** argv) {
   for (auto& v : ids) v = rand() % H;
   int* d_ids;
   float* sink;
-  CHECK(cudaMalloc(&d_ids, ids.size() * sizeof(int)));
-  CHECK(cudaMalloc(&sink, 4));
-  CHECK(cudaMemcpy(d_ids, ids.data(), ids.size() * sizeof(int), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&d_ids, ids.size() * sizeof(int)));
+  CUDA_CHECK(cudaMalloc(&sink, 4));
+  CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), ids.size() * sizeof(int), cudaMemcpyHostToDevice));
   const double bytes = static_cast<double>(ids.size()) * 2.0 * D * 2.0;
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
+  harness::Timer timer;
   auto run = [&](auto kernel, const char* name) {
-    for (int w = 0; w < 3; ++w) kernel<<<blocks, threads>>>(a, b, d_ids, per_warp, D / 8, sink);
-    std::vector<float> ms;
-    for (int r = 0; r < 20; ++r) {
-      CHECK(cudaEventRecord(e0));
+    // No rotation: the two matrices are meant to stay in L2.
+    auto call = [&](int, int) {
       kernel<<<blocks, threads>>>(a, b, d_ids, per_warp, D / 8, sink);
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      float t;
-      CHECK(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    const double t = ms[ms.size() / 2] * 1e-3;
-    printf("{\"bench\": \"l2_gather\", \"D\": %d, \"H\": %d, \"rows_in_flight_per_warp\": \"%s\", \"TBps\": %.3f}\n", D, H,
-           name, bytes / t / 1e12);
+      CUDA_CHECK(cudaGetLastError());
+    };
+    const double t = timer.time(call, {.warmup = 3, .reps = 20}, 0).med * 1e-3;
+    printf("{\"bench\": \"l2_gather\", \"D\": %d, \"H\": %d, \"rows_in_flight_per_warp\": \"%s\", \"TBps\": %.3f}\n", D,
+           H, name, bytes / t / 1e12);
   };
   run(gather<1>, "1");
   run(gather<2>, "2");
   run(gather<4>, "4");
-  CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
   return 0;
 }

@@ -1,83 +1,133 @@
-"""Where the host time of a training forward + backward through twell.torch goes (probe)."""
-import time, json, statistics, torch
-import twell.torch as tt
-from twell.torch import _runtime as rt, ops
-from twell.bench_torch import _inputs
+"""Where the host time of a training forward + backward through ``twell.torch`` goes.
 
-acc = {}
-def wrap(obj, name, slot):
-    fn = getattr(obj, name)
+``python3 bench/probe_train_host.py`` (a GPU and the built library; D x H = 2048 x 5632, M = 16 and
+2048, 50 steps each). Every number is microseconds per step, host wall time:
+
+- ``apply`` / ``backward_call``: ``ffn_with_l1`` and ``torch.autograd.backward((y, l1), (dy, dl1))``;
+- ``op_impl.*``: the ops' implementations (argument checks + runner);
+- ``runner.*``: the runners (descriptors, allocations, the library calls);
+- ``lib:*``: inside the C library (launches and the kernels' host waits);
+- ``synced_step_us``: one step with a device synchronisation after it (what the GPU needs);
+- ``trivial_function_fwd_bwd_us``, ``torch_empty_us``, ``one_torch_op_us``: what an
+  ``autograd.Function`` that does nothing, one allocation and one elementwise op cost on this host.
+
+So ``apply - op_impl.forward`` is autograd.Function's share of the forward, ``backward_call -
+op_impl.backward`` the engine's share of the backward, ``runner - lib`` the runners' Python and
+``op_impl - runner`` the checks. Prints one JSON line per M.
+"""
+
+import json
+import time
+
+import torch
+
+import twell.torch as tt
+from twell.bench.pytorch import _inputs
+from twell.torch import _runtime as rt
+from twell.torch import ops
+
+
+class _Id(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _timed(acc, slot, fn):
     def call(*a, **k):
         t0 = time.perf_counter()
         try:
             return fn(*a, **k)
         finally:
             acc[slot] = acc.get(slot, 0.0) + time.perf_counter() - t0
-    setattr(obj, name, call)
-    return fn
 
-class Id(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view(x.shape)
-    @staticmethod
-    def backward(ctx, g):
-        return g
+    return call
 
-out = {}
-for M in (16, 2048):
-    D, H = 2048, 5632
+
+class _TimedLib:
+    """The runner's cffi library with every twell_train_* call timed."""
+
+    def __init__(self, lib, acc):
+        self._lib, self._acc = lib, acc
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        return _timed(self._acc, "lib:" + name, fn) if name.startswith("twell_train_") else fn
+
+
+def _per_call_us(fn, n=200):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) * 1e6 / n
+
+
+def probe(M, D=2048, H=5632, steps=50):
     x, sets = _inputs(torch, D, H, M, 0.005, seed=1)
     leaves = [t.detach().clone().requires_grad_() for t in (x, *sets[0])]
-    dy = torch.randn_like(x); dl1 = torch.full((1,), 1e-3, device="cuda")
+    dy = torch.randn_like(x)
+    dl1 = torch.full((1,), 1e-3, device="cuda")
     key = tt.new_plan_key()
+    acc = {}
+
     def step():
-        for a in leaves: a.grad = None
+        for a in leaves:
+            a.grad = None
         t0 = time.perf_counter()
         y, l1 = tt.ffn_with_l1(*leaves, w_down_layout="dh", plan=key)
         t1 = time.perf_counter()
         torch.autograd.backward((y, l1), (dy, dl1))
-        t2 = time.perf_counter()
-        acc["apply"] = acc.get("apply", 0) + t1 - t0
-        acc["backward_call"] = acc.get("backward_call", 0) + t2 - t1
-    for _ in range(3): step()
-    r = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
-    class Timed:
-        def __init__(s, lib): s._lib = lib
-        def __getattr__(s, name):
-            fn = getattr(s._lib, name)
-            if not name.startswith("twell_train_"): return fn
-            def call(*a):
-                t0 = time.perf_counter()
-                try: return fn(*a)
-                finally: acc["lib:" + name] = acc.get("lib:" + name, 0) + time.perf_counter() - t0
-            return call
-    r.lib = Timed(r.lib)
-    f0 = wrap(r, "forward", "runner.forward"); b0 = wrap(r, "backward", "runner.backward")
-    of = wrap(ops, "_train_forward_cuda", "op_impl.forward"); ob = wrap(ops, "_train_backward_cuda", "op_impl.backward")
-    acc.clear(); torch.cuda.synchronize(); n = 50
-    for _ in range(n): step()
+        acc["apply"] = acc.get("apply", 0.0) + t1 - t0
+        acc["backward_call"] = acc.get("backward_call", 0.0) + time.perf_counter() - t1
+
+    for _ in range(3):
+        step()
+    runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
+    saved = (runner.lib, ops._train_forward_cuda, ops._train_backward_cuda)
+    runner.lib = _TimedLib(runner.lib, acc)
+    runner.forward = _timed(acc, "runner.forward", runner.forward)
+    runner.backward = _timed(acc, "runner.backward", runner.backward)
+    ops._train_forward_cuda = _timed(acc, "op_impl.forward", ops._train_forward_cuda)
+    ops._train_backward_cuda = _timed(acc, "op_impl.backward", ops._train_backward_cuda)
+    try:
+        acc.clear()
+        torch.cuda.synchronize()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    finally:
+        runner.lib, ops._train_forward_cuda, ops._train_backward_cuda = saved
+        del runner.forward, runner.backward
+    res = {k: v * 1e6 / steps for k, v in acc.items()}
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+
+    res["synced_step_us"] = _per_call_us(synced, 20)
+    xi = torch.randn(M, D, device="cuda", requires_grad=True)
+    g = torch.randn(M, D, device="cuda")
+
+    def trivial():
+        xi.grad = None
+        torch.autograd.backward(_Id.apply(xi), g)
+
+    trivial()
+    res["trivial_function_fwd_bwd_us"] = _per_call_us(trivial)
+    res["torch_empty_us"] = _per_call_us(lambda: torch.empty((M, D), dtype=torch.bfloat16, device="cuda"))
+    res["one_torch_op_us"] = _per_call_us(lambda: xi.add(1))
     torch.cuda.synchronize()
-    res = {k: v * 1e6 / n for k, v in acc.items()}
-    ops._train_forward_cuda, ops._train_backward_cuda = of, ob
-    # per-step synchronised: how long the GPU needs (wall with a sync after each step)
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    for _ in range(20):
-        step(); torch.cuda.synchronize()
-    res["synced_step_us"] = (time.perf_counter() - t0) * 1e6 / 20
-    # a trivial autograd.Function forward + backward, and one torch op, on this host
-    xi = torch.randn(M, D, device="cuda", requires_grad=True); g = torch.randn(M, D, device="cuda")
-    for _ in range(10): torch.autograd.backward(Id.apply(xi), g)
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    for _ in range(200):
-        xi.grad = None; torch.autograd.backward(Id.apply(xi), g)
-    res["trivial_function_fwd_bwd_us"] = (time.perf_counter() - t0) * 1e6 / 200
-    t0 = time.perf_counter()
-    for _ in range(200): torch.empty((M, D), dtype=torch.bfloat16, device="cuda")
-    res["torch_empty_us"] = (time.perf_counter() - t0) * 1e6 / 200
-    t0 = time.perf_counter()
-    for _ in range(200): xi.add(1)
-    res["one_torch_op_us"] = (time.perf_counter() - t0) * 1e6 / 200
-    torch.cuda.synchronize()
-    out[M] = res
-    print(M, json.dumps({k: round(v, 1) for k, v in res.items()}), flush=True)
+    return res
+
+
+def main():
+    for M in (16, 2048):
+        print(M, json.dumps({k: round(v, 1) for k, v in probe(M).items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

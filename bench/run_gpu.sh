@@ -90,11 +90,11 @@ fi
 
 if has bench; then
   t0=$(date +%s)
-  timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
+  timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench.ffn --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_ffn.md" ] && cat "$OUT/bench_ffn.md"
   t0=$(date +%s)
-  timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench_train --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
+  timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench.train --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench-train: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_train.md" ] && cat "$OUT/bench_train.md"
 fi
@@ -112,7 +112,7 @@ for line in open(sys.argv[1]):
         print(f"C host time: M={r['M']:>6} path={r['path']:<6} ran={r['ran_path']:<6} host {r['host_us']:7.2f} us  gpu {r['gpu_us']:9.2f} us")
 PY
   t0=$(date +%s)
-  timeout ${TWELL_TORCH_BENCH_TIMEOUT:-300} python3 -m twell.bench_torch --out "$OUT" ${TWELL_TORCH_BENCH_ARGS:-} >> "$OUT/bench_log.txt" 2>&1
+  timeout ${TWELL_TORCH_BENCH_TIMEOUT:-300} python3 -m twell.bench.pytorch --out "$OUT" ${TWELL_TORCH_BENCH_ARGS:-} >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench-torch: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_torch.md" ] && cat "$OUT/bench_torch.md"
 fi

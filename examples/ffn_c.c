@@ -7,13 +7,13 @@
 #include <cuda_runtime_api.h>
 #include <twell/twell.h>
 
-#define TW(call)                                                                          \
-  do {                                                                                    \
-    twell_status s_ = (call);                                                             \
-    if (s_ != TWELL_SUCCESS) {                                                            \
+#define TW(call)                                                                                  \
+  do {                                                                                            \
+    twell_status s_ = (call);                                                                     \
+    if (s_ != TWELL_SUCCESS) {                                                                    \
       fprintf(stderr, "%s failed: %s: %s\n", #call, twell_status_string(s_), twell_last_error()); \
-      return 1;                                                                           \
-    }                                                                                     \
+      return 1;                                                                                   \
+    }                                                                                             \
   } while (0)
 
 static DLTensor matrix(void* data, int64_t* shape, int ndim, uint8_t code, uint8_t bits) {
@@ -33,7 +33,10 @@ static DLTensor matrix(void* data, int64_t* shape, int ndim, uint8_t code, uint8
 
 /* bf16 bits of a float (round to nearest even; no NaN inputs here) */
 static uint16_t bf16(float f) {
-  union { float f; uint32_t u; } v;
+  union {
+    float f;
+    uint32_t u;
+  } v;
   v.f = f;
   return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
@@ -98,7 +101,13 @@ int main(int argc, char** argv) {
            (unsigned long long)hs[TWELL_STAT_ROWS], (double)hs[TWELL_STAT_ACTIVE] / (double)M,
            (unsigned long long)hs[TWELL_STAT_OVERFLOW_ROWS], (unsigned long long)hs[TWELL_STAT_PATH]);
     free(host);
-    cudaFree(x); cudaFree(y); cudaFree(wg); cudaFree(wu); cudaFree(wd); cudaFree(ws); cudaFree(stats);
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(wg);
+    cudaFree(wu);
+    cudaFree(wd);
+    cudaFree(ws);
+    cudaFree(stats);
   }
   TW(twell_ffn_plan_destroy(plan));
   return 0;

@@ -14,7 +14,8 @@
 namespace {
 
 void check(twell_status s, const char* what) {
-  if (s != TWELL_SUCCESS) throw std::runtime_error(std::string(what) + ": " + twell_status_string(s) + ": " + twell_last_error());
+  if (s != TWELL_SUCCESS)
+    throw std::runtime_error(std::string(what) + ": " + twell_status_string(s) + ": " + twell_last_error());
 }
 
 struct PlanDeleter {
@@ -75,7 +76,8 @@ int main() try {
   uint32_t r = 7;
   for (size_t i = 0; i < w.size(); ++i) {
     r = r * 1664525u + 1013904223u;
-    w[i] = bf16(i % D == static_cast<size_t>(D - 1) ? -2.5f : (static_cast<float>(r >> 8) / 8388608.0f - 1.0f) * 0.054f);
+    w[i] =
+        bf16(i % D == static_cast<size_t>(D - 1) ? -2.5f : (static_cast<float>(r >> 8) / 8388608.0f - 1.0f) * 0.054f);
   }
   DeviceBuffer wg(w.size() * 2), wu(w.size() * 2), wd(w.size() * 2), stats(TWELL_STATS_WORDS * 8);
   for (void* p : {wg.ptr, wu.ptr, wd.ptr}) cudaMemcpy(p, w.data(), w.size() * 2, cudaMemcpyHostToDevice);
@@ -93,7 +95,8 @@ int main() try {
     DeviceBuffer x(xh.size() * 2), y(xh.size() * 2), ws(ws_bytes);
     cudaMemcpy(x.ptr, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice);
     View vx(x.ptr, M, D), vy(y.ptr, M, D);
-    check(twell_ffn_run(plan.get(), &vx.t, &vg.t, &vu.t, &vd.t, &vy.t, &vs.t, ws.ptr, ws_bytes, stream), "twell_ffn_run");
+    check(twell_ffn_run(plan.get(), &vx.t, &vg.t, &vu.t, &vd.t, &vy.t, &vs.t, ws.ptr, ws_bytes, stream),
+          "twell_ffn_run");
     uint64_t hs[TWELL_STATS_WORDS];
     cudaMemcpyAsync(hs, stats.ptr, sizeof(hs), cudaMemcpyDeviceToHost, stream);
     cudaStreamSynchronize(stream);

@@ -158,7 +158,8 @@ class TorchAdapter:
         return self.host(a).astype(np.float32)
 
     def full(self, shape, dtype, fill):
-        tdt = {"bfloat16": self.t.bfloat16, "uint32": self.t.uint32, "int32": self.t.int32, "uint64": self.t.uint64}[dtype]
+        t = self.t
+        tdt = {"bfloat16": t.bfloat16, "uint32": t.uint32, "int32": t.int32, "uint64": t.uint64}[dtype]
         out = self.t.empty(shape, dtype=tdt, device="cuda")
         if dtype == "bfloat16":
             out.view(self.t.int16).fill_(np.int16(np.uint16(fill).view(np.int16)))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import twell
 from conftest import library_required
 from twell import _ffi
 
@@ -90,7 +91,7 @@ def test_versions_and_status_strings():
     assert _ffi.ffi.string(lib.twell_status_string(6)) == b"TWELL_ERROR_WORKSPACE"
     assert _ffi.ffi.string(lib.twell_status_string(99)) == b"TWELL_STATUS_UNKNOWN"
     info = _ffi.ffi.string(lib.twell_build_info()).decode()
-    assert "twell 0.1.0" in info and "format v1" in info
+    assert f"twell {twell.__version__}" in info and f"format v{lib.TWELL_FORMAT_VERSION}" in info
 
 
 def test_library_links_cuda_runtime_statically():

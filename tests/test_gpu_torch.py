@@ -122,7 +122,8 @@ def test_autograd_matches_oracle_with_a_visible_l1_term(rng, m, d, h, pattern, l
     assert gs.rel_frobenius(_np(y), yref) < TOL
     assert abs(float(l1.item()) - l1ref) <= 1e-2 * max(l1ref, 1e-6)
     dwd_hd = _np(wd.grad) if lay == "hd" else _np(wd.grad).T
-    for name, got, want, without in (("dx", _np(x.grad), dxr, dx0), ("dw_gate", _np(wg.grad), dwr["w_gate"], dw0["w_gate"]),
+    for name, got, want, without in (("dx", _np(x.grad), dxr, dx0),
+                                     ("dw_gate", _np(wg.grad), dwr["w_gate"], dw0["w_gate"]),
                                      ("dw_up", _np(wu.grad), dwr["w_up"], dw0["w_up"]),
                                      ("dw_down", dwd_hd, dwr["w_down"], dw0["w_down"])):
         assert np.isfinite(got).all(), name

@@ -188,7 +188,8 @@ def _check(got, want, rows=None, tol=1e-2, what="", l1_tol=2e-3):
     gy = got["y"] if rows is None else got["y"][rows]
     if not np.all(gy[zero] == 0):
         bad.append("zero rows")
-    assert not bad, f"{what}failed {bad}: errors {e}; tail rows {got['fstats']['tail_rows']}; {_diagnose(got, want, rows)}"
+    assert not bad, (f"{what}failed {bad}: errors {e}; tail rows {got['fstats']['tail_rows']}; "
+                     f"{_diagnose(got, want, rows)}")
     return e
 
 

@@ -17,11 +17,11 @@ import sysconfig
 import numpy as np
 import pytest
 
-from twell import model as M
 from twell import reference as ref
-from twell import sparsity as sp
-from twell import train as T
-from twell.corpus import SEPARATOR, STDLIB_FILES, stdlib_corpus, text_corpus
+from twell.lm import model as M
+from twell.lm import sparsity as sp
+from twell.lm import train as T
+from twell.lm.corpus import SEPARATOR, STDLIB_FILES, stdlib_corpus, text_corpus
 
 EPS = 1e-6
 RTOL = 1e-5
@@ -243,7 +243,7 @@ def test_adamw_step_matches_formula():
     w0, g0 = p["w"].copy(), p["g"].copy()
     grads = {"w": np.array([[0.3, -0.1]]), "g": np.array([2.0])}
     lr = 0.01
-    for t in (1, 2):
+    for _ in range(2):
         opt.step(p, grads, lr)
     # by hand: constant gradient g -> m_hat = g, v_hat = g^2 at every step
     w = w0.copy()
@@ -273,7 +273,7 @@ def test_clip_and_schedules():
 
 def _tiny_corpus():
     data = np.frombuffer((b"def f(x):\n    return x + 1\n" * 200), dtype=np.uint8)
-    from twell.corpus import Corpus
+    from twell.lm.corpus import Corpus
     return Corpus(train=data[:4000].copy(), val=data[4000:].copy(), meta={"sha256": "x"})
 
 
@@ -429,7 +429,7 @@ def test_export_layout_reproduces_h(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_demo_quick(tmp_path):
-    from twell import demo
+    from twell.lm import demo
     res = demo.run_demo(str(tmp_path), quick=True, progress=False, plots=False, gpu=False,
                         save_model=True, report=None)
     assert set(res["runs"]) == {"dense", f"L1 {demo.DEMO_L1:g}"}
@@ -474,7 +474,7 @@ def test_plots(tmp_path):
 @pytest.mark.gpu
 def test_gpu_check_on_trained_model():
     """The demo's GPU step: kernels on a (quickly) trained model's real activations vs NumPy."""
-    from twell import demo
+    from twell.lm import demo
     mc, tc = demo.demo_configs(quick=True)
     lm, _ = T.train(mc, tc, _tiny_corpus())
     vx, _ = T.val_windows(_tiny_corpus().val, 8, tc.seq_len)

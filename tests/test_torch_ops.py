@@ -164,7 +164,8 @@ BAD_TORCH = [
      r"^the training op needs a gated FFN: w_gate is None$"),
     ("train x host", lambda w: tt.ffn_with_l1(_x(), *w), _ffi.InvalidArgumentError, r"^x is on cpu"),
     ("op direct host", lambda w: torch.ops.twell.ffn(_x(), *w), _ffi.InvalidArgumentError, r"^x is on cpu"),
-    ("op backward host", lambda w: torch.ops.twell.train_backward(_x(), None, _x(), *w, torch.empty(4, dtype=torch.uint8)),
+    ("op backward host",
+     lambda w: torch.ops.twell.train_backward(_x(), None, _x(), *w, torch.empty(4, dtype=torch.uint8)),
      _ffi.InvalidArgumentError, r"^dy is on cpu"),
 ]
 

@@ -72,7 +72,8 @@ def _pack_args(T, m=16, h=512, slots=32):
 
 def _pack(lib, a, slots=32, ws=FAKE + (4 << 30), ws_bytes=1 << 20):
     ffi = _ffi.ffi
-    return lib.twell_pack(a["pre"], slots, a["packed"], a["rows"], a["stats"], ffi.cast("void *", ws), ws_bytes, ffi.NULL)
+    return lib.twell_pack(a["pre"], slots, a["packed"], a["rows"], a["stats"], ffi.cast("void *", ws), ws_bytes,
+                          ffi.NULL)
 
 
 @pytest.mark.parametrize("case,expected,fragments", [
@@ -91,7 +92,8 @@ def _pack(lib, a, slots=32, ws=FAKE + (4 << 30), ws_bytes=1 << 20):
     ("offset_misaligned", "TWELL_ERROR_INVALID_ARGUMENT", ["pre data pointer is not 16-byte aligned"]),
     ("inner_stride", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has inner stride 2, expected 1"]),
     ("row_stride_small", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has row stride 256 < 512 columns"]),
-    ("row_stride_unaligned", "TWELL_ERROR_INVALID_ARGUMENT", ["pre row stride (514 elements) is not a multiple of 16 bytes"]),
+    ("row_stride_unaligned", "TWELL_ERROR_INVALID_ARGUMENT",
+     ["pre row stride (514 elements) is not a multiple of 16 bytes"]),
     ("null_data", "TWELL_ERROR_INVALID_ARGUMENT", ["pre has NULL data"]),
     ("alias", "TWELL_ERROR_INVALID_ARGUMENT", ["packed overlaps pre"]),
     ("other_device", "TWELL_ERROR_INVALID_ARGUMENT", ["packed is on CUDA device 1 but pre is on device 0"]),
@@ -333,14 +335,17 @@ BAD_DLPACK = [
     ("ffn x str", lambda ops: ops.ffn("x", _W(), _W(), _W()), r"^x must be a CUDA array implementing __dlpack__"),
     ("ffn x bf16 numpy", lambda ops: ops.ffn(_bf16_host((4, 64)), _W(), _W(), _W()),
      r"^x is a ndarray in host memory \(CPU\); twell's kernels need CUDA device arrays"),
-    ("ffn x f32 numpy", lambda ops: ops.ffn(np.zeros((4, 64), np.float32), _W(), _W(), _W()), r"^x is a ndarray in host"),
+    ("ffn x f32 numpy", lambda ops: ops.ffn(np.zeros((4, 64), np.float32), _W(), _W(), _W()),
+     r"^x is a ndarray in host"),
     ("gate_pack w None", lambda ops: ops.gate_pack(_bf16_host((4, 64)), None), r"^x is a ndarray in host|^w is None"),
     ("unpack hidden str", lambda ops: ops.unpack(_bf16_host((4, 32)), "256"), r"^packed is a ndarray in host"),
     ("plan d_model str", lambda ops: ops.FFNPlan("64", 256), r"^d_model must be an int, got str '64'$"),
     ("plan slots float", lambda ops: ops.FFNPlan(64, 256, slots=32.0), r"^slots must be an int, got float"),
-    ("plan threshold str", lambda ops: ops.FFNPlan(64, 256, dense_threshold="0.1"), r"^dense_threshold must be a float"),
+    ("plan threshold str", lambda ops: ops.FFNPlan(64, 256, dense_threshold="0.1"),
+     r"^dense_threshold must be a float"),
     ("read_stats None", lambda ops: ops.read_stats(None), r"^stats must be a uint64\[8\] array, got NoneType$"),
-    ("read_stats shape", lambda ops: ops.read_stats(np.zeros(3, np.uint64)), r"^stats has shape \(3,\), expected \(8,\)$"),
+    ("read_stats shape", lambda ops: ops.read_stats(np.zeros(3, np.uint64)),
+     r"^stats has shape \(3,\), expected \(8,\)$"),
     ("layer w_up None", lambda ops: ops.TwellFFN(None, None, _W()), r"^w_up is None, expected a CUDA array$"),
     ("layer w_up host", lambda ops: ops.TwellFFN(None, _W(), _W()), r"^w_up is a ndarray in host memory"),
 ]

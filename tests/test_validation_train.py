@@ -67,7 +67,7 @@ def test_train_plan_rejects_options(lib, d, h, kw, expected, fragment):
 
 
 def test_saved_sizes_per_route(lib):
-    m, d, h, w = 1000, 2048, 5632, 64
+    m, h, w = 1000, 5632, 64  # _plan's shape: D = 2048, H = 5632
     hybrid = _size(lib, lib.twell_train_saved_size, _plan(lib, path=1), m)
     dense = _size(lib, lib.twell_train_saved_size, _plan(lib, path=2), m)
     auto = _size(lib, lib.twell_train_saved_size, _plan(lib, path=0), m)

@@ -2,7 +2,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "gate_gemm/gate_gemm.h"
 
 #ifndef TWELL_CUDA_ARCHS

@@ -5,7 +5,7 @@
 #include <new>
 
 #include "capi/device_guard.h"
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "capi/plan_common.h"
 #include "capi/replay_cache.h"
 #include "capi/tensor_check.h"
@@ -20,8 +20,7 @@ struct twell_ffn_plan {
   int64_t D = 0, H = 0;
   twell_ffn_options opt{};
   int device = 0;
-  int sm_count = 1;
-  bool use_sm90 = false;
+  PlanDevice dev;  // read at the first run
   // TWELL_PATH_AUTO, eager calls (ffn/auto_route.h): a recent call's
   // statistics arrive in pinned host memory through an async copy, issued at
   // most every kStatsEvery calls and read only once its event has completed,
@@ -46,56 +45,33 @@ namespace {
 #define TRY TWELL_TRY
 
 constexpr int64_t kDefaultChunkRows = 4096;
-constexpr int64_t kMaxDim = int64_t(1) << 20;
 
 twell_status check_options(int64_t D, int64_t H, const twell_ffn_options* o) {
   if (o == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options is NULL (use twell_ffn_options_default)");
-  if (D <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "d_model is %" PRId64 ", expected a positive size", D);
-  if (H <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "hidden is %" PRId64 ", expected a positive size", H);
-  if (D % 8 != 0 || D > 16384) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "d_model is %" PRId64 ", expected a multiple of 8 in [8, 16384]", D);
-  }
-  if (H % 8 != 0 || H > kMaxDim) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "hidden is %" PRId64 ", expected a multiple of 8 in [8, %" PRId64 "]", H, kMaxDim);
-  }
-  if (o->gated != 0 && o->gated != 1) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.gated is %d, expected 0 or 1", o->gated);
-  if (o->slots != 32 && o->slots != 64 && o->slots != 128) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.slots is %d, expected 32, 64 or 128", o->slots);
-  }
-  if (o->w_down_layout != TWELL_LAYOUT_HD && o->w_down_layout != TWELL_LAYOUT_DH) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.w_down_layout is %d, expected TWELL_LAYOUT_HD (0) or TWELL_LAYOUT_DH (1)",
-                o->w_down_layout);
-  }
-  if (o->path < TWELL_PATH_AUTO || o->path > TWELL_PATH_DENSE) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.path is %d, expected 0 (auto), 1 (sparse) or 2 (dense)", o->path);
-  }
-  if (o->kernels < TWELL_KERNELS_AUTO || o->kernels > TWELL_KERNELS_SM90) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.kernels is %d, expected 0 (auto), 1 (portable) or 2 (sm90)", o->kernels);
-  }
-  if (o->kernels == TWELL_KERNELS_SM90 && !gate_pack_sm90_compiled()) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but this build has no sm_90a kernels");
-  }
+  TRY(check_plan_dims(D, H));
+  if (o->gated != 0 && o->gated != 1)
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.gated is %d, expected 0 or 1", o->gated);
+  TRY(check_plan_options(o->slots, o->w_down_layout, o->path, o->kernels));
   if (o->chunk_rows < 0 || (o->chunk_rows > 0 && o->chunk_rows < 16)) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.chunk_rows is %d, expected 0 (default) or >= 16", o->chunk_rows);
   }
   if (!(o->dense_threshold >= 0.0 && o->dense_threshold <= 1.0)) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.dense_threshold is %g, expected a fraction in [0, 1]", o->dense_threshold);
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.dense_threshold is %g, expected a fraction in [0, 1]",
+                o->dense_threshold);
   }
   return TWELL_SUCCESS;
 }
 
 FfnProblem problem_of(const twell_ffn_plan* plan, int64_t M) {
-  FfnProblem p;
-  p.M = M;
-  p.D = plan->D;
-  p.H = plan->H;
-  p.gated = plan->opt.gated == 1;
-  p.slots = plan->opt.slots;
-  p.w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
-  p.use_sm90 = plan->use_sm90;
-  p.sm_count = plan->sm_count;
-  p.chunk_rows = plan->opt.chunk_rows > 0 ? plan->opt.chunk_rows : kDefaultChunkRows;
-  return p;
+  return FfnProblem{.M = M,
+                    .D = plan->D,
+                    .H = plan->H,
+                    .gated = plan->opt.gated == 1,
+                    .slots = plan->opt.slots,
+                    .w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH,
+                    .use_sm90 = plan->dev.use_sm90,
+                    .sm_count = plan->dev.sm_count,
+                    .chunk_rows = plan->opt.chunk_rows > 0 ? plan->opt.chunk_rows : kDefaultChunkRows};
 }
 
 // Eager AUTO calls: the rule of ffn/auto_route.h on the newest statistics the
@@ -117,22 +93,11 @@ int choose_path(twell_ffn_plan* plan) {
   return auto_path(plan->have_stats ? plan->last_stats : nullptr, plan->calls, plan->opt.dense_threshold, plan->H);
 }
 
-twell_status check_stats(DLTensor* stats, Mat* out, bool required) {
-  MatSpec ss{"stats", DType::kU64, 1};
-  ss.cols = TWELL_STATS_WORDS;
-  ss.vector_aligned = false;
-  return check_tensor(stats, ss, out, !required);
-}
-
-
 // Device state is set up at the first run (after that call's argument checks),
 // so plans can be made, sized and argument-checked on machines without a GPU.
 twell_status ensure_device(twell_ffn_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  PlanDevice dev;
-  TRY(probe_plan_device(p->device, p->opt.kernels, &dev));
-  p->sm_count = dev.sm_count;
-  p->use_sm90 = dev.use_sm90;
+  TRY(probe_plan_device(p->device, p->opt.kernels, &p->dev));
   cudaError_t err;
   if ((err = cudaHostAlloc(reinterpret_cast<void**>(&p->host_stats), TWELL_STATS_WORDS * sizeof(uint64_t),
                            cudaHostAllocDefault)) != cudaSuccess) {
@@ -193,18 +158,7 @@ TWELL_API twell_status twell_ffn_supported(int64_t d_model, int64_t hidden, cons
 
 TWELL_API twell_status twell_ffn_plan_create(twell_ffn_plan** plan, int64_t d_model, int64_t hidden,
                                              const twell_ffn_options* options, int32_t device) {
-  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  *plan = nullptr;
-  TRY(check_options(d_model, hidden, options));
-  if (device < 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "device is %d, expected a CUDA ordinal >= 0", device);
-  auto* p = new (std::nothrow) twell_ffn_plan;
-  if (p == nullptr) return fail(TWELL_ERROR_OUT_OF_MEMORY, "plan allocation failed");
-  p->D = d_model;
-  p->H = hidden;
-  p->opt = *options;
-  p->device = device;
-  *plan = p;
-  return ok();
+  return create_plan(plan, d_model, hidden, options, device, check_options);
 }
 
 TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan) {
@@ -256,64 +210,46 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   const int64_t D = plan->D, H = plan->H;
   const bool gated = plan->opt.gated == 1, dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
   Mat mx, mg, mu, md, my, ms;
-  MatSpec xs{"x", DType::kBF16};
-  xs.cols = D;
-  TRY(check_tensor(x, xs, &mx));
+  TRY(check_tensor(x, MatSpec{.name = "x", .dtype = DType::kBF16, .cols = D}, &mx));
   const int64_t M = mx.rows;
   if (gated) {
-    MatSpec gs{"w_gate", DType::kBF16};
-    gs.rows = H;
-    gs.cols = D;
-    TRY(check_tensor(w_gate, gs, &mg));
+    TRY(check_weight(w_gate, "w_gate", H, D, &mg));
   } else if (w_gate != nullptr) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "w_gate must be NULL for a non-gated plan");
   }
-  MatSpec us{"w_up", DType::kBF16};
-  us.rows = H;
-  us.cols = D;
-  TRY(check_tensor(w_up, us, &mu));
-  MatSpec ds{dh ? "w_down (layout TWELL_LAYOUT_DH, [D, H])" : "w_down (layout TWELL_LAYOUT_HD, [H, D])", DType::kBF16};
-  ds.rows = dh ? D : H;
-  ds.cols = dh ? H : D;
-  TRY(check_tensor(w_down, ds, &md));
-  MatSpec ys{"y", DType::kBF16};
-  ys.rows = M;
-  ys.cols = D;
-  TRY(check_tensor(y, ys, &my));
-  TRY(check_stats(stats, &ms, false));
+  TRY(check_weight(w_up, "w_up", H, D, &mu));
+  TRY(check_w_down(w_down, /*gradient=*/false, dh, D, H, &md));
+  TRY(check_tensor(y, MatSpec{.name = "y", .dtype = DType::kBF16, .rows = M, .cols = D}, &my));
+  TRY(check_stats_tensor(stats, TWELL_STATS_WORDS, /*required=*/false, &ms));
   const NamedMat ins[] = {{&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
   const NamedMat outs[] = {{&my, "y"}, {&ms, "stats"}};
   TRY(check_call_tensors(plan->device, ins, 4, outs, 2));
   const FfnProblem prob = problem_of(plan, M);
   const FfnWorkspace wl = ffn_workspace(prob);
-  TRY(check_buffer(workspace, workspace_bytes, wl.total, "workspace", TWELL_ERROR_WORKSPACE, "twell_ffn_workspace_size"));
+  TRY(check_buffer(workspace, workspace_bytes, wl.total, "workspace", TWELL_ERROR_WORKSPACE,
+                   "twell_ffn_workspace_size"));
 
   DeviceGuard guard;
-  cudaError_t err = guard.enter(plan->device);
-  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(enter_plan_device(&guard, plan->device));
+  cudaError_t err;
   auto s = static_cast<cudaStream_t>(stream);
   bool capturing = false;
   TRY(stream_capture_state(s, &capturing));
   TRY(capturing ? ensure_device_capture_safe(plan) : ensure_device(plan));
   const FfnProblem run_prob = problem_of(plan, M);  // now with the device's properties
   if (M == 0) {  // nothing to compute; the statistics still describe the call
-    if (ms.ptr != nullptr && (err = stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, s)) != cudaSuccess) {
+    if (ms.ptr != nullptr &&
+        (err = stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, s)) != cudaSuccess) {
       return fail_cuda(err, "stats init");
     }
     return ok();
   }
-  FfnTensors t;
-  t.x = reinterpret_cast<const bf16*>(mx.ptr);
-  t.ldx = mx.ld;
-  t.w_gate = reinterpret_cast<const bf16*>(mg.ptr);
-  t.ldw_gate = mg.ld;
-  t.w_up = reinterpret_cast<const bf16*>(mu.ptr);
-  t.ldw_up = mu.ld;
-  t.w_down = reinterpret_cast<const bf16*>(md.ptr);
-  t.ldw_down = md.ld;
-  t.y = reinterpret_cast<bf16*>(my.ptr);
-  t.ldy = my.ld;
-  t.stats = reinterpret_cast<u64*>(ms.ptr);
+  const FfnTensors t{.x = mx.ref<const bf16>(),
+                     .w_gate = mg.ref<const bf16>(),
+                     .w_up = mu.ref<const bf16>(),
+                     .w_down = md.ref<const bf16>(),
+                     .y = my.ref<bf16>(),
+                     .stats = reinterpret_cast<u64*>(ms.ptr)};
   auto* ws = static_cast<char*>(workspace);
   if (capturing) {
     // Captured: AUTO decides on the device at every replay; the fixed paths
@@ -329,21 +265,21 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
   ReplayKey key;  // everything the launch sequence depends on (replay_cache.h)
   key.add(static_cast<uint64_t>(path));
   key.add(static_cast<uint64_t>(M));
-  for (const void* ptr : {static_cast<const void*>(t.x), static_cast<const void*>(t.w_gate),
-                          static_cast<const void*>(t.w_up), static_cast<const void*>(t.w_down),
-                          static_cast<const void*>(t.y), static_cast<const void*>(t.stats),
-                          static_cast<const void*>(ws)}) {
+  for (const void* ptr :
+       {static_cast<const void*>(t.x.ptr), static_cast<const void*>(t.w_gate.ptr), static_cast<const void*>(t.w_up.ptr),
+        static_cast<const void*>(t.w_down.ptr), static_cast<const void*>(t.y.ptr), static_cast<const void*>(t.stats),
+        static_cast<const void*>(ws)}) {
     key.add_ptr(ptr);
   }
-  for (int64_t ld : {t.ldx, t.ldw_gate, t.ldw_up, t.ldw_down, t.ldy}) key.add(static_cast<uint64_t>(ld));
+  for (int64_t ld : {t.x.ld, t.w_gate.ld, t.w_up.ld, t.w_down.ld, t.y.ld}) key.add(static_cast<uint64_t>(ld));
   TRY(plan->replay.run(key, s, plan->side, [&](cudaStream_t on) {
     return path == TWELL_PATH_DENSE ? ffn_run_dense(run_prob, t, ws, on) : ffn_run_sparse(run_prob, t, ws, on);
   }));
   ++plan->calls;
   if (plan->opt.path == TWELL_PATH_AUTO && !plan->stats_pending && plan->calls - plan->last_copy_call >= kStatsEvery) {
     const u64* dev_stats = t.stats != nullptr ? t.stats : reinterpret_cast<const u64*>(ws + wl.stats);
-    if ((err = cudaMemcpyAsync(plan->host_stats, dev_stats, TWELL_STATS_WORDS * sizeof(u64), cudaMemcpyDeviceToHost, s)) !=
-            cudaSuccess ||
+    if ((err = cudaMemcpyAsync(plan->host_stats, dev_stats, TWELL_STATS_WORDS * sizeof(u64), cudaMemcpyDeviceToHost,
+                               s)) != cudaSuccess ||
         (err = cudaEventRecord(plan->stats_ready, s)) != cudaSuccess) {
       return fail_cuda(err, "copying the statistics for TWELL_PATH_AUTO");
     }
@@ -354,30 +290,21 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
 }
 
 TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, const DLTensor* w, DLTensor* packed,
-                                       DLTensor* overflow_rows, DLTensor* stats, void* workspace, size_t workspace_bytes,
-                                       void* stream) {
+                                       DLTensor* overflow_rows, DLTensor* stats, void* workspace,
+                                       size_t workspace_bytes, void* stream) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
   const int64_t D = plan->D, H = plan->H;
   Mat mx, mw, mp, mr, ms;
-  MatSpec xs{"x", DType::kBF16};
-  xs.cols = D;
-  TRY(check_tensor(x, xs, &mx));
+  TRY(check_tensor(x, MatSpec{.name = "x", .dtype = DType::kBF16, .cols = D}, &mx));
   const int64_t M = mx.rows;
-  MatSpec wsp{"w", DType::kBF16};
-  wsp.rows = H;
-  wsp.cols = D;
-  TRY(check_tensor(w, wsp, &mw));
-  MatSpec ps{"packed", DType::kU32};
-  ps.rows = M;
-  ps.cols = tiles_for(H) * plan->opt.slots;
-  ps.compact = true;
+  TRY(check_weight(w, "w", H, D, &mw));
+  const MatSpec ps{
+      .name = "packed", .dtype = DType::kU32, .rows = M, .cols = tiles_for(H) * plan->opt.slots, .compact = true};
   TRY(check_tensor(packed, ps, &mp));
-  MatSpec rs{"overflow_rows", DType::kI32, 1};
-  rs.cols = M;
-  rs.vector_aligned = false;
-  rs.compact = true;
+  const MatSpec rs{
+      .name = "overflow_rows", .dtype = DType::kI32, .ndim = 1, .cols = M, .compact = true, .vector_aligned = false};
   TRY(check_tensor(overflow_rows, rs, &mr));
-  TRY(check_stats(stats, &ms, true));
+  TRY(check_stats_tensor(stats, TWELL_STATS_WORDS, /*required=*/true, &ms));
   const Mat* all[] = {&mx, &mw, &mp, &mr, &ms};
   const char* names[] = {"x", "w", "packed", "overflow_rows", "stats"};
   for (int i = 0; i < 5; ++i) TRY(check_on_plan_device(plan->device, *all[i], names[i]));
@@ -388,16 +315,16 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, 
   TRY(check_buffer(workspace, workspace_bytes, ffn_workspace(prob).total, "workspace", TWELL_ERROR_WORKSPACE,
                    "twell_ffn_workspace_size"));
   DeviceGuard guard;
-  cudaError_t err = guard.enter(plan->device);
-  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(enter_plan_device(&guard, plan->device));
   bool capturing = false;
   TRY(stream_capture_state(static_cast<cudaStream_t>(stream), &capturing));
   TRY(capturing ? ensure_device_capture_safe(plan) : ensure_device(plan));
   if (M == 0) {
-    err = stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, static_cast<cudaStream_t>(stream));
+    const cudaError_t err =
+        stats_init(reinterpret_cast<u64*>(ms.ptr), 0, TWELL_PATH_SPARSE, static_cast<cudaStream_t>(stream));
     return err == cudaSuccess ? ok() : fail_cuda(err, "stats init");
   }
-  TRY(gate_pack_run(problem_of(plan, M), reinterpret_cast<const bf16*>(mx.ptr), mx.ld, reinterpret_cast<const bf16*>(mw.ptr), mw.ld,
+  TRY(gate_pack_run(problem_of(plan, M), mx.ref<const bf16>(), mw.ref<const bf16>(),
                     reinterpret_cast<uint32_t*>(mp.ptr), reinterpret_cast<int32_t*>(mr.ptr),
                     reinterpret_cast<u64*>(ms.ptr), static_cast<char*>(workspace), static_cast<cudaStream_t>(stream)));
   return ok();

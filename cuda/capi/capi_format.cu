@@ -3,7 +3,7 @@
 #include <cstdio>
 
 #include "capi/device_guard.h"
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "capi/plan_common.h"
 #include "capi/tensor_check.h"
 #include "format/pack.h"

@@ -8,7 +8,7 @@
 #include <new>
 
 #include "capi/device_guard.h"
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "capi/plan_common.h"
 #include "capi/tensor_check.h"
 #include "gate_gemm/gate_gemm.h"
@@ -20,8 +20,7 @@ struct twell_train_plan {
   int64_t D = 0, H = 0;
   twell_train_options opt{};
   int device = 0;
-  int sm_count = 1;
-  bool use_sm90 = false;
+  PlanDevice dev;  // read at the first run
   bool device_ready = false;
   int64_t l2_bytes = 0;
   // TWELL_PATH_AUTO: the route the next forward takes (hybrid until a forward
@@ -37,37 +36,14 @@ namespace {
 
 #define TRY TWELL_TRY
 
-constexpr int64_t kMaxDim = int64_t(1) << 20;
-
 twell_status check_options(int64_t D, int64_t H, const twell_train_options* o) {
   if (o == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "options is NULL (use twell_train_options_default)");
-  if (D <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "d_model is %" PRId64 ", expected a positive size", D);
-  if (H <= 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "hidden is %" PRId64 ", expected a positive size", H);
-  if (D % 8 != 0 || D > 16384) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "d_model is %" PRId64 ", expected a multiple of 8 in [8, 16384]", D);
-  }
-  if (H % 8 != 0 || H > kMaxDim) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "hidden is %" PRId64 ", expected a multiple of 8 in [8, %" PRId64 "]", H, kMaxDim);
-  }
+  TRY(check_plan_dims(D, H));
   if (o->ell_width < 8 || o->ell_width > 256 || o->ell_width % 8 != 0) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.ell_width is %d, expected a multiple of 8 in [8, 256]", o->ell_width);
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.ell_width is %d, expected a multiple of 8 in [8, 256]",
+                o->ell_width);
   }
-  if (o->slots != 32 && o->slots != 64 && o->slots != 128) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.slots is %d, expected 32, 64 or 128", o->slots);
-  }
-  if (o->w_down_layout != TWELL_LAYOUT_HD && o->w_down_layout != TWELL_LAYOUT_DH) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.w_down_layout is %d, expected TWELL_LAYOUT_HD (0) or TWELL_LAYOUT_DH (1)",
-                o->w_down_layout);
-  }
-  if (o->path < TWELL_PATH_AUTO || o->path > TWELL_PATH_DENSE) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.path is %d, expected 0 (auto), 1 (sparse) or 2 (dense)", o->path);
-  }
-  if (o->kernels < TWELL_KERNELS_AUTO || o->kernels > TWELL_KERNELS_SM90) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.kernels is %d, expected 0 (auto), 1 (portable) or 2 (sm90)", o->kernels);
-  }
-  if (o->kernels == TWELL_KERNELS_SM90 && !gate_pack_sm90_compiled()) {
-    return fail(TWELL_ERROR_UNSUPPORTED, "options.kernels is TWELL_KERNELS_SM90 but this build has no sm_90a kernels");
-  }
+  TRY(check_plan_options(o->slots, o->w_down_layout, o->path, o->kernels));
   if (o->tail_chunk_rows < 0 || (o->tail_chunk_rows > 0 && o->tail_chunk_rows < 16)) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "options.tail_chunk_rows is %d, expected 0 (default) or >= 16",
                 o->tail_chunk_rows);
@@ -76,17 +52,16 @@ twell_status check_options(int64_t D, int64_t H, const twell_train_options* o) {
 }
 
 TrainProblem problem_of(const twell_train_plan* plan, int64_t M) {
-  TrainProblem p;
-  p.M = M;
-  p.D = plan->D;
-  p.H = plan->H;
-  p.W = plan->opt.ell_width;
-  p.slots = plan->opt.slots;
-  p.w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
-  p.use_sm90 = plan->use_sm90;
-  p.sm_count = plan->sm_count;
-  p.chunk = plan->opt.tail_chunk_rows > 0 ? plan->opt.tail_chunk_rows : TWELL_TRAIN_TAIL_CHUNK_DEFAULT;
-  return p;
+  return TrainProblem{
+      .M = M,
+      .D = plan->D,
+      .H = plan->H,
+      .W = plan->opt.ell_width,
+      .slots = plan->opt.slots,
+      .w_down_dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH,
+      .use_sm90 = plan->dev.use_sm90,
+      .sm_count = plan->dev.sm_count,
+      .chunk = plan->opt.tail_chunk_rows > 0 ? plan->opt.tail_chunk_rows : TWELL_TRAIN_TAIL_CHUNK_DEFAULT};
 }
 
 // TWELL_PATH_AUTO's cost model (measured on an H100, D=2048, H=5632: the
@@ -111,8 +86,8 @@ Route forward_route(const twell_train_plan* plan, const TrainProblem& prob, size
   if (plan->opt.path == TWELL_PATH_DENSE) return Route::kDense;
   if (plan->opt.path == TWELL_PATH_SPARSE || !plan->prefer_dense) return Route::kHybrid;
   // AUTO preferring dense: only if the caller's buffers were sized for it.
-  const bool fits = saved_bytes >= train_dense_saved_layout(prob.M, prob.H).total &&
-                    train_dense_chunk(prob, workspace_bytes) > 0;
+  const bool fits =
+      saved_bytes >= train_dense_saved_layout(prob.M, prob.H).total && train_dense_chunk(prob, workspace_bytes) > 0;
   return fits ? Route::kDense : Route::kHybrid;
 }
 
@@ -127,8 +102,10 @@ size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
   const size_t hybrid = train_workspace(prob).total;
   switch (plan->opt.path) {
     case TWELL_PATH_SPARSE: return hybrid;
-    case TWELL_PATH_DENSE: return train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), kDenseChunkMax));
-    default: return std::max(hybrid, train_dense_workspace_bytes(prob, std::min<int64_t>(std::max<int64_t>(prob.M, 1), 1024)));
+    case TWELL_PATH_DENSE:
+      return train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), kDenseChunkMax));
+    default:
+      return std::max(hybrid, train_dense_workspace_bytes(prob, std::min<int64_t>(std::max<int64_t>(prob.M, 1), 1024)));
   }
 }
 
@@ -178,8 +155,8 @@ void update_preference(twell_train_plan* plan, Route r, const TrainProblem& prob
   plan->readback_host[2] = static_cast<u64>(prob.M);
   if (cudaMemcpyAsync(plan->readback_host, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s) ==
           cudaSuccess &&
-      cudaMemcpyAsync(plan->readback_host + 1, train_dense_over_width(prob, ws), sizeof(u64),
-                      cudaMemcpyDeviceToHost, s) == cudaSuccess &&
+      cudaMemcpyAsync(plan->readback_host + 1, train_dense_over_width(prob, ws), sizeof(u64), cudaMemcpyDeviceToHost,
+                      s) == cudaSuccess &&
       cudaEventRecord(plan->readback, s) == cudaSuccess) {
     plan->readback_pending = true;
   } else {
@@ -187,11 +164,9 @@ void update_preference(twell_train_plan* plan, Route r, const TrainProblem& prob
   }
 }
 
-twell_status check_stats(DLTensor* stats, Mat* out) {
-  MatSpec ss{"stats", DType::kU64, 1};
-  ss.cols = TWELL_TRAIN_STATS_WORDS;
-  ss.vector_aligned = false;
-  return check_tensor(stats, ss, out, true);
+// Training statistics: optional (NULL allowed).
+twell_status check_stats(const DLTensor* stats, Mat* out) {
+  return check_stats_tensor(stats, TWELL_TRAIN_STATS_WORDS, /*required=*/false, out);
 }
 
 // A raw buffer [ptr, ptr + bytes) must not overlap a tensor.
@@ -208,33 +183,26 @@ twell_status check_buffer_alias(const void* ptr, size_t bytes, const char* name,
 twell_status check_weights(const twell_train_plan* plan, const DLTensor* w_gate, const DLTensor* w_up,
                            const DLTensor* w_down, Mat* mg, Mat* mu, Mat* md) {
   const int64_t D = plan->D, H = plan->H;
-  const bool dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
-  MatSpec gs{"w_gate", DType::kBF16};
-  gs.rows = H;
-  gs.cols = D;
-  TRY(check_tensor(w_gate, gs, mg));
-  MatSpec us{"w_up", DType::kBF16};
-  us.rows = H;
-  us.cols = D;
-  TRY(check_tensor(w_up, us, mu));
-  MatSpec ds{dh ? "w_down (layout TWELL_LAYOUT_DH, [D, H])" : "w_down (layout TWELL_LAYOUT_HD, [H, D])", DType::kBF16};
-  ds.rows = dh ? D : H;
-  ds.cols = dh ? H : D;
-  TRY(check_tensor(w_down, ds, md));
-  return TWELL_SUCCESS;
+  TRY(check_weight(w_gate, "w_gate", H, D, mg));
+  TRY(check_weight(w_up, "w_up", H, D, mu));
+  return check_w_down(w_down, /*gradient=*/false, plan->opt.w_down_layout == TWELL_LAYOUT_DH, D, H, md);
 }
 
 twell_status ensure_device(twell_train_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  PlanDevice dev;
-  TRY(probe_plan_device(p->device, p->opt.kernels, &dev));
-  p->sm_count = dev.sm_count;
-  p->use_sm90 = dev.use_sm90;
+  TRY(probe_plan_device(p->device, p->opt.kernels, &p->dev));
   int l2 = 0;
   if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, p->device) != cudaSuccess) (void)cudaGetLastError();
   p->l2_bytes = l2;
   p->device_ready = true;
   return TWELL_SUCCESS;
+}
+
+TrainWeights weights_of(const Mat& x, const Mat& w_gate, const Mat& w_up, const Mat& w_down) {
+  return TrainWeights{.x = x.ref<const bf16>(),
+                      .w_gate = w_gate.ref<const bf16>(),
+                      .w_up = w_up.ref<const bf16>(),
+                      .w_down = w_down.ref<const bf16>()};
 }
 
 twell_status write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
@@ -288,18 +256,7 @@ TWELL_API twell_status twell_train_supported(int64_t d_model, int64_t hidden, co
 
 TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t d_model, int64_t hidden,
                                                const twell_train_options* options, int32_t device) {
-  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  *plan = nullptr;
-  TRY(check_options(d_model, hidden, options));
-  if (device < 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "device is %d, expected a CUDA ordinal >= 0", device);
-  auto* p = new (std::nothrow) twell_train_plan;
-  if (p == nullptr) return fail(TWELL_ERROR_OUT_OF_MEMORY, "plan allocation failed");
-  p->D = d_model;
-  p->H = hidden;
-  p->opt = *options;
-  p->device = device;
-  *plan = p;
-  return ok();
+  return create_plan(plan, d_model, hidden, options, device, check_options);
 }
 
 TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan) {
@@ -341,24 +298,15 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
   const int64_t D = plan->D;
   Mat mx, mg, mu, md, my, ml, ma, ms;
-  MatSpec xs{"x", DType::kBF16};
-  xs.cols = D;
-  TRY(check_tensor(x, xs, &mx));
+  TRY(check_tensor(x, MatSpec{.name = "x", .dtype = DType::kBF16, .cols = D}, &mx));
   const int64_t M = mx.rows;
   if (M > INT32_MAX) return fail(TWELL_ERROR_UNSUPPORTED, "x has %" PRId64 " rows; at most 2^31-1 per call", M);
   TRY(check_weights(plan, w_gate, w_up, w_down, &mg, &mu, &md));
-  MatSpec ys{"y", DType::kBF16};
-  ys.rows = M;
-  ys.cols = D;
-  TRY(check_tensor(y, ys, &my));
-  MatSpec ls{"l1", DType::kF32, 1};
-  ls.cols = 1;
-  ls.vector_aligned = false;
-  TRY(check_tensor(l1, ls, &ml, true));
-  MatSpec as{"active", DType::kI32, 1};
-  as.cols = M;
-  as.vector_aligned = false;
-  as.compact = true;
+  TRY(check_tensor(y, MatSpec{.name = "y", .dtype = DType::kBF16, .rows = M, .cols = D}, &my));
+  TRY(check_tensor(l1, MatSpec{.name = "l1", .dtype = DType::kF32, .ndim = 1, .cols = 1, .vector_aligned = false}, &ml,
+                   true));
+  const MatSpec as{
+      .name = "active", .dtype = DType::kI32, .ndim = 1, .cols = M, .compact = true, .vector_aligned = false};
   TRY(check_tensor(active, as, &ma, true));
   TRY(check_stats(stats, &ms));
   const NamedMat ins[] = {{&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"}};
@@ -379,26 +327,15 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
   TRY(check_buffers_disjoint(saved, saved_min, "saved", workspace, workspace_bytes, "workspace"));
 
   DeviceGuard guard;
-  cudaError_t err = guard.enter(plan->device);
-  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(enter_plan_device(&guard, plan->device));
   TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_forward"));
   TRY(ensure_device(plan));
   const TrainProblem run = problem_of(plan, M);
-  TrainWeights w;
-  w.x = reinterpret_cast<const bf16*>(mx.ptr);
-  w.ldx = mx.ld;
-  w.w_gate = reinterpret_cast<const bf16*>(mg.ptr);
-  w.ldw_gate = mg.ld;
-  w.w_up = reinterpret_cast<const bf16*>(mu.ptr);
-  w.ldw_up = mu.ld;
-  w.w_down = reinterpret_cast<const bf16*>(md.ptr);
-  w.ldw_down = md.ld;
-  TrainForwardOut o;
-  o.y = reinterpret_cast<bf16*>(my.ptr);
-  o.ldy = my.ld;
-  o.l1 = reinterpret_cast<float*>(ml.ptr);
-  o.active = reinterpret_cast<int32_t*>(ma.ptr);
-  o.stats = reinterpret_cast<u64*>(ms.ptr);
+  const TrainWeights w = weights_of(mx, mg, mu, md);
+  const TrainForwardOut o{.y = my.ref<bf16>(),
+                          .l1 = reinterpret_cast<float*>(ml.ptr),
+                          .active = reinterpret_cast<int32_t*>(ma.ptr),
+                          .stats = reinterpret_cast<u64*>(ms.ptr)};
   auto* ws = static_cast<char*>(workspace);
   auto s = static_cast<cudaStream_t>(stream);
   TrainForwardInfo info;
@@ -424,23 +361,17 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
 TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const DLTensor* dy, double l1_coeff,
                                                    const DLTensor* l1_scale, const DLTensor* x, const DLTensor* w_gate,
                                                    const DLTensor* w_up, const DLTensor* w_down, const void* saved,
-                                                   size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate,
-                                                   DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
-                                                   DLTensor* stats, void* workspace, size_t workspace_bytes,
-                                                   void* stream) {
+                                                   size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate, DLTensor* dw_up,
+                                                   DLTensor* dw_down, int32_t accumulate, DLTensor* stats,
+                                                   void* workspace, size_t workspace_bytes, void* stream) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
   const int64_t D = plan->D, H = plan->H;
   const bool dh = plan->opt.w_down_layout == TWELL_LAYOUT_DH;
   Mat mdy, mx, mg, mu, md, mdx, mdg, mdu, mdd, ms;
-  MatSpec dys{"dy", DType::kBF16};
-  dys.cols = D;
-  TRY(check_tensor(dy, dys, &mdy));
+  TRY(check_tensor(dy, MatSpec{.name = "dy", .dtype = DType::kBF16, .cols = D}, &mdy));
   const int64_t M = mdy.rows;
   if (M > INT32_MAX) return fail(TWELL_ERROR_UNSUPPORTED, "dy has %" PRId64 " rows; at most 2^31-1 per call", M);
-  MatSpec xs{"x", DType::kBF16};
-  xs.rows = M;
-  xs.cols = D;
-  TRY(check_tensor(x, xs, &mx));
+  TRY(check_tensor(x, MatSpec{.name = "x", .dtype = DType::kBF16, .rows = M, .cols = D}, &mx));
   TRY(check_weights(plan, w_gate, w_up, w_down, &mg, &mu, &md));
   if (!(l1_coeff == l1_coeff) || l1_coeff > 3.0e38 || l1_coeff < -3.0e38) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "l1_coeff is %g, expected a finite float", l1_coeff);
@@ -449,29 +380,15 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "accumulate is %d, expected 0 or 1", accumulate);
   }
   Mat mscale;
-  MatSpec scs{"l1_scale", DType::kF32, 1};
-  scs.cols = 1;
-  scs.vector_aligned = false;
+  const MatSpec scs{.name = "l1_scale", .dtype = DType::kF32, .ndim = 1, .cols = 1, .vector_aligned = false};
   TRY(check_tensor(l1_scale, scs, &mscale, true));
-  MatSpec dxs{"dx", DType::kBF16};
-  dxs.rows = M;
-  dxs.cols = D;
-  TRY(check_tensor(dx, dxs, &mdx));
-  MatSpec dgs{"dw_gate", DType::kBF16};
-  dgs.rows = H;
-  dgs.cols = D;
-  TRY(check_tensor(dw_gate, dgs, &mdg));
-  MatSpec dus{"dw_up", DType::kBF16};
-  dus.rows = H;
-  dus.cols = D;
-  TRY(check_tensor(dw_up, dus, &mdu));
-  MatSpec dds{dh ? "dw_down (layout TWELL_LAYOUT_DH, [D, H])" : "dw_down (layout TWELL_LAYOUT_HD, [H, D])", DType::kBF16};
-  dds.rows = dh ? D : H;
-  dds.cols = dh ? H : D;
-  TRY(check_tensor(dw_down, dds, &mdd));
+  TRY(check_tensor(dx, MatSpec{.name = "dx", .dtype = DType::kBF16, .rows = M, .cols = D}, &mdx));
+  TRY(check_weight(dw_gate, "dw_gate", H, D, &mdg));
+  TRY(check_weight(dw_up, "dw_up", H, D, &mdu));
+  TRY(check_w_down(dw_down, /*gradient=*/true, dh, D, H, &mdd));
   TRY(check_stats(stats, &ms));
-  const NamedMat ins[] = {{&mdy, "dy"}, {&mx, "x"}, {&mg, "w_gate"}, {&mu, "w_up"}, {&md, "w_down"},
-                          {&mscale, "l1_scale"}};
+  const NamedMat ins[] = {{&mdy, "dy"},  {&mx, "x"},      {&mg, "w_gate"},
+                          {&mu, "w_up"}, {&md, "w_down"}, {&mscale, "l1_scale"}};
   const NamedMat outs[] = {{&mdx, "dx"}, {&mdg, "dw_gate"}, {&mdu, "dw_up"}, {&mdd, "dw_down"}, {&ms, "stats"}};
   TRY(check_call_tensors(plan->device, ins, 6, outs, 5));
   const TrainProblem prob = problem_of(plan, M);
@@ -492,8 +409,7 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
   TRY(check_buffers_disjoint(saved, saved_min, "saved", workspace, workspace_bytes, "workspace"));
 
   DeviceGuard guard;
-  cudaError_t err = guard.enter(plan->device);
-  if (err != cudaSuccess) return fail_cuda(err, "selecting the plan's device");
+  TRY(enter_plan_device(&guard, plan->device));
   TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_backward"));
   TRY(ensure_device(plan));
   auto s = static_cast<cudaStream_t>(stream);
@@ -502,39 +418,24 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
     if (!accumulate) {  // the gradient of an empty batch is zero
       Mat* ws_[] = {&mdg, &mdu, &mdd};
       for (Mat* m : ws_) {
-        if ((err = cudaMemset2DAsync(m->ptr, static_cast<size_t>(m->ld) * 2, 0, static_cast<size_t>(m->cols) * 2,
-                                     static_cast<size_t>(m->rows), s)) != cudaSuccess) {
-          return fail_cuda(err, "zeroing the weight gradients");
-        }
+        const cudaError_t err = cudaMemset2DAsync(m->ptr, static_cast<size_t>(m->ld) * 2, 0,
+                                                  static_cast<size_t>(m->cols) * 2, static_cast<size_t>(m->rows), s);
+        if (err != cudaSuccess) return fail_cuda(err, "zeroing the weight gradients");
       }
     }
     return ok();
   }
   const TrainProblem run = problem_of(plan, M);
-  TrainWeights w;
-  w.x = reinterpret_cast<const bf16*>(mx.ptr);
-  w.ldx = mx.ld;
-  w.w_gate = reinterpret_cast<const bf16*>(mg.ptr);
-  w.ldw_gate = mg.ld;
-  w.w_up = reinterpret_cast<const bf16*>(mu.ptr);
-  w.ldw_up = mu.ld;
-  w.w_down = reinterpret_cast<const bf16*>(md.ptr);
-  w.ldw_down = md.ld;
-  TrainBackwardIO io;
-  io.dy = reinterpret_cast<const bf16*>(mdy.ptr);
-  io.lddy = mdy.ld;
-  io.l1_coeff = static_cast<float>(l1_coeff);
-  io.l1_scale = reinterpret_cast<const float*>(mscale.ptr);
-  io.dx = reinterpret_cast<bf16*>(mdx.ptr);
-  io.lddx = mdx.ld;
-  io.dw_gate = reinterpret_cast<bf16*>(mdg.ptr);
-  io.ld_dwg = mdg.ld;
-  io.dw_up = reinterpret_cast<bf16*>(mdu.ptr);
-  io.ld_dwu = mdu.ld;
-  io.dw_down = reinterpret_cast<bf16*>(mdd.ptr);
-  io.ld_dwd = mdd.ld;
-  io.accumulate = accumulate == 1;
-  io.stats = reinterpret_cast<u64*>(ms.ptr);
+  const TrainWeights w = weights_of(mx, mg, mu, md);
+  const TrainBackwardIO io{.dy = mdy.ref<const bf16>(),
+                           .l1_coeff = static_cast<float>(l1_coeff),
+                           .l1_scale = reinterpret_cast<const float*>(mscale.ptr),
+                           .dx = mdx.ref<bf16>(),
+                           .dw_gate = mdg.ref<bf16>(),
+                           .dw_up = mdu.ref<bf16>(),
+                           .dw_down = mdd.ref<bf16>(),
+                           .accumulate = accumulate == 1,
+                           .stats = reinterpret_cast<u64*>(ms.ptr)};
   const auto* sv = static_cast<const char*>(saved);
   auto* ws = static_cast<char*>(workspace);
   SavedHeader hdr;
@@ -542,8 +443,8 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
   const Route route = hdr.route() == kRouteDense ? Route::kDense : Route::kHybrid;
   const size_t need = route == Route::kDense ? dense_saved : hybrid_saved;
   if (saved_bytes < need) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved_bytes is %zu but the %s forward that wrote saved needs %zu", saved_bytes,
-                route == Route::kDense ? "dense-route" : "hybrid", need);
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved_bytes is %zu but the %s forward that wrote saved needs %zu",
+                saved_bytes, route == Route::kDense ? "dense-route" : "hybrid", need);
   }
   // Outputs must not overlap the whole saved state either.
   for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));

@@ -22,7 +22,7 @@
 
 #include <cuda_runtime.h>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 
 namespace twell {
 

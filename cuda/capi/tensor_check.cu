@@ -1,7 +1,7 @@
 #include <cinttypes>
 #include <cstdio>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "capi/tensor_check.h"
 
 namespace twell {
@@ -48,8 +48,11 @@ static const char* device_type_name(int t) {
 }
 
 static void describe_dtype(const DLDataType& d, char* buf, size_t n) {
-  const char* code = d.code == kDLInt ? "int" : d.code == kDLUInt ? "uint" : d.code == kDLFloat ? "float"
-                   : d.code == kDLBfloat ? "bfloat" : "code";
+  const char* code = d.code == kDLInt      ? "int"
+                     : d.code == kDLUInt   ? "uint"
+                     : d.code == kDLFloat  ? "float"
+                     : d.code == kDLBfloat ? "bfloat"
+                                           : "code";
   if (d.lanes == 1) snprintf(buf, n, "%s%d", code, d.bits);
   else snprintf(buf, n, "%s%dx%d", code, d.bits, d.lanes);
 }
@@ -68,8 +71,9 @@ twell_status check_tensor(const DLTensor* t, const MatSpec& s, Mat* out, bool al
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is NULL", s.name);
   }
   if (t->device.device_type != kDLCUDA && t->device.device_type != kDLCUDAManaged) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s is in %s memory (DLPack device type %d); twell needs CUDA device memory",
-                s.name, device_type_name(t->device.device_type), static_cast<int>(t->device.device_type));
+    return fail(TWELL_ERROR_INVALID_ARGUMENT,
+                "%s is in %s memory (DLPack device type %d); twell needs CUDA device memory", s.name,
+                device_type_name(t->device.device_type), static_cast<int>(t->device.device_type));
   }
   if (t->ndim != s.ndim) {
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has %d dimensions, expected %d", s.name, t->ndim, s.ndim);
@@ -83,7 +87,8 @@ twell_status check_tensor(const DLTensor* t, const MatSpec& s, Mat* out, bool al
       char got[32];
       describe_dtype(t->dtype, got, sizeof(got));
       if (s.alternate_dtype_f32)
-        return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has dtype %s, expected %s or float32", s.name, got, dtype_name(s.dtype));
+        return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has dtype %s, expected %s or float32", s.name, got,
+                    dtype_name(s.dtype));
       return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has dtype %s, expected %s", s.name, got, dtype_name(s.dtype));
     }
   }
@@ -98,8 +103,10 @@ twell_status check_tensor(const DLTensor* t, const MatSpec& s, Mat* out, bool al
   if (bad_rows || bad_cols) {
     char want[64];
     char r[24], c[24];
-    if (s.rows >= 0) snprintf(r, sizeof(r), "%" PRId64, s.rows); else snprintf(r, sizeof(r), "M");
-    if (s.cols >= 0) snprintf(c, sizeof(c), "%" PRId64, s.cols); else snprintf(c, sizeof(c), "N");
+    if (s.rows >= 0) snprintf(r, sizeof(r), "%" PRId64, s.rows);
+    else snprintf(r, sizeof(r), "M");
+    if (s.cols >= 0) snprintf(c, sizeof(c), "%" PRId64, s.cols);
+    else snprintf(c, sizeof(c), "N");
     if (s.ndim == 2) snprintf(want, sizeof(want), "[%s, %s]", r, c);
     else snprintf(want, sizeof(want), "[%s]", c);
     return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has shape %s, expected %s", s.name, shape_str, want);
@@ -112,21 +119,21 @@ twell_status check_tensor(const DLTensor* t, const MatSpec& s, Mat* out, bool al
   if (t->strides != nullptr) {
     const int64_t inner = t->strides[s.ndim - 1];
     if (cols > 1 && inner != 1) {
-      return fail(TWELL_ERROR_INVALID_ARGUMENT,
-                  "%s has inner stride %" PRId64 ", expected 1 (rows must be contiguous)", s.name, inner);
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has inner stride %" PRId64 ", expected 1 (rows must be contiguous)",
+                  s.name, inner);
     }
     if (s.ndim == 2) {
       ld = t->strides[0];
       if (rows > 1 && ld < cols) {
-        return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has row stride %" PRId64 " < %" PRId64 " columns (overlapping rows)",
-                    s.name, ld, cols);
+        return fail(TWELL_ERROR_INVALID_ARGUMENT,
+                    "%s has row stride %" PRId64 " < %" PRId64 " columns (overlapping rows)", s.name, ld, cols);
       }
       if (rows <= 1) ld = cols;
     }
   }
   if (s.compact && ld != cols) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has row stride %" PRId64 ", expected a compact tensor (stride %" PRId64 ")",
-                s.name, ld, cols);
+    return fail(TWELL_ERROR_INVALID_ARGUMENT,
+                "%s has row stride %" PRId64 ", expected a compact tensor (stride %" PRId64 ")", s.name, ld, cols);
   }
   if (t->data == nullptr && rows * cols > 0) return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s has NULL data", s.name);
   char* ptr = static_cast<char*>(t->data) + t->byte_offset;
@@ -172,7 +179,8 @@ twell_status check_no_alias(const Mat& out, const char* out_name, const Mat& in,
   const char* b0 = in.ptr;
   const char* b1 = in.ptr + in.bytes_span();
   if (a0 < b1 && b0 < a1) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s overlaps %s in memory (outputs must not alias inputs)", out_name, in_name);
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "%s overlaps %s in memory (outputs must not alias inputs)", out_name,
+                in_name);
   }
   return TWELL_SUCCESS;
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/matref.h"
 #include "twell/twell.h"
 
 namespace twell {
@@ -21,6 +22,11 @@ struct Mat {
   DType dtype = DType::kBF16;
   int device = -1;
   int64_t bytes_span() const;  // bytes from ptr to one past the last element
+  // The operand the launchers take (T is the element type the spec checked).
+  template <typename T>
+  MatRef<T> ref() const {
+    return {reinterpret_cast<T*>(ptr), ld};
+  }
 };
 
 struct MatSpec {

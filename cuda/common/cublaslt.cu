@@ -10,11 +10,25 @@
 
 #include <cublasLt.h>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "common/cublaslt.h"
 
 namespace twell {
 namespace {
+
+// Column-major D = op(A) op(B) + beta D, the form cuBLASLt takes.
+struct LtMatmul {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  bool c_is_f32 = false;
+  float beta = 0.0f;
+};
 
 struct LtApi {
   decltype(&cublasLtCreate) create = nullptr;
@@ -45,7 +59,7 @@ const LtApi& api() {
     // wheel find it without a preload or LD_LIBRARY_PATH).
     std::string beside;
     Dl_info self{};
-    if (dladdr(reinterpret_cast<void*>(&lt_matmul), &self) != 0 && self.dli_fname != nullptr) {
+    if (dladdr(reinterpret_cast<void*>(&lt_gemm), &self) != 0 && self.dli_fname != nullptr) {
       std::string dir(self.dli_fname);
       const size_t slash = dir.rfind('/');
       if (slash != std::string::npos) beside = dir.substr(0, slash) + "/../nvidia/cu13/lib/libcublasLt.so.13";
@@ -95,8 +109,6 @@ std::map<Key, Prepared> g_prepared;
 twell_status lt_fail(cublasStatus_t s, const char* what) {
   return fail(TWELL_ERROR_CUBLAS, "%s failed with cuBLAS status %d", what, static_cast<int>(s));
 }
-
-}  // namespace
 
 twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const LtApi& a = api();
@@ -155,32 +167,38 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
   return TWELL_SUCCESS;
 }
 
-twell_status lt_gemm_rm(bool trans_a, const void* a, int64_t lda, bool trans_b, const void* b, int64_t ldb, void* c,
-                        int64_t ldc, bool c_is_f32, int64_t m, int64_t n, int64_t k, float beta, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream) {
+}  // namespace
+
+twell_status lt_gemm(const LtGemm& g, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   // A row-major matrix is the column-major view of its transpose, so
   // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B goes first.
-  LtMatmul g;
-  g.trans_a = trans_b;
-  g.trans_b = trans_a;
-  g.m = n;
-  g.n = m;
-  g.k = k;
-  g.a = b;
-  g.lda = ldb;
-  g.b = a;
-  g.ldb = lda;
-  g.c = c;
-  g.ldc = ldc;
-  g.c_is_f32 = c_is_f32;
-  g.beta = beta;
-  return lt_matmul(g, workspace, workspace_bytes, stream);
+  const LtMatmul cm{.trans_a = g.trans_b,
+                    .trans_b = g.trans_a,
+                    .m = g.n,
+                    .n = g.m,
+                    .k = g.k,
+                    .a = g.b.ptr,
+                    .lda = g.b.ld,
+                    .b = g.a.ptr,
+                    .ldb = g.a.ld,
+                    .c = g.c.ptr,
+                    .ldc = g.c.ld,
+                    .c_is_f32 = g.c_is_f32,
+                    .beta = g.beta};
+  return lt_matmul(cm, workspace, workspace_bytes, stream);
 }
 
 twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
-                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream) {
-  return lt_gemm_rm(false, a, lda, true, b, ldb, c, ldc, c_is_f32, M, N, K, 0.f, workspace, workspace_bytes, stream);
+                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const LtGemm g{.m = M,
+                 .n = N,
+                 .k = K,
+                 .a = {static_cast<const bf16*>(a), lda},
+                 .b = {static_cast<const bf16*>(b), ldb},
+                 .trans_b = true,
+                 .c = {c, ldc},
+                 .c_is_f32 = c_is_f32};
+  return lt_gemm(g, workspace, workspace_bytes, stream);
 }
 
 }  // namespace twell

@@ -9,41 +9,34 @@
 
 #include <cuda_runtime.h>
 
+#include "common/matref.h"
+#include "common/twell_internal.h"
 #include "twell/twell.h"
 
 namespace twell {
 
-// Column-major D = op(A) op(B), bf16 inputs, fp32 accumulation; output bf16
-// or fp32. (Row-major callers swap operands: see the call sites.)
-struct LtMatmul {
-  bool trans_a = false, trans_b = false;
-  int64_t m = 0, n = 0, k = 0;
-  const void* a = nullptr;
-  int64_t lda = 0;
-  const void* b = nullptr;
-  int64_t ldb = 0;
-  void* c = nullptr;
-  int64_t ldc = 0;
-  bool c_is_f32 = false;
-  // D = op(A) op(B) + beta * D (in place; beta = 1 accumulates in stream
-  // order, so sums over several calls stay deterministic).
-  float beta = 0.0f;
-};
-
 // Recommended cuBLASLt workspace (bytes) carved out of twell's workspace.
 constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
 
-twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// Row-major C[m, n] = op(A) op(B) + beta C: bf16 A and B, fp32 accumulation,
+// C bf16 or fp32. op(A) is [m, k] and op(B) [k, n]; trans_a means A is stored
+// as [k, m] (and trans_b: B as [n, k]). beta = 1 adds to C in stream order,
+// so sums over several calls stay deterministic.
+struct LtGemm {
+  int64_t m = 0, n = 0, k = 0;
+  MatRef<const bf16> a;
+  bool trans_a = false;
+  MatRef<const bf16> b;
+  bool trans_b = false;
+  MatRef<void> c;
+  bool c_is_f32 = false;
+  float beta = 0.0f;
+};
 
-// Row-major C[m, n] (ld ldc) = op(A) op(B) + beta C, bf16 A and B (row-major,
-// leading dimensions lda / ldb), op(A) [m, k], op(B) [k, n]; C bf16 or fp32.
-twell_status lt_gemm_rm(bool trans_a, const void* a, int64_t lda, bool trans_b, const void* b, int64_t ldb, void* c,
-                        int64_t ldc, bool c_is_f32, int64_t m, int64_t n, int64_t k, float beta, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream);
+twell_status lt_gemm(const LtGemm& g, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// Row-major helper: C[M, N] = A[M, K] * B^T where B is [N, K] (nn.Linear weight).
+// C[M, N] = A[M, K] B^T where B is [N, K] (an nn.Linear weight): lt_gemm with trans_b.
 twell_status lt_linear(const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc, bool c_is_f32,
-                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream);
+                       int64_t M, int64_t N, int64_t K, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace twell

@@ -11,6 +11,7 @@ std::mutex g_mu;
 std::map<std::pair<int, const void*>, size_t> g_smem;                      // (device, kernel) -> bytes allowed
 std::map<std::tuple<int, const void*, int, size_t>, int> g_occupancy;      // -> blocks per SM
 std::map<std::pair<int, int>, int> g_attr;                                 // (device, attribute) -> value
+std::map<std::pair<int, const void*>, bool> g_sm90_code;                   // (device, kernel) -> sm_90 code runs
 
 }  // namespace
 
@@ -74,6 +75,29 @@ cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device) {
   g_attr[key] = v;
   *value = v;
   return cudaSuccess;
+}
+
+bool sm90_code_loaded(const void* kernel) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const auto key = std::make_pair(dev, kernel);
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_sm90_code.find(key);
+    if (it != g_sm90_code.end()) return it->second;
+  }
+  int major = 0;
+  cudaFuncAttributes fa{};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                   major >= 9 && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 90 &&
+                   fa.ptxVersion >= 90;
+  (void)cudaGetLastError();
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_sm90_code[key] = yes;
+  return yes;
 }
 
 }  // namespace twell

@@ -18,14 +18,12 @@ using u64 = unsigned long long;  // the type CUDA's 64-bit atomics take
 constexpr int kTileCols = TWELL_TILE_COLS;  // columns per TwELL tile
 
 // Tiles in a row of `hidden` columns (the last may be partial).
-inline __host__ __device__ int64_t tiles_for(int64_t hidden) {
-  return (hidden + kTileCols - 1) / kTileCols;
-}
+inline __host__ __device__ int64_t tiles_for(int64_t hidden) { return (hidden + kTileCols - 1) / kTileCols; }
 
 // Returns early with the CUDA error of an expression.
-#define TWELL_CUDA_TRY(expr)                      \
-  do {                                            \
-    cudaError_t twell_err_ = (expr);              \
+#define TWELL_CUDA_TRY(expr)                          \
+  do {                                                \
+    cudaError_t twell_err_ = (expr);                  \
     if (twell_err_ != cudaSuccess) return twell_err_; \
   } while (0)
 

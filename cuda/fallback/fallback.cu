@@ -51,12 +51,13 @@
 // columns past the edge are simply not stored. Row ids outside [0, M) are
 // treated as absent (their A row is zero and their output is not written).
 // Every product of a row index and a stride is 64-bit.
+#include "common/bf16x8.cuh"
 #include "common/launch_cache.h"
+#include "common/ptx_sm80.cuh"
 #include "fallback/fallback.h"
 
 #include "fallback/fallback_detail.cuh"
-#include "fallback/sm80_mma.cuh"
-#include "ffn/pdl.cuh"
+#include "common/pdl.cuh"
 
 #include <cooperative_groups.h>
 
@@ -107,8 +108,7 @@ __device__ __forceinline__ uint32_t swz_n(int kr, int c) {
 
 // Valid list entries of the chunk that starts at list entry `chunk_start`,
 // from the device-side count (clamped to the host bound max_rows).
-__device__ __forceinline__ int64_t chunk_valid_rows(int64_t n_valid, int64_t chunk_start,
-                                                    int64_t chunk_rows) {
+__device__ __forceinline__ int64_t chunk_valid_rows(int64_t n_valid, int64_t chunk_start, int64_t chunk_rows) {
   int64_t v = n_valid - chunk_start;
   return v < 0 ? 0 : (v > chunk_rows ? chunk_rows : v);
 }
@@ -128,8 +128,8 @@ __device__ __forceinline__ int64_t read_count_once(const u64* count, int64_t max
 // All tiles of one GEMM over the chunk's `valid` rows, strided over the grid.
 // smem_raw: the STAGES-deep ring; s_rows: 128 ints of shared memory.
 template <int STAGES, bool B_KMAJOR, Epi EPI, bool GATHER_A>
-__device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
-                                           unsigned char* smem_raw, int32_t* s_rows) {
+__device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid, unsigned char* smem_raw,
+                                           int32_t* s_rows) {
   static_assert(STAGES >= 2 && STAGES <= 4, "pipeline depth");
   constexpr int kTileN = EPI == Epi::kGated ? kHalfN : 2 * kHalfN;
   const int tid = threadIdx.x;
@@ -144,7 +144,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
   const int wm = warp >> 2;  // 64-row slab
   const int wn = warp & 3;   // 32-column slab of each half
 
-  const uint32_t smem_base = smem_u32(smem_raw);
+  const uint32_t smem_base = sm80::smem_u32(smem_raw);
 
   // Per-lane ldmatrix offsets that do not depend on the stage or k16 step.
   // A (x4): matrices (rows 0-7,k 0-7), (rows 8-15,k 0-7), (rows 0-7,k 8-15),
@@ -232,7 +232,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
         for (int j = 0; j < 4; ++j) {
           const int r = (tid >> 3) + 32 * j;
           const bool ok = kok && ((a_ok >> j) & 1u);
-          cp_async_16(sbase + swz_k(r, a_c), ok ? a_src[j] + k0 : p.a, ok ? 16 : 0);
+          sm80::cp_async_16_zfill(sbase + swz_k(r, a_c), ok ? a_src[j] + k0 : p.a, ok ? 16 : 0);
         }
       }
 #pragma unroll
@@ -245,7 +245,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
           for (int j = 0; j < 4; ++j) {
             const int r = (tid >> 3) + 32 * j;
             const bool ok = kok && ((b_ok >> (4 * h + j)) & 1u);
-            cp_async_16(sb + swz_k(r, b_c), ok ? src + 32 * j * b_ld[h] : p.b0, ok ? 16 : 0);
+            sm80::cp_async_16_zfill(sb + swz_k(r, b_c), ok ? src + 32 * j * b_ld[h] : p.b0, ok ? 16 : 0);
           }
         } else {
           const bool nok = (b_ok >> h) & 1u;
@@ -254,7 +254,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
           for (int j = 0; j < 4; ++j) {
             const int kr = (tid >> 4) + 16 * j;
             const bool ok = nok && k0 + kr < p.k;
-            cp_async_16(sb + swz_n(kr, b_c), ok ? src + 16 * j * b_ld[h] : p.b0, ok ? 16 : 0);
+            sm80::cp_async_16_zfill(sb + swz_n(kr, b_c), ok ? src + 16 * j * b_ld[h] : p.b0, ok ? 16 : 0);
           }
         }
       }
@@ -263,18 +263,15 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
     // ---- consumer: fragments and MMAs of one k16 step ----------------------
     auto load_frags = [&](uint32_t sbase, int kk, uint32_t (&af)[4][4], uint32_t (&bfr)[2][4][2]) {
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-        ldmatrix_x4(af[mi], sbase + swz_k(a_ld_row + mi * 16, kk * 2 + a_ld_hi));
+      for (int mi = 0; mi < 4; ++mi) sm80::ldmatrix_x4(af[mi], sbase + swz_k(a_ld_row + mi * 16, kk * 2 + a_ld_hi));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint32_t sb = sbase + (1 + h) * kOperandBytes;
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           uint32_t r[4];
-          if constexpr (B_KMAJOR)
-            ldmatrix_x4(r, sb + swz_k(bk_ld_row + np * 16, kk * 2 + bk_ld_hi));
-          else
-            ldmatrix_x4_trans(r, sb + swz_n(kk * 16 + bn_ld_k, bn_ld_c + np * 2));
+          if constexpr (B_KMAJOR) sm80::ldmatrix_x4(r, sb + swz_k(bk_ld_row + np * 16, kk * 2 + bk_ld_hi));
+          else sm80::ldmatrix_x4_trans(r, sb + swz_n(kk * 16 + bn_ld_k, bn_ld_c + np * 2));
           bfr[h][2 * np][0] = r[0];
           bfr[h][2 * np][1] = r[1];
           bfr[h][2 * np + 1][0] = r[2];
@@ -297,15 +294,15 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < k_tiles) load_stage(smem_base + s * kStageBytes, s);
-      cp_async_commit();  // possibly empty: keeps the group count uniform
+      sm80::cp_async_commit();  // possibly empty: keeps the group count uniform
     }
     int read_stage = 0;
     int write_stage = STAGES - 1;
     for (int kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<STAGES - 2>();  // k-tile kt has landed (this thread's part)
+      sm80::cp_async_wait<STAGES - 2>();  // k-tile kt has landed (this thread's part)
       __syncthreads();              // ... everyone's; and stage kt-1 is free
       if (kt + STAGES - 1 < k_tiles) load_stage(smem_base + write_stage * kStageBytes, kt + STAGES - 1);
-      cp_async_commit();
+      sm80::cp_async_commit();
       write_stage = write_stage == STAGES - 1 ? 0 : write_stage + 1;
 
       const uint32_t sbase = smem_base + read_stage * kStageBytes;
@@ -322,11 +319,11 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid,
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
-              mma_bf16_16816(acc[h][mi][ni], af[kk & 1][mi], bfr[kk & 1][h][ni][0],
-                             bfr[kk & 1][h][ni][1]);
+              sm80::mma_m16n8k16_bf16(acc[h][mi][ni], af[kk & 1][mi][0], af[kk & 1][mi][1], af[kk & 1][mi][2],
+                                      af[kk & 1][mi][3], bfr[kk & 1][h][ni][0], bfr[kk & 1][h][ni][1]);
       }
     }
-    cp_async_wait<0>();  // only empty groups can be left; keep the count clean
+    sm80::cp_async_wait<0>();  // only empty groups can be left; keep the count clean
 
     // ---- epilogue: straight from the accumulators (bf16x2 stores) ----------
     // Accumulator e of n8 tile ni: row (lane>>2) + 8*(e>>1), column 2*(lane&3) + (e&1).
@@ -391,8 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) fallback_gemm_kernel(const GemmPa
 // chunk. The grid must be co-resident (cooperative launch guarantees it or
 // fails), one CTA per SM at most.
 template <int STAGES, bool GATED>
-__global__ void __launch_bounds__(kThreads, 1) fallback_fused_kernel(const GemmParams dual,
-                                                                     const GemmParams down) {
+__global__ void __launch_bounds__(kThreads, 1) fallback_fused_kernel(const GemmParams dual, const GemmParams down) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t s_rows[kBM];
   const int64_t n_valid = read_count_once(dual.count, dual.max_rows);
@@ -423,8 +419,7 @@ using KernelFn = void (*)(GemmParams);
 template <int STAGES>
 KernelFn select_kernel(unsigned gemm, bool gated) {
   if (gemm == fallback_detail::kDown) return kernel_ptr<STAGES, false, Epi::kPlain, false>();
-  return gated ? kernel_ptr<STAGES, true, Epi::kGated, true>()
-               : kernel_ptr<STAGES, true, Epi::kRelu, true>();
+  return gated ? kernel_ptr<STAGES, true, Epi::kGated, true>() : kernel_ptr<STAGES, true, Epi::kRelu, true>();
 }
 
 KernelFn select_kernel(unsigned gemm, bool gated, int stages) {
@@ -452,8 +447,7 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 cudaError_t validate(const FallbackArgs& a) {
   if (a.M < 0 || a.max_rows < 0 || a.chunk_rows <= 0) return cudaErrorInvalidValue;
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0) return cudaErrorInvalidValue;
-  if (!a.x || !a.w_up || !a.w_down || !a.y || !a.rows || !a.count || !a.h_workspace)
-    return cudaErrorInvalidValue;
+  if (!a.x || !a.w_up || !a.w_down || !a.y || !a.rows || !a.count || !a.h_workspace) return cudaErrorInvalidValue;
   // 16-byte cp.async sources: 16-byte aligned bases, leading dimensions multiples of 8.
   if (!aligned16(a.x) || !aligned16(a.w_up) || !aligned16(a.w_down) || !aligned16(a.h_workspace))
     return cudaErrorInvalidValue;
@@ -463,8 +457,7 @@ cudaError_t validate(const FallbackArgs& a) {
   if (a.ldw_down < a.D || a.ldw_down % 8 != 0) return cudaErrorInvalidValue;
   if (a.w_gate && (a.ldw_gate < a.D || a.ldw_gate % 8 != 0)) return cudaErrorInvalidValue;
   // bf16x2 stores into y.
-  if ((reinterpret_cast<uintptr_t>(a.y) & 3u) != 0 || a.ldy < a.D || a.ldy % 2 != 0)
-    return cudaErrorInvalidValue;
+  if ((reinterpret_cast<uintptr_t>(a.y) & 3u) != 0 || a.ldy < a.D || a.ldy % 2 != 0) return cudaErrorInvalidValue;
   if (a.M > INT32_MAX) return cudaErrorInvalidValue;  // row ids are int32
   return cudaSuccess;
 }
@@ -621,11 +614,9 @@ cudaError_t fallback_rows(const FallbackArgs& args, cudaStream_t stream) {
 
 namespace fallback_detail {
 
-cudaError_t fallback_rows_ex(const FallbackArgs& args, cudaStream_t stream, int stages,
-                             unsigned gemm_mask, int path) {
+cudaError_t fallback_rows_ex(const FallbackArgs& args, cudaStream_t stream, int stages, unsigned gemm_mask, int path) {
   if (stages != 0 && (stages < 2 || stages > 4)) return cudaErrorInvalidValue;
-  if (gemm_mask == 0 || gemm_mask > kBoth || path < kPathAuto || path > kPathCooperative)
-    return cudaErrorInvalidValue;
+  if (gemm_mask == 0 || gemm_mask > kBoth || path < kPathAuto || path > kPathCooperative) return cudaErrorInvalidValue;
   return fb::run(args, stream, stages, gemm_mask, path);
 }
 

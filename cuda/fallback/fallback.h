@@ -32,7 +32,7 @@ struct FallbackArgs {
   int64_t chunk_rows = 0;        // rows per chunk (multiple of 128 recommended)
   bf16* h_workspace = nullptr;   // [chunk_rows, H]
   // Launch every kernel as a programmatic dependent of the previous kernel in
-  // the stream (cuda/ffn/pdl.cuh; sm_90+ only): with the device-side count
+  // the stream (cuda/common/pdl.cuh; sm_90+ only): with the device-side count
   // usually 0 at small M, the fallback then costs about one kernel's exit
   // instead of a cooperative launch. Takes the two-launches-per-chunk path.
   bool pdl = false;

@@ -23,8 +23,8 @@ enum Path : int {
 // fallback_rows() picks; else 2, 3 or 4), a subset of the two GEMMs (a
 // subset other than kBoth needs kPathLaunches or kPathAuto) and a forced path.
 // Running kDual alone leaves the last chunk's h in the workspace.
-cudaError_t fallback_rows_ex(const FallbackArgs& args, cudaStream_t stream, int stages,
-                             unsigned gemm_mask, int path = kPathAuto);
+cudaError_t fallback_rows_ex(const FallbackArgs& args, cudaStream_t stream, int stages, unsigned gemm_mask,
+                             int path = kPathAuto);
 
 // Whether the current device supports cooperative launches (kPathCooperative).
 bool cooperative_available();

@@ -3,7 +3,8 @@
 namespace twell {
 namespace {
 
-__global__ void auto_decide_kernel(cudaGraphConditionalHandle condition, AutoState* state, double threshold, int64_t H) {
+__global__ void auto_decide_kernel(cudaGraphConditionalHandle condition, AutoState* state, double threshold,
+                                   int64_t H) {
   const int path = auto_path(state->have ? state->last : nullptr, static_cast<int64_t>(state->calls), threshold, H);
   state->calls += 1;
   cudaGraphSetConditional(condition, path == TWELL_PATH_DENSE ? 1u : 0u);

@@ -29,9 +29,10 @@ __host__ __device__ inline int auto_path(const u64* stats, int64_t calls, double
   const double rows = stats[TWELL_STAT_ROWS] > 0 ? static_cast<double>(stats[TWELL_STAT_ROWS]) : 1.0;
   const double density = static_cast<double>(stats[TWELL_STAT_ACTIVE]) / (rows * static_cast<double>(H));
   // The dense path's statistics count tiles over capacity, not rows.
-  const double over = static_cast<double>(stats[TWELL_STAT_PATH] == TWELL_PATH_DENSE ? stats[TWELL_STAT_OVERFLOW_TILES]
-                                                                                     : stats[TWELL_STAT_OVERFLOW_ROWS]) /
-                      rows;
+  const double over =
+      static_cast<double>(stats[TWELL_STAT_PATH] == TWELL_PATH_DENSE ? stats[TWELL_STAT_OVERFLOW_TILES]
+                                                                     : stats[TWELL_STAT_OVERFLOW_ROWS]) /
+      rows;
   const bool dense = density > threshold || over > 4 * threshold;
   if (dense && calls % kAutoReprobeEvery == kAutoReprobeEvery - 1) return TWELL_PATH_SPARSE;
   return dense ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;

@@ -6,9 +6,9 @@ namespace {
 constexpr int kWarps = 8;
 
 // One warp per (row, 256-column tile); lane l owns 8 contiguous columns.
-__global__ void __launch_bounds__(kWarps * 32)
-dense_activation_kernel(bf16* __restrict__ g, const bf16* __restrict__ u, int64_t rows, int64_t H, int64_t ld,
-                        int cap, u64* __restrict__ stats) {
+__global__ void __launch_bounds__(kWarps * 32) dense_activation_kernel(bf16* __restrict__ g, const bf16* __restrict__ u,
+                                                                       int64_t rows, int64_t H, int64_t ld, int cap,
+                                                                       u64* __restrict__ stats) {
   const int lane = threadIdx.x % 32;
   const int64_t tiles = tiles_for(H);
   u64 active = 0, over = 0, max_tile = 0;
@@ -45,21 +45,6 @@ dense_activation_kernel(bf16* __restrict__ g, const bf16* __restrict__ u, int64_
   }
 }
 
-__global__ void transpose_kernel(const bf16* __restrict__ in, int64_t R, int64_t C, int64_t ldi, bf16* __restrict__ out,
-                                 int64_t ldo) {
-  __shared__ bf16 tile[32][33];  // +1 column: no bank conflicts on the transposed read
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 32, c0 = static_cast<int64_t>(blockIdx.x) * 32;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int64_t r = r0 + i, c = c0 + threadIdx.x;
-    if (r < R && c < C) tile[i][threadIdx.x] = in[r * ldi + c];
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int64_t c = c0 + i, r = r0 + threadIdx.x;
-    if (r < R && c < C) out[c * ldo + r] = tile[threadIdx.x][i];
-  }
-}
-
 }  // namespace
 
 cudaError_t dense_activation(bf16* g, const bf16* u, int64_t rows, int64_t H, int64_t ld, int slots, u64* stats,
@@ -68,16 +53,7 @@ cudaError_t dense_activation(bf16* g, const bf16* u, int64_t rows, int64_t H, in
   int64_t blocks = (rows * tiles_for(H) + kWarps - 1) / kWarps;
   if (blocks > 2048) blocks = 2048;
   dense_activation_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(g, u, rows, H, ld, slots - 1,
-                                                                                      stats);
-  return cudaGetLastError();
-}
-
-cudaError_t transpose_bf16(const bf16* in, int64_t R, int64_t C, int64_t ldi, bf16* out, int64_t ldo,
-                           cudaStream_t stream) {
-  if (R == 0 || C == 0) return cudaSuccess;
-  dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>((R + 31) / 32));
-  if (grid.y > 65535) return cudaErrorInvalidConfiguration;
-  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(in, R, C, ldi, out, ldo);
+                                                                                     stats);
   return cudaGetLastError();
 }
 

@@ -1,5 +1,7 @@
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "common/cublaslt.h"
+#include "common/transpose.h"
+#include "common/workspace.h"
 #include "fallback/fallback.h"
 #include "ffn/auto_route.h"
 #include "ffn/ffn_ops.h"
@@ -12,23 +14,13 @@
 #include "sparse_ffn/sparse_ffn_decode.h"
 
 namespace twell {
-namespace {
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
-}  // namespace
-
 FfnWorkspace ffn_workspace(const FfnProblem& p) {
   FfnWorkspace w;
-  size_t off = 0;
-  auto take = [&off](size_t bytes) {
-    const size_t at = off;
-    off += align256(bytes);
-    return at;
-  };
+  WorkspaceRegions r;
+  auto take = [&r](size_t bytes) { return r.take(bytes); };
   w.stats = take(TWELL_STATS_WORDS * sizeof(u64));
   w.lt = take(kLtWorkspaceBytes);
-  const size_t common_end = off;
+  const size_t common_end = r.end;
 
   const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
   w.flags = take(static_cast<size_t>(p.M) + 16);
@@ -39,115 +31,101 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
   w.gate_chunk = take(gate_portable_workspace_bytes(p.M, p.H));
   w.w_down_t = take(p.w_down_dh ? static_cast<size_t>(p.H * p.D) * 2 : 0);
   w.fallback_h = take(static_cast<size_t>(chunk * p.H) * 2);
-  w.consumer_bytes = 0;
-  w.consumer = take(w.consumer_bytes);
   w.gate_stats = take(TWELL_STATS_WORDS * sizeof(u64));
-  const size_t sparse_end = off;
+  const size_t sparse_end = r.end;
 
-  off = common_end;  // the dense path reuses the sparse path's regions
+  r.end = common_end;  // the dense path reuses the sparse path's regions
   w.dense_g = take(static_cast<size_t>(chunk * p.H) * 2);
   w.dense_u = take(static_cast<size_t>(chunk * p.H) * 2);
-  const size_t dense_end = off;
+  const size_t dense_end = r.end;
   w.total = sparse_end > dense_end ? sparse_end : dense_end;
   return w;
 }
 
-static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, const bf16* x, int64_t ldx,
-                                   const bf16* wt, int64_t ldw, uint32_t* packed, uint8_t* flags, u64* stats,
-                                   char* ws, cudaStream_t stream, bool pdl = false) {
-  GatePackArgs a;  // row flags were zeroed by stats_init
-  a.x = x;
-  a.ldx = ldx;
-  a.w = wt;
-  a.ldw = ldw;
-  a.M = p.M;
-  a.D = p.D;
-  a.H = p.H;
-  a.slots = p.slots;
-  a.packed = packed;
-  a.row_flags = flags;
-  a.stats = stats;
-  GateRoute r;
-  r.use_sm90 = p.use_sm90;
-  r.sm_count = p.sm_count;
-  r.portable_chunk = ws + w.gate_chunk;
-  r.lt_workspace = ws + w.lt;
-  r.lt_bytes = kLtWorkspaceBytes;
-  r.pdl = pdl;
+static twell_status gate_pack_into(const FfnProblem& p, const FfnWorkspace& w, MatRef<const bf16> x,
+                                   MatRef<const bf16> wt, uint32_t* packed, uint8_t* flags, u64* stats, char* ws,
+                                   cudaStream_t stream, bool pdl = false) {
+  // Row flags were zeroed by stats_init.
+  const GatePackArgs a{.x = x.ptr,
+                       .ldx = x.ld,
+                       .w = wt.ptr,
+                       .ldw = wt.ld,
+                       .M = p.M,
+                       .D = p.D,
+                       .H = p.H,
+                       .slots = p.slots,
+                       .packed = packed,
+                       .row_flags = flags,
+                       .stats = stats};
+  const GateRoute r{.use_sm90 = p.use_sm90,
+                    .pdl = pdl,
+                    .sm_count = p.sm_count,
+                    .portable_chunk = ws + w.gate_chunk,
+                    .lt_workspace = ws + w.lt,
+                    .lt_bytes = kLtWorkspaceBytes};
   return gate_pack_dispatch(a, r, stream);
 }
 
-twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* wt, int64_t ldw,
-                           uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream) {
+twell_status gate_pack_run(const FfnProblem& p, MatRef<const bf16> x, MatRef<const bf16> wt, uint32_t* packed,
+                           int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream) {
   const FfnWorkspace w = ffn_workspace(p);
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
   TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
-  TWELL_TRY(gate_pack_into(p, w, x, ldx, wt, ldw, packed, flags, stats, ws, stream));
-  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream), "overflow compaction");
+  TWELL_TRY(gate_pack_into(p, w, x, wt, packed, flags, stats, ws, stream));
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream),
+                  "overflow compaction");
   return TWELL_SUCCESS;
 }
 
 namespace {
 
-// W_d as the kernels read it, [H, D]: the caller's, or (TWELL_LAYOUT_DH) a
-// transposed copy in the workspace.
+// W_d as the kernels read it, [H, D] (common/transpose.h).
 twell_status w_down_hd(const FfnProblem& p, const FfnTensors& t, const FfnWorkspace& w, char* ws, cudaStream_t stream,
-                       const bf16** w_down, int64_t* ldw_down) {
-  *w_down = t.w_down;
-  *ldw_down = t.ldw_down;
-  if (p.w_down_dh) {
-    auto* wt = reinterpret_cast<bf16*>(ws + w.w_down_t);
-    TWELL_CUDA_STEP(transpose_bf16(t.w_down, p.D, p.H, t.ldw_down, wt, p.D, stream), "W_d transpose");
-    *w_down = wt;
-    *ldw_down = p.D;
-  }
-  return TWELL_SUCCESS;
+                       MatRef<const bf16>* w_down) {
+  return w_down_rows_hd(t.w_down, p.w_down_dh, p.D, p.H, reinterpret_cast<bf16*>(ws + w.w_down_t), stream, w_down);
 }
 
 FallbackArgs fallback_args(const FfnProblem& p, const FfnTensors& t, const FfnWorkspace& w, char* ws,
-                           const bf16* w_down, int64_t ldw_down, const int32_t* rows, const u64* stats) {
-  FallbackArgs f;
-  f.x = t.x;
-  f.ldx = t.ldx;
-  f.w_gate = p.gated ? t.w_gate : nullptr;
-  f.ldw_gate = t.ldw_gate;
-  f.w_up = t.w_up;
-  f.ldw_up = t.ldw_up;
-  f.w_down = w_down;
-  f.ldw_down = ldw_down;
-  f.y = t.y;
-  f.ldy = t.ldy;
-  f.M = p.M;
-  f.D = p.D;
-  f.H = p.H;
-  f.rows = rows;
-  f.count = stats + TWELL_STAT_OVERFLOW_ROWS;
-  f.max_rows = p.M;
-  f.chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M;
-  f.h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h);
-  return f;
+                           MatRef<const bf16> w_down, const int32_t* rows, const u64* stats, bool pdl = false) {
+  return FallbackArgs{.x = t.x.ptr,
+                      .ldx = t.x.ld,
+                      .w_gate = p.gated ? t.w_gate.ptr : nullptr,
+                      .ldw_gate = t.w_gate.ld,
+                      .w_up = t.w_up.ptr,
+                      .ldw_up = t.w_up.ld,
+                      .w_down = w_down.ptr,
+                      .ldw_down = w_down.ld,
+                      .y = t.y.ptr,
+                      .ldy = t.y.ld,
+                      .M = p.M,
+                      .D = p.D,
+                      .H = p.H,
+                      .rows = rows,
+                      .count = stats + TWELL_STAT_OVERFLOW_ROWS,
+                      .max_rows = p.M,
+                      .chunk_rows = p.chunk_rows < p.M ? p.chunk_rows : p.M,
+                      .h_workspace = reinterpret_cast<bf16*>(ws + w.fallback_h),
+                      .pdl = pdl};
 }
 
 SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const uint32_t* packed,
-                                const bf16* w_down, int64_t ldw_down, int32_t* rows, u64* stats) {
-  SparseFfnDecodeArgs c;
-  c.packed = packed;
-  c.slots = p.slots;
-  c.M = p.M;
-  c.D = p.D;
-  c.H = p.H;
-  c.x = p.gated ? t.x : nullptr;
-  c.ldx = t.ldx;
-  c.w_up = p.gated ? t.w_up : nullptr;
-  c.ldw_up = t.ldw_up;
-  c.w_down = w_down;
-  c.ldw_down = ldw_down;
-  c.y = t.y;
-  c.ldy = t.ldy;
-  c.stats = stats;
-  c.overflow_rows = rows;
-  c.pdl = p.pdl;
-  return c;
+                                MatRef<const bf16> w_down, int32_t* rows, u64* stats) {
+  return SparseFfnDecodeArgs{.packed = packed,
+                             .slots = p.slots,
+                             .M = p.M,
+                             .D = p.D,
+                             .H = p.H,
+                             .x = p.gated ? t.x.ptr : nullptr,
+                             .ldx = t.x.ld,
+                             .w_up = p.gated ? t.w_up.ptr : nullptr,
+                             .ldw_up = t.w_up.ld,
+                             .w_down = w_down.ptr,
+                             .ldw_down = w_down.ld,
+                             .y = t.y.ptr,
+                             .ldy = t.y.ld,
+                             .stats = stats,
+                             .overflow_rows = rows,
+                             .pdl = p.pdl};
 }
 
 // Gate route of decode-sized calls, from the gate GEMM + pack timings of
@@ -176,29 +154,26 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
   auto* rows = reinterpret_cast<int32_t*>(ws + w.rows);
   auto* packed = reinterpret_cast<uint32_t*>(ws + w.packed);
   auto* gate_stats = reinterpret_cast<u64*>(ws + w.gate_stats);
-  const bf16* gate_w = p.gated ? t.w_gate : t.w_up;
-  const int64_t gate_ld = p.gated ? t.ldw_gate : t.ldw_up;
+  const MatRef<const bf16> gate_w = p.gated ? t.w_gate : t.w_up;
   if (decode_gate_via_cublas(p)) {
     // gate_pack_portable's two steps (M <= 64: one chunk), the packer placed
     // while the GEMM finishes.
     void* pre = ws + w.gate_chunk;
-    TWELL_TRY(lt_linear(t.x, t.ldx, gate_w, gate_ld, pre, p.H, /*c_is_f32=*/true, p.M, p.H, p.D, ws + w.lt,
+    TWELL_TRY(lt_linear(t.x.ptr, t.x.ld, gate_w.ptr, gate_w.ld, pre, p.H, /*c_is_f32=*/true, p.M, p.H, p.D, ws + w.lt,
                         kLtWorkspaceBytes, stream));
     TWELL_CUDA_STEP(pack_rows(pre, /*is_f32=*/true, p.H, p.M, p.H, p.slots, packed, flags, gate_stats, stream,
                               /*pdl=*/p.pdl),
                     "pack kernel (decode-sized gate)");
   } else {
-    TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, gate_stats, ws, stream, /*pdl=*/p.pdl));
+    TWELL_TRY(gate_pack_into(p, w, t.x, gate_w, packed, flags, gate_stats, ws, stream, /*pdl=*/p.pdl));
   }
 
-  const bf16* w_down = nullptr;
-  int64_t ldw_down = 0;
-  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down, &ldw_down));
-  TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, ldw_down, rows, stats), p.sm_count, stream),
+  MatRef<const bf16> w_down;
+  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down));
+  TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, rows, stats), p.sm_count, stream),
                   "sparse consumer (decode)");
-  FallbackArgs f = fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats);
-  f.pdl = p.pdl;
-  TWELL_CUDA_STEP(fallback_rows(f, stream), "dense fallback");
+  TWELL_CUDA_STEP(fallback_rows(fallback_args(p, t, w, ws, w_down, rows, stats, /*pdl=*/p.pdl), stream),
+                  "dense fallback");
   return TWELL_SUCCESS;
 }
 
@@ -207,9 +182,9 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
 bool decode_pipeline_ok(const FfnProblem& p, const FfnTensors& t, char* ws) {
   if (!p.use_sm90 || p.M < 1 || p.M > kSparseDecodeMaxRows) return false;
   const FfnWorkspace w = ffn_workspace(p);
-  const SparseFfnDecodeArgs c =
-      decode_args(p, t, reinterpret_cast<const uint32_t*>(ws + w.packed), t.w_down, p.w_down_dh ? p.D : t.ldw_down,
-                  reinterpret_cast<int32_t*>(ws + w.rows), reinterpret_cast<u64*>(ws + w.stats));
+  const SparseFfnDecodeArgs c = decode_args(
+      p, t, reinterpret_cast<const uint32_t*>(ws + w.packed), {t.w_down.ptr, p.w_down_dh ? p.D : t.w_down.ld},
+      reinterpret_cast<int32_t*>(ws + w.rows), reinterpret_cast<u64*>(ws + w.stats));
   return sparse_ffn_decode_can_run(c);
 }
 
@@ -225,34 +200,29 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
   TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
 
   // Non-gated: the "gate" GEMM packs h = relu(x W_u^T) itself.
-  const bf16* gate_w = p.gated ? t.w_gate : t.w_up;
-  const int64_t gate_ld = p.gated ? t.ldw_gate : t.ldw_up;
-  TWELL_TRY(gate_pack_into(p, w, t.x, t.ldx, gate_w, gate_ld, packed, flags, stats, ws, stream));
+  TWELL_TRY(gate_pack_into(p, w, t.x, p.gated ? t.w_gate : t.w_up, packed, flags, stats, ws, stream));
   TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
 
-  const bf16* w_down = nullptr;
-  int64_t ldw_down = 0;
-  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down, &ldw_down));
-
-  SparseFfnArgs c;
-  c.packed = packed;
-  c.slots = p.slots;
-  c.M = p.M;
-  c.D = p.D;
-  c.H = p.H;
-  c.x = p.gated ? t.x : nullptr;
-  c.ldx = t.ldx;
-  c.w_up = p.gated ? t.w_up : nullptr;
-  c.ldw_up = t.ldw_up;
-  c.w_down = w_down;
-  c.ldw_down = ldw_down;
-  c.y = t.y;
-  c.ldy = t.ldy;
-  c.row_flags = flags;
-  c.stats = stats;
+  MatRef<const bf16> w_down;
+  TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down));
+  const SparseFfnArgs c{.packed = packed,
+                        .slots = p.slots,
+                        .M = p.M,
+                        .D = p.D,
+                        .H = p.H,
+                        .x = p.gated ? t.x.ptr : nullptr,
+                        .ldx = t.x.ld,
+                        .w_up = p.gated ? t.w_up.ptr : nullptr,
+                        .ldw_up = t.w_up.ld,
+                        .w_down = w_down.ptr,
+                        .ldw_down = w_down.ld,
+                        .y = t.y.ptr,
+                        .ldy = t.y.ld,
+                        .row_flags = flags,
+                        .stats = stats};
   TWELL_CUDA_STEP(sparse_ffn(c, p.sm_count, stream), "sparse consumer");
 
-  TWELL_CUDA_STEP(fallback_rows(fallback_args(p, t, w, ws, w_down, ldw_down, rows, stats), stream), "dense fallback");
+  TWELL_CUDA_STEP(fallback_rows(fallback_args(p, t, w, ws, w_down, rows, stats), stream), "dense fallback");
   return TWELL_SUCCESS;
 }
 
@@ -266,32 +236,23 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
   const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
   for (int64_t r0 = 0; r0 < p.M; r0 += chunk) {
     const int64_t n = p.M - r0 < chunk ? p.M - r0 : chunk;
-    const bf16* x = t.x + r0 * t.ldx;
+    const MatRef<const bf16> x = t.x.rows_from(r0);
     if (p.gated) {
-      TWELL_TRY(lt_linear(x, t.ldx, t.w_gate, t.ldw_gate, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
-      TWELL_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(
+          lt_linear(x.ptr, x.ld, t.w_gate.ptr, t.w_gate.ld, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(
+          lt_linear(x.ptr, x.ld, t.w_up.ptr, t.w_up.ld, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
       TWELL_CUDA_STEP(dense_activation(g, u, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     } else {
-      TWELL_TRY(lt_linear(x, t.ldx, t.w_up, t.ldw_up, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(
+          lt_linear(x.ptr, x.ld, t.w_up.ptr, t.w_up.ld, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
       TWELL_CUDA_STEP(dense_activation(g, nullptr, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     }
-    // y[n, D] = h[n, H] W_d. Column-major view: y^T[D, n] = op(W_d) h^T, with
-    // W_d [H, D] row-major = column-major [D, H] (op N), or [D, H] row-major
-    // = column-major [H, D] (op T).
-    LtMatmul m;
-    m.trans_a = p.w_down_dh;
-    m.trans_b = false;
-    m.m = p.D;
-    m.n = n;
-    m.k = p.H;
-    m.a = t.w_down;
-    m.lda = t.ldw_down;
-    m.b = g;
-    m.ldb = p.H;
-    m.c = t.y + r0 * t.ldy;
-    m.ldc = t.ldy;
-    m.c_is_f32 = false;
-    TWELL_TRY(lt_matmul(m, lt, kLtWorkspaceBytes, stream));
+    // y[n, D] = h[n, H] W_d, W_d [H, D] as is or [D, H] transposed.
+    const MatRef<bf16> y = t.y.rows_from(r0);
+    TWELL_TRY(
+        lt_gemm({.m = n, .n = p.D, .k = p.H, .a = {g, p.H}, .b = t.w_down, .trans_b = p.w_down_dh, .c = {y.ptr, y.ld}},
+                lt, kLtWorkspaceBytes, stream));
   }
   return TWELL_SUCCESS;
 }

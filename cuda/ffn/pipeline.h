@@ -8,13 +8,14 @@
 //           the packed count words, so no stats init and no compaction) ->
 //           exact dense fallback (two kernels that exit at once when the
 //           device-side list is empty); every kernel after the GEMM is a
-//           programmatic dependent launch (ffn/pdl.cuh), placed while the
+//           programmatic dependent launch (common/pdl.cuh), placed while the
 //           previous kernel runs.
 //   dense:  per chunk of rows: two cuBLASLt GEMMs -> activation (+stats)
 //           -> cuBLASLt GEMM into y.
 // Kernels get plain pointers; the C ABI layer (capi/capi_ffn.cu) validates.
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
@@ -31,34 +32,28 @@ struct FfnProblem {
 };
 
 struct FfnTensors {
-  const bf16* x = nullptr;
-  int64_t ldx = 0;
-  const bf16* w_gate = nullptr;  // nullptr for non-gated
-  int64_t ldw_gate = 0;
-  const bf16* w_up = nullptr;
-  int64_t ldw_up = 0;
-  const bf16* w_down = nullptr;  // [H, D] or [D, H] (see FfnProblem::w_down_dh)
-  int64_t ldw_down = 0;
-  bf16* y = nullptr;
-  int64_t ldy = 0;
-  u64* stats = nullptr;  // nullptr: use the workspace's own
+  MatRef<const bf16> x;       // [M, D]
+  MatRef<const bf16> w_gate;  // [H, D]; {nullptr, 0} for non-gated
+  MatRef<const bf16> w_up;    // [H, D]
+  MatRef<const bf16> w_down;  // [H, D] or [D, H] (see FfnProblem::w_down_dh)
+  MatRef<bf16> y;             // [M, D]
+  u64* stats = nullptr;       // nullptr: use the workspace's own
 };
 
 // Byte offsets of the workspace regions for one problem.
 struct FfnWorkspace {
   size_t stats = 0, lt = 0;                                     // common
   size_t flags = 0, rows = 0, compact = 0, packed = 0;          // sparse path
-  size_t gate_chunk = 0, w_down_t = 0, fallback_h = 0, consumer = 0;
+  size_t gate_chunk = 0, w_down_t = 0, fallback_h = 0;
   size_t gate_stats = 0;  // decode-sized path: the gate kernel's (unread) statistics atomics
   size_t dense_g = 0, dense_u = 0;                              // dense path (overlaps the sparse regions)
-  size_t consumer_bytes = 0;
   size_t total = 0;
 };
 FfnWorkspace ffn_workspace(const FfnProblem& p);
 
 // Gate GEMM + pack only (caller's packed / overflow list / stats).
-twell_status gate_pack_run(const FfnProblem& p, const bf16* x, int64_t ldx, const bf16* w, int64_t ldw,
-                           uint32_t* packed, int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream);
+twell_status gate_pack_run(const FfnProblem& p, MatRef<const bf16> x, MatRef<const bf16> w, uint32_t* packed,
+                           int32_t* overflow_rows, u64* stats, char* ws, cudaStream_t stream);
 
 twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);
 twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream);

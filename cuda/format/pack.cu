@@ -6,7 +6,9 @@
 // positive counts gives every entry its slot in ascending column order
 // (deterministic: no atomic tickets).
 #include "common/pack_entry.cuh"
-#include "ffn/pdl.cuh"
+#include "common/pdl.cuh"
+#include "common/stats.cuh"
+#include "common/warp.cuh"
 #include "format/pack.h"
 
 namespace twell {
@@ -19,8 +21,14 @@ __device__ __forceinline__ void load8(const void* base, bool is_f32, int64_t off
   if (is_f32) {
     const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + offset);
     const float4 a = p[0], b = p[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
+    v[4] = b.x;
+    v[5] = b.y;
+    v[6] = b.z;
+    v[7] = b.w;
   } else {
     const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(base) + offset);
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
@@ -32,34 +40,13 @@ __device__ __forceinline__ void load8(const void* base, bool is_f32, int64_t off
   }
 }
 
-// Block-wide reduction of the per-warp statistics, then one atomic each.
-__device__ void flush_stats(u64* stats, u64 active, u64 over_tiles, u64 max_tile) {
-  __shared__ u64 s_active[kWarpsPerBlock], s_over[kWarpsPerBlock], s_max[kWarpsPerBlock];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    s_active[warp] = active;
-    s_over[warp] = over_tiles;
-    s_max[warp] = max_tile;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    u64 a = 0, o = 0, m = 0;
-    for (int w = 0; w < kWarpsPerBlock; ++w) {
-      a += s_active[w];
-      o += s_over[w];
-      m = max(m, s_max[w]);
-    }
-    if (a) atomicAdd(&stats[TWELL_STAT_ACTIVE], a);
-    if (o) atomicAdd(&stats[TWELL_STAT_OVERFLOW_TILES], o);
-    if (m) atomicMax(&stats[TWELL_STAT_MAX_TILE_COUNT], m);
-  }
-}
-
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
-            uint32_t* __restrict__ packed, uint8_t* __restrict__ row_flags, u64* __restrict__ stats) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) pack_kernel(const void* __restrict__ pre, bool is_f32,
+                                                                   int64_t ld, int64_t M, int64_t H, int slots,
+                                                                   uint32_t* __restrict__ packed,
+                                                                   uint8_t* __restrict__ row_flags,
+                                                                   u64* __restrict__ stats) {
   // A programmatically dependent next kernel (the decode-sized consumer) may
-  // be placed while this one runs (no-ops otherwise; ffn/pdl.cuh).
+  // be placed while this one runs (no-ops otherwise; common/pdl.cuh).
   pdl_wait();
   pdl_launch_dependents();
   const int lane = threadIdx.x % 32;
@@ -83,12 +70,7 @@ pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, in
       for (int k = 0; k < 8; ++k) mask |= (v[k] > 0.0f ? 1u : 0u) << k;
     }
     const int mine = __popc(mask);
-    int incl = mine;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int up = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += up;
-    }
+    const int incl = warp_incl_scan(mine, lane);
     const int count = __shfl_sync(0xffffffffu, incl, 31);
     int slot = incl - mine;  // entries before this lane's first one
     uint32_t* out = packed + row * row_words + tile * slots;
@@ -113,7 +95,7 @@ pack_kernel(const void* __restrict__ pre, bool is_f32, int64_t ld, int64_t M, in
       }
     }
   }
-  flush_stats(stats, active, over_tiles, max_tile);
+  block_flush_stats<kWarpsPerBlock>(stats, active, over_tiles, max_tile);
 }
 
 __global__ void stats_init_kernel(u64* stats, int64_t rows, int path, uint8_t* __restrict__ row_flags) {
@@ -151,8 +133,8 @@ __device__ int block_sum(int v, int* s_warp) {
   return total;
 }
 
-__global__ void __launch_bounds__(kCompactThreads)
-count_flags_kernel(const uint8_t* __restrict__ flags, int64_t M, uint32_t* __restrict__ block_counts) {
+__global__ void __launch_bounds__(kCompactThreads) count_flags_kernel(const uint8_t* __restrict__ flags, int64_t M,
+                                                                      uint32_t* __restrict__ block_counts) {
   __shared__ int s_warp[kCompactThreads / 32];
   const int64_t base = blockIdx.x * kRowsPerCompactBlock;
   int c = 0;
@@ -164,9 +146,10 @@ count_flags_kernel(const uint8_t* __restrict__ flags, int64_t M, uint32_t* __res
   if (threadIdx.x == 0) block_counts[blockIdx.x] = static_cast<uint32_t>(total);
 }
 
-__global__ void __launch_bounds__(kCompactThreads)
-emit_rows_kernel(const uint8_t* __restrict__ flags, int64_t M, const uint32_t* __restrict__ block_counts,
-                 int32_t* __restrict__ rows_out, u64* __restrict__ stats) {
+__global__ void __launch_bounds__(kCompactThreads) emit_rows_kernel(const uint8_t* __restrict__ flags, int64_t M,
+                                                                    const uint32_t* __restrict__ block_counts,
+                                                                    int32_t* __restrict__ rows_out,
+                                                                    u64* __restrict__ stats) {
   __shared__ int s_warp[kCompactThreads / 32];
   __shared__ int s_counts[kCompactThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -194,9 +177,9 @@ emit_rows_kernel(const uint8_t* __restrict__ flags, int64_t M, const uint32_t* _
 }
 
 // ---- unpack -----------------------------------------------------------------
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-unpack_kernel(const uint32_t* __restrict__ packed, int64_t M, int64_t H, int slots, bf16* __restrict__ out,
-              int64_t ldo) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) unpack_kernel(const uint32_t* __restrict__ packed, int64_t M,
+                                                                     int64_t H, int slots, bf16* __restrict__ out,
+                                                                     int64_t ldo) {
   const int lane = threadIdx.x % 32;
   const int64_t tiles = tiles_for(H);
   const int64_t total = M * tiles;
@@ -237,12 +220,12 @@ cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, 
   return cudaGetLastError();
 }
 
-cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots,
-                      uint32_t* packed, uint8_t* row_flags, u64* stats, cudaStream_t stream, bool pdl) {
+cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots, uint32_t* packed,
+                      uint8_t* row_flags, u64* stats, cudaStream_t stream, bool pdl) {
   if (M == 0) return cudaSuccess;
   if (!pdl) {
-    pack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(pre, is_f32, ld, M, H, slots,
-                                                                                 packed, row_flags, stats);
+    pack_kernel<<<grid_for(M * tiles_for(H)), kWarpsPerBlock * 32, 0, stream>>>(pre, is_f32, ld, M, H, slots, packed,
+                                                                                row_flags, stats);
     return cudaGetLastError();
   }
   cudaLaunchConfig_t cfg = {};
@@ -261,8 +244,8 @@ size_t compact_workspace_bytes(int64_t M) {
   return static_cast<size_t>((blocks * 4 + 255) / 256 * 256);
 }
 
-cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* rows_out, u64* stats,
-                                 void* workspace, cudaStream_t stream) {
+cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* rows_out, u64* stats, void* workspace,
+                                 cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const int64_t blocks = (M + kRowsPerCompactBlock - 1) / kRowsPerCompactBlock;
   auto* block_counts = static_cast<uint32_t*>(workspace);
@@ -270,8 +253,8 @@ cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* r
     count_flags_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts);
     TWELL_LAUNCH_CHECK();
   }
-  emit_rows_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts,
-                                                                                   rows_out, stats);
+  emit_rows_kernel<<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(row_flags, M, block_counts, rows_out,
+                                                                                  stats);
   return cudaGetLastError();
 }
 

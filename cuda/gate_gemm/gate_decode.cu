@@ -18,7 +18,10 @@
 
 #include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
-#include "ffn/pdl.cuh"
+#include "common/pdl.cuh"
+#include "common/ptx_sm80.cuh"
+#include "common/stats.cuh"
+#include "common/warp.cuh"
 #include "gate_gemm/gate_decode.h"
 
 namespace twell {
@@ -49,21 +52,6 @@ struct DecodeParams {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ uint4 ld_stream16(const bf16* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 #endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -77,8 +65,8 @@ __device__ __forceinline__ void load_group(uint4 (&ra)[G], uint4 (&rb)[G], const
     const bool ok = kb0 + u < nkb && off < len;
     ra[u] = make_uint4(0, 0, 0, 0);
     rb[u] = make_uint4(0, 0, 0, 0);
-    if (ok && va) ra[u] = ld_stream16(pa + off);
-    if (ok && vb) rb[u] = ld_stream16(pb + off);
+    if (ok && va) ra[u] = sm80::ld_stream16(pa + off);
+    if (ok && vb) rb[u] = sm80::ld_stream16(pb + off);
   }
 }
 
@@ -92,8 +80,8 @@ __device__ __forceinline__ void mma_group(float (&acc)[NB][4], const uint4 (&ra)
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         const uint4 xb = *reinterpret_cast<const uint4*>(xs + (nb * 8 + g) * xrow + off);
-        mma_bf16_16816(acc[nb], ra[u].x, rb[u].x, ra[u].y, rb[u].y, xb.x, xb.y);
-        mma_bf16_16816(acc[nb], ra[u].z, rb[u].z, ra[u].w, rb[u].w, xb.z, xb.w);
+        sm80::mma_m16n8k16_bf16(acc[nb], ra[u].x, rb[u].x, ra[u].y, rb[u].y, xb.x, xb.y);
+        sm80::mma_m16n8k16_bf16(acc[nb], ra[u].z, rb[u].z, ra[u].w, rb[u].w, xb.z, xb.w);
       }
     }
   }
@@ -114,7 +102,6 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
   const int xrow = p.xrow;  // staged x row stride (bf16), = 64 B mod 128 B: conflict-free 16 B reads
   bf16* xs = reinterpret_cast<bf16*>(smem_raw);
   float* part = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(kMpad) * xrow * 2);
-  __shared__ u64 s_active[kWarps], s_over[kWarps], s_max[kWarps];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -152,14 +139,13 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
         const int m = idx / vecs, c = idx - m * vecs;
         const bool ok = m < p.M && c * 8 < len;
         const bf16* src = ok ? p.x + m * p.ldx + k0 + c * 8 : p.x;
-        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(xs + m * xrow + c * 8));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
-                     : "memory");
+        const uint32_t dst = sm80::smem_u32(xs + m * xrow + c * 8);
+        sm80::cp_async_16_zfill(dst, src, ok ? 16 : 0);
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      sm80::cp_async_commit();
     }
     if (!PF) {
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      sm80::cp_async_wait_all();
       __syncthreads();
       if (warp_live) {
         for (int kb0 = 0; kb0 < nkb; kb0 += G) {
@@ -171,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
     } else {
       uint4 a0[G], b0[G], a1[G], b1[G];
       if (warp_live) load_group<G>(a0, b0, qa, qb, va, vb, 0, nkb, len, t);  // overlaps the x staging
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      sm80::cp_async_wait_all();
       __syncthreads();
       if (warp_live) {
         for (int kb0 = 0; kb0 < nkb; kb0 += 2 * G) {
@@ -214,19 +200,20 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
       const float* src = cluster.map_shared_rank(part, q) + m * kPartStride + lane * 8;
       const float4 a = *reinterpret_cast<const float4*>(src);
       const float4 b = *reinterpret_cast<const float4*>(src + 4);
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+      v[0] += a.x;
+      v[1] += a.y;
+      v[2] += a.z;
+      v[3] += a.w;
+      v[4] += b.x;
+      v[5] += b.y;
+      v[6] += b.z;
+      v[7] += b.w;
     }
     unsigned mask = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) mask |= (lane * 8 + j < width && v[j] > 0.0f ? 1u : 0u) << j;
     const int mine = __popc(mask);
-    int incl = mine;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int up = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += up;
-    }
+    const int incl = warp_incl_scan(mine, lane);
     const int count = __shfl_sync(0xffffffffu, incl, 31);
     int slot = incl - mine;
     uint32_t* out = p.packed + m * row_words + tile * p.slots;
@@ -251,23 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
       }
     }
   }
-  if (lane == 0) {
-    s_active[warp] = active;
-    s_over[warp] = over_tiles;
-    s_max[warp] = max_tile;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    u64 a = 0, o = 0, mx = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      a += s_active[w];
-      o += s_over[w];
-      mx = mx > s_max[w] ? mx : s_max[w];
-    }
-    if (a) atomicAdd(&p.stats[TWELL_STAT_ACTIVE], a);
-    if (o) atomicAdd(&p.stats[TWELL_STAT_OVERFLOW_TILES], o);
-    if (mx) atomicMax(&p.stats[TWELL_STAT_MAX_TILE_COUNT], mx);
-  }
+  block_flush_stats<kWarps>(p.stats, active, over_tiles, max_tile);
   cluster.sync();  // no CTA leaves while others still read its partials
 #endif
 }
@@ -293,10 +264,8 @@ KernelFn kernel_for(int nb, int variant) {
     case 2:
       return variant == 0 ? gate_decode_kernel<2, 4, false>
                           : (variant == 1 ? gate_decode_kernel<2, 2, true> : gate_decode_kernel<2, 4, true>);
-    case 4:
-      return variant == 0 ? gate_decode_kernel<4, 4, false> : gate_decode_kernel<4, 2, true>;
-    default:
-      return variant == 0 ? gate_decode_kernel<8, 4, false> : gate_decode_kernel<8, 2, true>;
+    case 4: return variant == 0 ? gate_decode_kernel<4, 4, false> : gate_decode_kernel<4, 2, true>;
+    default: return variant == 0 ? gate_decode_kernel<8, 4, false> : gate_decode_kernel<8, 2, true>;
   }
 }
 
@@ -330,8 +299,6 @@ cudaLaunchConfig_t make_config(unsigned grid, int k, size_t smem, cudaStream_t s
 }
 
 constexpr int kMaxDevices = 64;
-// 0 unknown, 1 the kernel runs on this device, 2 it does not.
-std::atomic<int> g_device_ok[kMaxDevices];
 // Clusters of k CTAs that can be resident at once (+1; 0 unknown).
 std::atomic<int> g_max_clusters[kMaxDevices][kMaxCluster + 1];
 
@@ -343,21 +310,7 @@ bool device_ok(int* dev_out) {
   }
   if (dev < 0 || dev >= kMaxDevices) return false;
   if (dev_out) *dev_out = dev;
-  const int known = g_device_ok[dev].load(std::memory_order_relaxed);
-  if (known != 0) return known == 1;
-  bool ok = false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9) {
-    // The code that would run must come from sm_90+ code (not compute_80 PTX
-    // JIT-compiled on a newer GPU, whose body is empty).
-    cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, gate_decode_kernel<1, 4, false>) == cudaSuccess) {
-      ok = fa.binaryVersion >= 90 && fa.ptxVersion >= 90;
-    }
-  }
-  (void)cudaGetLastError();  // a failed query must not leak into later launch checks
-  g_device_ok[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
+  return sm90_code_loaded(gate_decode_kernel<1, 4, false>);
 }
 
 // How many clusters of k CTAs fit on the device at once (GPCs do not divide
@@ -448,8 +401,7 @@ cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stre
   KernelFn kern = kernel_for(nb, variant);
   TWELL_CUDA_TRY(set_max_dynamic_smem(kern, smem));  // once per device and size (common/launch_cache.h)
   cudaLaunchAttribute attr[2];
-  cudaLaunchConfig_t cfg =
-      make_config(static_cast<unsigned>(tiles * k), static_cast<int>(k), smem, stream, attr, pdl);
+  cudaLaunchConfig_t cfg = make_config(static_cast<unsigned>(tiles * k), static_cast<int>(k), smem, stream, attr, pdl);
   return cudaLaunchKernelEx(&cfg, kern, p);
 }
 

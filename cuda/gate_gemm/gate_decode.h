@@ -53,7 +53,7 @@ bool gate_pack_decode_preferred(const GatePackArgs& args, int sm_count);
 // M == 0 is a no-op.
 cudaError_t gate_pack_decode(const GatePackArgs& args, int sm_count, cudaStream_t stream);
 // The same, launched as a programmatic dependent of the previous kernel in the
-// stream (cuda/ffn/pdl.cuh): the launch overlaps that kernel's tail, and the
+// stream (cuda/common/pdl.cuh): the launch overlaps that kernel's tail, and the
 // next kernel, if launched the same way, is placed while this one runs.
 cudaError_t gate_pack_decode_pdl(const GatePackArgs& args, int sm_count, cudaStream_t stream);
 // Testing/tuning only: the same with a given main-loop variant (-1 = default;

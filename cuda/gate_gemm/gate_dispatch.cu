@@ -1,4 +1,4 @@
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "gate_gemm/gate_decode.h"
 #include "gate_gemm/gate_dispatch.h"
 #include "gate_gemm/gate_portable.h"

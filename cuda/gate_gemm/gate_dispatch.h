@@ -11,7 +11,7 @@ namespace twell {
 struct GateRoute {
   bool use_sm90 = false;      // the plan may use the Hopper kernels
   bool allow_decode = true;   // may use the small-M decode kernel
-  bool pdl = false;           // launch the decode kernel as a programmatic dependent (cuda/ffn/pdl.cuh)
+  bool pdl = false;           // launch the decode kernel as a programmatic dependent (cuda/common/pdl.cuh)
   int sm_count = 1;
   void* portable_chunk = nullptr;  // gate_portable_workspace_bytes(M, H) bytes
   void* lt_workspace = nullptr;    // cuBLASLt workspace

@@ -1,5 +1,7 @@
-// Internal entry points of the sm_90a gate GEMM, for tests and benchmarks only
-// (the library dispatches through gate_pack_sm90() in gate_gemm.h).
+// The sm_90a gate GEMM's experiment variants, for the test program only: they
+// are defined in experiments/gate_gemm_sm90_variants.cu, which CMake builds
+// into test_gate_gemm_sm90 and never into libtwell (the library dispatches
+// through gate_pack_sm90() in gate_gemm.h, the default variant alone).
 #pragma once
 
 #include "gate_gemm/gate_gemm.h"

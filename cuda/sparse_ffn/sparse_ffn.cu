@@ -49,11 +49,13 @@
 
 #include <cooperative_groups.h>
 
-#include <atomic>
 #include <climits>
 
 #include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
+#include "common/ptx_sm80.cuh"
+#include "common/warp.cuh"
+#include "common/workspace.h"
 #include "common/bf16x8.cuh"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
 
@@ -85,59 +87,35 @@ struct KParams {
 
 // Dynamic shared memory layout (byte offsets, 16-byte aligned).
 struct Layout {
-  uint32_t xs, ybuf, tok_true, act, offs, scan, tm_pw, tm_g, s_pw, s_g, s_h, red,
-      total;
+  uint32_t xs, ybuf, tok_true, act, offs, scan, tm_pw, tm_g, s_pw, s_g, s_h, red, total;
 };
-
-__host__ __device__ inline uint32_t take(uint32_t& o, uint64_t bytes) {
-  const uint32_t r = o;
-  o = static_cast<uint32_t>((o + bytes + 15) & ~static_cast<uint64_t>(15));
-  return r;
-}
 
 __host__ __device__ inline Layout make_layout(int nt, int tb, bool gated, int64_t D, int csize) {
   Layout L;
-  uint32_t o = 0;
-  L.xs = take(o, gated ? static_cast<uint64_t>(tb) * D * 2 : 0);
-  L.ybuf = take(o, csize > 1 ? static_cast<uint64_t>(tb) * D * 4 : 0);
-  L.tok_true = take(o, static_cast<uint64_t>(tb) * 8);
-  L.act = take(o, static_cast<uint64_t>(tb) * 4);
-  L.offs = take(o, (kCountSlots + 1) * 4);
-  L.scan = take(o, 32 * 4);
-  L.tm_pw = take(o, tb > 1 ? kPairsMax * 4 : 0);
-  L.tm_g = take(o, tb > 1 ? kPairsMax * 4 : 0);
-  L.s_pw = take(o, kPairsMax * 4);
-  L.s_g = take(o, kPairsMax * 4);
-  L.s_h = take(o, gated ? kPairsMax * 4 : 0);
-  L.red = take(o, gated ? static_cast<uint64_t>(nt / 32) * kPairsMax * 4 : 0);
-  L.total = o;
+  SmemRegions r;
+  L.xs = r.take(gated ? static_cast<uint64_t>(tb) * D * 2 : 0);
+  L.ybuf = r.take(csize > 1 ? static_cast<uint64_t>(tb) * D * 4 : 0);
+  L.tok_true = r.take(static_cast<uint64_t>(tb) * 8);
+  L.act = r.take(static_cast<uint64_t>(tb) * 4);
+  L.offs = r.take((kCountSlots + 1) * 4);
+  L.scan = r.take(32 * 4);
+  L.tm_pw = r.take(tb > 1 ? kPairsMax * 4 : 0);
+  L.tm_g = r.take(tb > 1 ? kPairsMax * 4 : 0);
+  L.s_pw = r.take(kPairsMax * 4);
+  L.s_g = r.take(kPairsMax * 4);
+  L.s_h = r.take(gated ? kPairsMax * 4 : 0);
+  L.red = r.take(gated ? static_cast<uint64_t>(nt / 32) * kPairsMax * 4 : 0);
+  L.total = r.end;
   return L;
 }
 
 // ---------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
-
-// D += A * B for one m16n8k16 tile, bf16 inputs, fp32 accumulation. Only the
-// A rows 0..7 are used (a1 = a3 = 0); c2, c3 (rows 8..15) stay 0.
-__device__ __forceinline__ void mma_bf16_16x8x16(float& c0, float& c1, float& c2, float& c3,
-                                                 uint32_t a0, uint32_t a2, uint32_t b0,
-                                                 uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-}
-
 // acc[t] += h * v with a CTA-uniform runtime t: a branch tree keeps every
 // register index a compile-time constant.
 template <int LO, int HI, int TB, int CH>
-__device__ __forceinline__ void axpy_token(float (&acc)[TB][CH][8], int t, float h,
-                                           const uint4 (&v)[CH]) {
+__device__ __forceinline__ void axpy_token(float (&acc)[TB][CH][8], int t, float h, const uint4 (&v)[CH]) {
   if constexpr (HI - LO == 1) {
 #pragma unroll
     for (int k = 0; k < CH; ++k) axpy8(acc[LO][k], h, v[k]);
@@ -178,15 +156,6 @@ __device__ __forceinline__ float warp_sum_scatter(float (&v)[G], int lane) {
   return r;
 }
 
-__device__ __forceinline__ int warp_incl_scan(int v, int lane) {
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int n = __shfl_up_sync(0xFFFFFFFFu, v, o);
-    if (lane >= o) v += n;
-  }
-  return v;
-}
-
 // A pair is one 32-bit word, (j << 4) | t: neuron j (< 2^24), token t of the
 // CTA's block (< 16). Sorting the words orders pairs by (neuron, token).
 // Entries whose column lies outside its tile or outside H become the
@@ -198,9 +167,8 @@ constexpr uint32_t kNoRow = 0xFFFFFFFFu;  // "no previous neuron" (no j >> 4 equ
 // first pair of each neuron loads (the others reuse its registers). `prevj`
 // is the neuron of the pair before the group.
 template <int G, int CH>
-__device__ __forceinline__ void load_rows(uint4 (&w)[G][CH], const uint32_t (&pw)[G],
-                                          uint32_t prevj, const bf16* base, int64_t ld,
-                                          const int (&ck)[CH], const bool (&ok)[CH]) {
+__device__ __forceinline__ void load_rows(uint4 (&w)[G][CH], const uint32_t (&pw)[G], uint32_t prevj, const bf16* base,
+                                          int64_t ld, const int (&ck)[CH], const bool (&ok)[CH]) {
 #pragma unroll
   for (int pp = 0; pp < G; ++pp) {
     const uint32_t j = pw[pp] >> 4;
@@ -216,9 +184,8 @@ __device__ __forceinline__ void load_rows(uint4 (&w)[G][CH], const uint32_t (&pw
 }
 
 template <int G, int CH>
-__device__ __forceinline__ void prefetch_rows(const uint32_t (&pw)[G], uint32_t prevj,
-                                              const bf16* base, int64_t ld, const int (&ck)[CH],
-                                              const bool (&ok)[CH]) {
+__device__ __forceinline__ void prefetch_rows(const uint32_t (&pw)[G], uint32_t prevj, const bf16* base, int64_t ld,
+                                              const int (&ck)[CH], const bool (&ok)[CH]) {
 #pragma unroll
   for (int pp = 0; pp < G; ++pp) {
     const uint32_t j = pw[pp] >> 4;
@@ -227,24 +194,464 @@ __device__ __forceinline__ void prefetch_rows(const uint32_t (&pw)[G], uint32_t 
     const uint4* row = reinterpret_cast<const uint4*>(base + static_cast<int64_t>(j) * ld);
 #pragma unroll
     for (int k = 0; k < CH; ++k)
-      if (load && ok[k]) prefetch_l2(row + ck[k]);
+      if (load && ok[k]) sm80::prefetch_l2(row + ck[k]);
   }
 }
 
 template <int G>
-__device__ __forceinline__ uint32_t read_group(uint32_t (&pw)[G], const uint32_t* s_pw, int g0,
-                                               int nb) {
+__device__ __forceinline__ uint32_t read_group(uint32_t (&pw)[G], const uint32_t* s_pw, int g0, int nb) {
 #pragma unroll
   for (int pp = 0; pp < G; ++pp) pw[pp] = g0 + pp < nb ? s_pw[g0 + pp] : kPairSentinel;
   return g0 > 0 ? (s_pw[g0 - 1] >> 4) : kNoRow;
 }
 
 // ---------------------------------------------------------------------------
-// The kernel
+// Kernel phases, in the order the kernel runs them
+// ---------------------------------------------------------------------------
+// Register arrays (the per-thread arrays that unrolled loops keep in
+// registers: cnt, cfrag, the row chunks v / w, part, the output sums) are
+// declared by the kernel and passed to the phases by reference. Declared
+// inside an inlined phase, such an array lands elsewhere in the kernel's list
+// of locals and ptxas then assigns registers and schedules the phase
+// differently (with them inside the phases, none of the 72 kernels kept its
+// SASS); declared here, they keep the single-function kernel's code.
+
+// The CTA's shared-memory arrays (byte offsets from make_layout).
+struct SmemArrays {
+  uint4* xs;        // [TB][nch] the block's x rows (gated)
+  u64* s_true;      // [TB] sum of the true counts of each token (statistics)
+  int* s_act;       // [TB] 1 = the token exists and is not flagged
+  int* s_offs;      // [kCountSlots + 1] first pair of each (token, tile) slot
+  int* s_scan;      // [32] per-warp totals of the count scan
+  uint32_t* tm_pw;  // [kPairsMax] the batch's pairs in token-major order (TB > 1)
+  float* tm_g;      // [kPairsMax] their gate values (TB > 1)
+  uint32_t* s_pw;   // [kPairsMax] the batch's pairs sorted by (neuron, token)
+  float* s_g;       // [kPairsMax] their gate values
+  float* s_h;       // [kPairsMax] their h = g * u (gated)
+  float* red;       // [NW][kPairsMax] per-warp partial up dot products (gated)
+};
+
+__device__ __forceinline__ SmemArrays carve_smem(unsigned char* smem, const Layout& L) {
+  SmemArrays s;
+  s.xs = reinterpret_cast<uint4*>(smem + L.xs);
+  s.s_true = reinterpret_cast<u64*>(smem + L.tok_true);
+  s.s_act = reinterpret_cast<int*>(smem + L.act);
+  s.s_offs = reinterpret_cast<int*>(smem + L.offs);
+  s.s_scan = reinterpret_cast<int*>(smem + L.scan);
+  s.tm_pw = reinterpret_cast<uint32_t*>(smem + L.tm_pw);
+  s.tm_g = reinterpret_cast<float*>(smem + L.tm_g);
+  s.s_pw = reinterpret_cast<uint32_t*>(smem + L.s_pw);
+  s.s_g = reinterpret_cast<float*>(smem + L.s_g);
+  s.s_h = reinterpret_cast<float*>(smem + L.s_h);
+  s.red = reinterpret_cast<float*>(smem + L.red);
+  return s;
+}
+
+// What every phase needs to know about its thread, read once at the start (a
+// kernel parameter read again after a barrier is a new load).
+struct ThreadPos {
+  int tid, lane, warp;
+  int cs;        // CTAs per token (cluster size), 1 = no cluster
+  int rank;      // the CTA's rank in its cluster (0 without a cluster)
+  int64_t m0;    // the block's first token
+  int nch;       // 16-byte chunks in a row of D
+  int S;         // slots per tile
+  uint32_t cap;  // entries a tile can hold, S - 1
+  uint32_t H32;  // H
+};
+
+// Start of the block: mark which of its tokens are live (inside M and not
+// flagged), zero their statistics, and for small M start the packed row on
+// its way to L2. The caller's barrier publishes s_act / s_true.
+template <int NT, int TB>
+__device__ __forceinline__ void start_block(const KParams& p, const SmemArrays& s, const ThreadPos& at) {
+  if constexpr (TB == 1) {
+    // Latency-bound (small M): bring the whole packed row towards L2 now, so
+    // that the entry words read after the count scan do not wait for DRAM.
+    if (at.m0 < p.M) {
+      const uint32_t* prow = p.packed + at.m0 * p.row_words;
+      for (int64_t i = static_cast<int64_t>(at.tid) * 32; i < p.row_words; i += NT * 32) sm80::prefetch_l2(prow + i);
+    }
+  }
+  if (at.tid < TB) {
+    const int64_t m = at.m0 + at.tid;
+    s.s_act[at.tid] = (m < p.M && (p.flags == nullptr || p.flags[m] == 0)) ? 1 : 0;
+    s.s_true[at.tid] = 0;
+  }
+}
+
+// Phase 1a: read the count words of the window's (token, tile) slots, EPT
+// consecutive slots per thread (slot f = token * wt + tile - w0), 0 past the
+// window or past M. Streamed (read once).
+template <int NT, int TB>
+__device__ __forceinline__ void load_count_words(uint32_t (&cw)[kCountSlots / NT], const KParams& p,
+                                                 const ThreadPos& at, int w0, int wt) {
+  constexpr int EPT = kCountSlots / NT;
+  const int F = TB * wt;
+#pragma unroll
+  for (int e = 0; e < EPT; ++e) {
+    const int f = at.tid * EPT + e;
+    cw[e] = 0;
+    if (f < F) {
+      const int t = f / wt;
+      const int tile = w0 + (f - t * wt);
+      const int64_t m = at.m0 + t;
+      if (m < p.M) cw[e] = __ldcs(p.packed + m * p.row_words + static_cast<int64_t>(tile) * at.S);
+    }
+  }
+}
+
+// Phase 1b (gated, first window only): the block's x rows into shared memory,
+// zeros for tokens that are not live. Issued right after the count words so
+// that both are in flight together.
+template <int CH, int TB>
+__device__ __forceinline__ void stage_x_rows(const KParams& p, const SmemArrays& s, const ThreadPos& at,
+                                             const int (&ck)[CH], const bool (&ok)[CH]) {
+#pragma unroll
+  for (int t = 0; t < TB; ++t) {
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      if (ok[k]) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (s.s_act[t]) v = __ldcs(reinterpret_cast<const uint4*>(p.x + (at.m0 + t) * p.ldx) + ck[k]);
+        s.xs[t * at.nch + ck[k]] = v;
+      }
+    }
+  }
+}
+
+// Phase 1c: counts -> offsets. Each count is clamped to the entries a tile
+// can hold (slots - 1; 0 for a token that is not live), then a block-wide
+// exclusive scan turns them into s_offs[slot] = the slot's first pair, with
+// s_offs[kCountSlots] = the window's pair total, which is returned. The true
+// counts are summed per token for the statistics on the way. cnt[] holds the
+// clamped counts between the two (a register array of the caller's).
+template <int NT, int TB>
+__device__ __forceinline__ int scan_counts(const SmemArrays& s, const uint32_t (&cw)[kCountSlots / NT],
+                                           int (&cnt)[kCountSlots / NT], const KParams& p, const ThreadPos& at,
+                                           int wt) {
+  constexpr int NW = NT / 32;
+  constexpr int EPT = kCountSlots / NT;
+  const int F = TB * wt;
+  int run = 0;
+#pragma unroll
+  for (int e = 0; e < EPT; ++e) {
+    const int f = at.tid * EPT + e;
+    cnt[e] = 0;
+    if (f < F) {
+      const int t = f / wt;
+      if (at.m0 + t < p.M) {
+        if (p.stats != nullptr) atomicAdd(&s.s_true[t], static_cast<u64>(cw[e]));
+        if (s.s_act[t]) cnt[e] = static_cast<int>(min(cw[e], at.cap));
+      }
+    }
+    run += cnt[e];
+  }
+  const int incl = warp_incl_scan(run, at.lane);
+  if (at.lane == 31) s.s_scan[at.warp] = incl;
+  __syncthreads();
+  if (at.warp == 0) {
+    int v = at.lane < NW ? s.s_scan[at.lane] : 0;
+    v = warp_incl_scan(v, at.lane);
+    if (at.lane < NW) s.s_scan[at.lane] = v;
+  }
+  __syncthreads();
+  int base = incl - run + (at.warp > 0 ? s.s_scan[at.warp - 1] : 0);
+#pragma unroll
+  for (int e = 0; e < EPT; ++e) {
+    s.s_offs[at.tid * EPT + e] = base;
+    base += cnt[e];
+  }
+  if (at.tid == NT - 1) s.s_offs[kCountSlots] = base;
+  __syncthreads();
+  return s.s_offs[kCountSlots];
+}
+
+// Phase 2a: locate and read the batch's entries (pairs b0 .. b0+nb-1 of the
+// window, token-major). Pair q's slot is found by binary search in s_offs;
+// only words 1..min(count, slots-1) of a tile are ever read. Each entry
+// becomes a pair word (j << 4) | t and its gate value, or the sentinel for
+// a column outside its tile or outside H. With one token per CTA the
+// token-major order is already (neuron, token) order, so the pairs go
+// straight to s_pw / s_g; otherwise to tm_pw / tm_g for the sort.
+template <int NT, int TB>
+__device__ __forceinline__ void read_entries(const SmemArrays& s, const KParams& p, const ThreadPos& at, int w0, int wt,
+                                             int b0, int nb) {
+  for (int i = at.tid; i < kPairsMax; i += NT) {
+    uint32_t pw = kPairSentinel;
+    float g = 0.f;
+    if (i < nb) {
+      const int q = b0 + i;
+      int lo = 0, hi = kCountSlots;  // s_offs[lo] <= q < s_offs[hi]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (s.s_offs[mid] <= q) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      const int t = lo / wt;
+      const int tile = w0 + (lo - t * wt);
+      const int k = q - s.s_offs[lo];  // < min(count, slots-1)
+      const uint32_t word = __ldcs(p.packed + (at.m0 + t) * p.row_words + static_cast<int64_t>(tile) * at.S + 1 + k);
+      const uint32_t col = static_cast<uint32_t>(entry_col(word));
+      const uint32_t j = static_cast<uint32_t>(tile) * kTileCols + col;
+      if (col < static_cast<uint32_t>(kTileCols) && j < at.H32) {
+        pw = (j << 4) | static_cast<uint32_t>(t);
+        g = entry_value(word);
+      }
+    }
+    if constexpr (TB == 1) {
+      s.s_pw[i] = pw;
+      s.s_g[i] = g;
+    } else {
+      s.tm_pw[i] = pw;
+      s.tm_g[i] = g;
+    }
+  }
+}
+
+// Phase 2b (TB > 1): sort the batch's pairs by (neuron, token), so that the
+// pairs of a neuron that several tokens share are adjacent and its W rows are
+// loaded once for all of them. A pair's rank is the number of pairs before it
+// in (word, token-major position) order: a permutation for any input, even
+// with repeated words.
+template <int NT>
+__device__ __forceinline__ void sort_pairs(const SmemArrays& s, int nb, int tid) {
+  const int nb4 = (nb + 3) & ~3;  // padding words: sentinels past nb, never counted
+  const uint4* pw4 = reinterpret_cast<const uint4*>(s.tm_pw);
+  for (int i = tid; i < nb; i += NT) {
+    const uint32_t key = s.tm_pw[i];
+    int r = 0;
+    for (int q4 = 0; q4 < nb4; q4 += 4) {
+      const uint4 kq = pw4[q4 >> 2];
+      r += (kq.x < key) | ((kq.x == key) & (q4 + 0 < i));
+      r += (kq.y < key) | ((kq.y == key) & (q4 + 1 < i));
+      r += (kq.z < key) | ((kq.z == key) & (q4 + 2 < i));
+      r += (kq.w < key) | ((kq.w == key) & (q4 + 3 < i));
+    }
+    s.s_pw[r] = key;
+    s.s_g[r] = s.tm_g[i];
+  }
+}
+
+// W_u row loads in flight per thread in the tensor-core up phase.
+constexpr int mma_rows_in_flight(int tb, int ch) { return tb * ch >= 8 ? 4 : 8; }
+
+// Phase 3, tensor-core variant: each warp's partial dot products x[t] . W_u[j]
+// over its share of D, written to red[warp][pair].
+//
+// mma.sync m16n8k16, bf16 in, fp32 accumulate: per group of 8 pairs a warp
+// computes C[token][pair] = x[token] . W_u[j_pair] over its share of D for all
+// the block's tokens at once, then keeps the entries C[t_pair][pair]. Lane
+// (n, q) = (lane / 4, lane % 4) loads 16 bytes of pair n's row and of token
+// n's x at 32-column block b, columns 32b + 8q .. +8: the reduction index k of
+// the mma is permuted identically for A and B (k = 2q + {0,1} <-> 8q + 4s +
+// {0,1}, k = 2q + 8 + {0,1} <-> 8q + 4s + 2 + {0,1} in step s), which leaves
+// the dot products unchanged. Pairs that share a neuron load the same
+// addresses in the same instruction (one request).
+template <int NT, int CH, int TB>
+__device__ __forceinline__ void up_partials_mma(float (&cfrag)[4], uint4 (&w)[mma_rows_in_flight(TB, CH)],
+                                                const SmemArrays& s, const KParams& p, const ThreadPos& at, int nb) {
+  constexpr int NW = NT / 32;
+  const int warp = at.warp;
+  const int nch = at.nch;
+  const int n = at.lane >> 2;
+  const int q = at.lane & 3;
+  const int nkb = (nch + 3) >> 2;                      // 32-column blocks
+  const int my_blocks = (nkb - warp + NW - 1) / NW;    // warp-uniform
+  const uint4* xrow = s.xs + min(n, TB - 1) * nch;     // A row n (rows >= TB unused)
+  for (int g0 = 0; g0 < nb; g0 += 8) {
+    const uint32_t mypw = g0 + n < nb ? s.s_pw[g0 + n] : kPairSentinel;
+    const bool myvalid = mypw != kPairSentinel;
+    const uint4* wrow = reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(mypw >> 4) * p.ldwu);
+    if constexpr (TB == 1) {
+      // Latency-bound (small M): start W_d's rows on their way to L2.
+      const uint4* drow = reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(mypw >> 4) * p.ldwd);
+      for (int i = 0; i < my_blocks; ++i) {
+        const int c = (warp + i * NW) * 4 + q;
+        if (myvalid && c < nch) sm80::prefetch_l2(drow + c);
+      }
+    }
+    // Only the A rows 0..7 are used (a1 = a3 = 0); cfrag[2], cfrag[3] (rows 8..15) stay 0.
+#pragma unroll
+    for (int e = 0; e < 4; ++e) cfrag[e] = 0.f;
+    constexpr int KB = mma_rows_in_flight(TB, CH);
+    for (int kb0 = 0; kb0 < my_blocks; kb0 += KB) {
+#pragma unroll
+      for (int i = 0; i < KB; ++i) {
+        const int c = (warp + (kb0 + i) * NW) * 4 + q;
+        w[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (kb0 + i < my_blocks && myvalid && c < nch) w[i] = __ldg(wrow + c);
+      }
+#pragma unroll
+      for (int i = 0; i < KB; ++i) {
+        if (kb0 + i < my_blocks) {  // warp-uniform
+          const int c = (warp + (kb0 + i) * NW) * 4 + q;
+          const uint4 xv = c < nch ? xrow[c] : make_uint4(0u, 0u, 0u, 0u);
+          sm80::mma_m16n8k16_bf16(cfrag, xv.x, 0u, xv.y, 0u, w[i].x, w[i].y);
+          sm80::mma_m16n8k16_bf16(cfrag, xv.z, 0u, xv.w, 0u, w[i].z, w[i].w);
+        }
+      }
+    }
+    // C[n][2q], C[n][2q+1] are in cfrag[0], cfrag[1]: keep the pairs whose token is n.
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int idx = g0 + 2 * q + e;
+      if (idx < nb) {
+        const uint32_t pwe = s.s_pw[idx];
+        if (pwe != kPairSentinel && static_cast<int>(pwe & 15u) == n) s.red[warp * kPairsMax + idx] = cfrag[e];
+      }
+    }
+  }
+}
+
+// Phase 3, FFMA variant, one group of G sorted pairs: this thread's partial
+// dot products x[t] . W_u[j] over its chunks, part[pp] for pair pw[pp]. w holds
+// the group's rows as load_rows left them (a neuron's row only at its first
+// pair); v carries the current neuron's row from pair to pair and group to
+// group. The caller reduces part[] over the warp.
+template <int G, int CH>
+__device__ __forceinline__ void dot_group(float (&part)[G], uint4 (&v)[CH], const uint4 (&w)[G][CH],
+                                          const uint32_t (&pw)[G], uint32_t prevj, const uint4* xs, int nch,
+                                          const int (&ck)[CH], const bool (&ok)[CH]) {
+  uint32_t pj = prevj;
+#pragma unroll
+  for (int pp = 0; pp < G; ++pp) {
+    const uint32_t j = pw[pp] >> 4;
+    if (j != pj) {
+#pragma unroll
+      for (int k = 0; k < CH; ++k) v[k] = w[pp][k];
+    }
+    pj = j;
+    float sum = 0.f;
+    if (pw[pp] != kPairSentinel) {
+      const uint4* xr = xs + (pw[pp] & 15u) * nch;
+#pragma unroll
+      for (int k = 0; k < CH; ++k)
+        if (ok[k]) sum = dot8(xr[ck[k]], v[k], sum);
+    }
+    part[pp] = sum;
+  }
+}
+
+// Phase 3 end: h = g * u, u the sum of the warps' partials in warp order (a
+// fixed order: deterministic).
+template <int NT>
+__device__ __forceinline__ void gate_products(const SmemArrays& s, int nb, int tid) {
+  constexpr int NW = NT / 32;
+  for (int i = tid; i < nb; i += NT) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) sum += s.red[w * kPairsMax + i];
+    s.s_h[i] = s.s_g[i] * sum;
+  }
+}
+
+// Phase 4, one group of G sorted pairs: acc[t] += h * W_d[j] for each pair,
+// h = hv[pp]. w and v as in dot_group. Pairs run in sorted order, so each
+// token's sum runs in ascending neuron order.
+template <int G, int CH, int TB>
+__device__ __forceinline__ void axpy_group(float (&acc)[TB][CH][8], uint4 (&v)[CH], const uint4 (&w)[G][CH],
+                                           const uint32_t (&pw)[G], uint32_t prevj, const float* hv) {
+  uint32_t pj = prevj;
+#pragma unroll
+  for (int pp = 0; pp < G; ++pp) {
+    const uint32_t j = pw[pp] >> 4;
+    if (j != pj) {
+#pragma unroll
+      for (int k = 0; k < CH; ++k) v[k] = w[pp][k];
+    }
+    pj = j;
+    if (pw[pp] != kPairSentinel) axpy_token<0, TB>(acc, static_cast<int>(pw[pp] & 15u), hv[pp], v);
+  }
+}
+
+// Output without a cluster: each live token's row of y, rounded to bf16.
+template <int CH, int TB>
+__device__ __forceinline__ void store_rows(const float (&acc)[TB][CH][8], const KParams& p, const SmemArrays& s,
+                                           const ThreadPos& at, const int (&ck)[CH], const bool (&ok)[CH]) {
+#pragma unroll
+  for (int t = 0; t < TB; ++t) {
+    if (s.s_act[t]) {
+      uint4* yr = reinterpret_cast<uint4*>(p.y + (at.m0 + t) * p.ldy);
+#pragma unroll
+      for (int k = 0; k < CH; ++k)
+        if (ok[k]) __stcs(yr + ck[k], pack8(acc[t][k]));
+    }
+  }
+}
+
+// Output of a cluster (sm_90, TB == 1: the launcher only clusters
+// single-token CTAs): each CTA writes its partial row to its own shared
+// memory (yb, [nch][2] float4); after a cluster barrier CTA r sums D-slice r
+// over the cluster's CTAs in rank order through distributed shared memory (a
+// fixed order: deterministic) and writes it. Nothing on sm_80 (no clusters).
+template <int NT, int CH>
+__device__ __forceinline__ void store_row_cluster(const float (&acc)[CH][8], float (&sum)[8], float4* yb,
+                                                  const KParams& p, const SmemArrays& s, const ThreadPos& at,
+                                                  const int (&ck)[CH], const bool (&ok)[CH]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int cs = at.cs;
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    if (ok[k]) {
+      yb[2 * ck[k]] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+      yb[2 * ck[k] + 1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
+    }
+  }
+  cluster.sync();
+  if (s.s_act[0]) {
+    const int lo = static_cast<int>((static_cast<int64_t>(at.nch) * at.rank) / cs);
+    const int hi = static_cast<int>((static_cast<int64_t>(at.nch) * (at.rank + 1)) / cs);
+    uint4* yr = reinterpret_cast<uint4*>(p.y + at.m0 * p.ldy);
+    for (int c = lo + at.tid; c < hi; c += NT) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+      for (int r = 0; r < cs; ++r) {
+        const float4* rb = cluster.map_shared_rank(yb, r);
+        const float4 a = rb[2 * c];
+        const float4 b = rb[2 * c + 1];
+        sum[0] += a.x;
+        sum[1] += a.y;
+        sum[2] += a.z;
+        sum[3] += a.w;
+        sum[4] += b.x;
+        sum[5] += b.y;
+        sum[6] += b.z;
+        sum[7] += b.w;
+      }
+      __stcs(yr + c, pack8(sum));
+    }
+  }
+  cluster.sync();  // keep this CTA's shared memory alive until all have read it
+#else
+  (void)acc, (void)sum, (void)yb, (void)p, (void)s, (void)at, (void)ck, (void)ok;
+#endif
+}
+
+// Statistics: the largest true row count of the block's tokens, one atomic
+// per block (cluster rank 0 only).
+template <int TB>
+__device__ __forceinline__ void record_max_count(const KParams& p, const SmemArrays& s, const ThreadPos& at) {
+  if (p.stats != nullptr && at.tid == 0 && at.rank == 0) {
+    u64 mx = 0;
+#pragma unroll
+    for (int t = 0; t < TB; ++t)
+      if (at.m0 + t < p.M) mx = s.s_true[t] > mx ? s.s_true[t] : mx;
+    if (mx != 0) atomicMax(p.stats + TWELL_STAT_MAX_ROW_COUNT, mx);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The kernel: phases 1-4 per window and batch (see the top of the file), the
+// barriers that hand each phase's shared-memory results to the next.
 // ---------------------------------------------------------------------------
 template <int NT, int CH, int TB, int G_REQ, bool GATED, bool MMA>
-__global__ void __launch_bounds__(NT, 65536 / (NT * 128))
-    sparse_ffn_kernel(const KParams p) {
+__global__ void __launch_bounds__(NT, 65536 / (NT * 128)) sparse_ffn_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   // sm_80's register allocation spills two gated variants at the sm_90 G.
   constexpr int G = (GATED && ((TB >= 8 && G_REQ > 4) || (TB == 1 && G_REQ > 8))) ? G_REQ / 2 : G_REQ;
@@ -255,56 +662,33 @@ __global__ void __launch_bounds__(NT, 65536 / (NT * 128))
   static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0 && kPairsMax % G == 0, "G");
   static_assert(TB >= 1 && TB <= 8 && kCountSlots % TB == 0, "TB");
   static_assert(GATED || !MMA, "MMA is the gated up phase");
-  constexpr int NW = NT / 32;
-  constexpr int EPT = kCountSlots / NT;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout L = make_layout(NT, TB, GATED, p.D, p.csize);
-  uint4* xs = reinterpret_cast<uint4*>(smem + L.xs);
-  u64* s_true = reinterpret_cast<u64*>(smem + L.tok_true);
-  int* s_act = reinterpret_cast<int*>(smem + L.act);
-  int* s_offs = reinterpret_cast<int*>(smem + L.offs);
-  int* s_scan = reinterpret_cast<int*>(smem + L.scan);
-  uint32_t* tm_pw = reinterpret_cast<uint32_t*>(smem + L.tm_pw);
-  float* tm_g = reinterpret_cast<float*>(smem + L.tm_g);
-  uint32_t* s_pw = reinterpret_cast<uint32_t*>(smem + L.s_pw);
-  float* s_g = reinterpret_cast<float*>(smem + L.s_g);
-  float* s_h = reinterpret_cast<float*>(smem + L.s_h);
-  float* red = reinterpret_cast<float*>(smem + L.red);
+  const SmemArrays s = carve_smem(smem, L);
 
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int cs = p.csize;
-  const int rank = cs > 1 ? static_cast<int>(blockIdx.x % cs) : 0;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x / cs) * TB;
-  const int nch = static_cast<int>(p.D >> 3);
-  const int S = p.slots;
-  const uint32_t cap = static_cast<uint32_t>(S - 1);
-  const uint32_t H32 = static_cast<uint32_t>(p.H);
+  ThreadPos at;
+  at.tid = threadIdx.x;
+  at.lane = at.tid & 31;
+  at.warp = at.tid >> 5;
+  at.cs = p.csize;
+  at.rank = at.cs > 1 ? static_cast<int>(blockIdx.x % at.cs) : 0;
+  at.m0 = static_cast<int64_t>(blockIdx.x / at.cs) * TB;
+  at.nch = static_cast<int>(p.D >> 3);
+  at.S = p.slots;
+  at.cap = static_cast<uint32_t>(at.S - 1);
+  at.H32 = static_cast<uint32_t>(p.H);
 
+  // This thread's 16-byte chunks of a D row: tid, tid + NT, ...
   int ck[CH];
   bool ok[CH];
 #pragma unroll
   for (int k = 0; k < CH; ++k) {
-    ck[k] = tid + k * NT;
-    ok[k] = ck[k] < nch;
+    ck[k] = at.tid + k * NT;
+    ok[k] = ck[k] < at.nch;
   }
 
-  if constexpr (TB == 1) {
-    // Latency-bound (small M): bring the whole packed row towards L2 now, so
-    // that the entry words read after the count scan do not wait for DRAM.
-    if (m0 < p.M) {
-      const uint32_t* prow = p.packed + m0 * p.row_words;
-      for (int64_t i = static_cast<int64_t>(tid) * 32; i < p.row_words; i += NT * 32)
-        prefetch_l2(prow + i);
-    }
-  }
-  if (tid < TB) {
-    const int64_t m = m0 + tid;
-    s_act[tid] = (m < p.M && (p.flags == nullptr || p.flags[m] == 0)) ? 1 : 0;
-    s_true[tid] = 0;
-  }
+  start_block<NT, TB>(p, s, at);
   __syncthreads();
 
   float acc[TB][CH][8];
@@ -319,280 +703,76 @@ __global__ void __launch_bounds__(NT, 65536 / (NT * 128))
   constexpr int kWindowTilesMax = kCountSlots / TB;
   for (int w0 = 0; w0 < T; w0 += kWindowTilesMax) {
     const int wt = min(kWindowTilesMax, T - w0);
-    const int F = TB * wt;
 
-    // 1. counts -> offsets (exclusive scan over the (token, tile) slots).
-    uint32_t cw[EPT];
-#pragma unroll
-    for (int e = 0; e < EPT; ++e) {
-      const int f = tid * EPT + e;
-      cw[e] = 0;
-      if (f < F) {
-        const int t = f / wt;
-        const int tile = w0 + (f - t * wt);
-        const int64_t m = m0 + t;
-        if (m < p.M) cw[e] = __ldcs(p.packed + m * p.row_words + static_cast<int64_t>(tile) * S);
-      }
-    }
+    // 1. counts -> offsets (ends with a barrier).
+    uint32_t cw[kCountSlots / NT];
+    load_count_words<NT, TB>(cw, p, at, w0, wt);
     if constexpr (GATED) {
-      // x rows of the block into shared memory (once), in flight together with
-      // the count words above.
-      if (w0 == 0) {
-#pragma unroll
-        for (int t = 0; t < TB; ++t) {
-#pragma unroll
-          for (int k = 0; k < CH; ++k) {
-            if (ok[k]) {
-              uint4 v = make_uint4(0u, 0u, 0u, 0u);
-              if (s_act[t])
-                v = __ldcs(reinterpret_cast<const uint4*>(p.x + (m0 + t) * p.ldx) + ck[k]);
-              xs[t * nch + ck[k]] = v;
-            }
-          }
-        }
-      }
+      if (w0 == 0) stage_x_rows<CH, TB>(p, s, at, ck, ok);
     }
-    int cnt[EPT];
-    int run = 0;
-#pragma unroll
-    for (int e = 0; e < EPT; ++e) {
-      const int f = tid * EPT + e;
-      cnt[e] = 0;
-      if (f < F) {
-        const int t = f / wt;
-        if (m0 + t < p.M) {
-          if (p.stats != nullptr) atomicAdd(&s_true[t], static_cast<u64>(cw[e]));
-          if (s_act[t]) cnt[e] = static_cast<int>(min(cw[e], cap));
-        }
-      }
-      run += cnt[e];
-    }
-    const int incl = warp_incl_scan(run, lane);
-    if (lane == 31) s_scan[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-      int v = lane < NW ? s_scan[lane] : 0;
-      v = warp_incl_scan(v, lane);
-      if (lane < NW) s_scan[lane] = v;
-    }
-    __syncthreads();
-    {
-      int base = incl - run + (warp > 0 ? s_scan[warp - 1] : 0);
-#pragma unroll
-      for (int e = 0; e < EPT; ++e) {
-        s_offs[tid * EPT + e] = base;
-        base += cnt[e];
-      }
-      if (tid == NT - 1) s_offs[kCountSlots] = base;
-    }
-    __syncthreads();
-    const int total = s_offs[kCountSlots];
+    int cnt[kCountSlots / NT];
+    const int total = scan_counts<NT, TB>(s, cw, cnt, p, at, wt);
 
     // This CTA's share of the window's pairs (the whole window unless split
-    // over a cluster).
-    const int qa = static_cast<int>((static_cast<int64_t>(total) * rank) / cs);
-    const int qb = static_cast<int>((static_cast<int64_t>(total) * (rank + 1)) / cs);
+    // over a cluster), in batches of up to kPairsMax.
+    const int qa = static_cast<int>((static_cast<int64_t>(total) * at.rank) / at.cs);
+    const int qb = static_cast<int>((static_cast<int64_t>(total) * (at.rank + 1)) / at.cs);
     for (int b0 = qa; b0 < qb; b0 += kPairsMax) {
       const int nb = min(kPairsMax, qb - b0);
 
-      // 2a. locate and read the entries (token-major order).
-      for (int i = tid; i < kPairsMax; i += NT) {
-        uint32_t pw = kPairSentinel;
-        float g = 0.f;
-        if (i < nb) {
-          const int q = b0 + i;
-          int lo = 0, hi = kCountSlots;  // s_offs[lo] <= q < s_offs[hi]
-          while (hi - lo > 1) {
-            const int mid = (lo + hi) >> 1;
-            if (s_offs[mid] <= q) {
-              lo = mid;
-            } else {
-              hi = mid;
-            }
-          }
-          const int t = lo / wt;
-          const int tile = w0 + (lo - t * wt);
-          const int k = q - s_offs[lo];  // < min(count, slots-1)
-          const uint32_t word =
-              __ldcs(p.packed + (m0 + t) * p.row_words + static_cast<int64_t>(tile) * S + 1 + k);
-          const uint32_t col = static_cast<uint32_t>(entry_col(word));
-          const uint32_t j = static_cast<uint32_t>(tile) * kTileCols + col;
-          if (col < static_cast<uint32_t>(kTileCols) && j < H32) {
-            pw = (j << 4) | static_cast<uint32_t>(t);
-            g = entry_value(word);
-          }
-        }
-        if constexpr (TB == 1) {
-          s_pw[i] = pw;
-          s_g[i] = g;
-        } else {
-          tm_pw[i] = pw;
-          tm_g[i] = g;
-        }
-      }
+      // 2. the batch's pairs, sorted by (neuron, token).
+      read_entries<NT, TB>(s, p, at, w0, wt, b0, nb);
       __syncthreads();
-
-      // 2b. sort by (neuron, token): rank = number of pairs before it in
-      // (word, token-major position) order -- a permutation for any input.
       if constexpr (TB > 1) {
-        const int nb4 = (nb + 3) & ~3;  // padding words: sentinels past nb, never counted
-        const uint4* pw4 = reinterpret_cast<const uint4*>(tm_pw);
-        for (int i = tid; i < nb; i += NT) {
-          const uint32_t key = tm_pw[i];
-          int r = 0;
-          for (int q4 = 0; q4 < nb4; q4 += 4) {
-            const uint4 kq = pw4[q4 >> 2];
-            r += (kq.x < key) | ((kq.x == key) & (q4 + 0 < i));
-            r += (kq.y < key) | ((kq.y == key) & (q4 + 1 < i));
-            r += (kq.z < key) | ((kq.z == key) & (q4 + 2 < i));
-            r += (kq.w < key) | ((kq.w == key) & (q4 + 3 < i));
-          }
-          s_pw[r] = key;
-          s_g[r] = tm_g[i];
-        }
+        sort_pairs<NT>(s, nb, at.tid);
         __syncthreads();
       }
 
       // 3. up phase: h = g * (x . W_u[j]) for every pair.
-      if constexpr (MMA) {
-        // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): per
-        // group of 8 pairs a warp computes C[token][pair] = x[token] . W_u[j_pair]
-        // over its share of D for all the block's tokens at once, then keeps
-        // the entries C[t_pair][pair]. Lane (n, q) = (lane / 4, lane % 4) loads
-        // 16 bytes of pair n's row and of token n's x at 32-column block b,
-        // columns 32b + 8q .. +8: the reduction index k of the mma is permuted
-        // identically for A and B (k = 2q + {0,1} <-> 8q + 4s + {0,1},
-        // k = 2q + 8 + {0,1} <-> 8q + 4s + 2 + {0,1} in step s), which leaves the
-        // dot products unchanged. Pairs that share a neuron load the same
-        // addresses in the same instruction (one request).
-        const int n = lane >> 2;
-        const int q = lane & 3;
-        const int nkb = (nch + 3) >> 2;                         // 32-column blocks
-        const int my_blocks = (nkb - warp + NW - 1) / NW;       // warp-uniform
-        const uint4* xrow = xs + min(n, TB - 1) * nch;         // A row n (rows >= TB unused)
-        for (int g0 = 0; g0 < nb; g0 += 8) {
-          const uint32_t mypw = g0 + n < nb ? s_pw[g0 + n] : kPairSentinel;
-          const bool myvalid = mypw != kPairSentinel;
-          const uint4* wrow =
-              reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(mypw >> 4) * p.ldwu);
-          if constexpr (TB == 1) {
-            // Latency-bound (small M): start W_d's rows on their way to L2.
-            const uint4* drow =
-                reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(mypw >> 4) * p.ldwd);
-            for (int i = 0; i < my_blocks; ++i) {
-              const int c = (warp + i * NW) * 4 + q;
-              if (myvalid && c < nch) prefetch_l2(drow + c);
-            }
-          }
-          float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
-          constexpr int KB = TB * CH >= 8 ? 4 : 8;  // row loads in flight per thread
-          for (int kb0 = 0; kb0 < my_blocks; kb0 += KB) {
-            uint4 w[KB];
+      if constexpr (GATED) {
+        if constexpr (MMA) {
+          float cfrag[4];
+          uint4 w[mma_rows_in_flight(TB, CH)];
+          up_partials_mma<NT, CH, TB>(cfrag, w, s, p, at, nb);
+        } else {
+          // Per group of G pairs the G row loads of a thread are in flight
+          // together; the lanes' partial sums are reduced with a
+          // reduce-scatter butterfly, lane i < G keeping pair g0 + i.
+          uint4 v[CH];
 #pragma unroll
-            for (int i = 0; i < KB; ++i) {
-              const int c = (warp + (kb0 + i) * NW) * 4 + q;
-              w[i] = make_uint4(0u, 0u, 0u, 0u);
-              if (kb0 + i < my_blocks && myvalid && c < nch) w[i] = __ldg(wrow + c);
+          for (int k = 0; k < CH; ++k) v[k] = make_uint4(0u, 0u, 0u, 0u);
+          for (int g0 = 0; g0 < nb; g0 += G) {
+            uint32_t pw[G];
+            const uint32_t prevj = read_group<G>(pw, s.s_pw, g0, nb);
+            uint4 w[G][CH];
+            load_rows<G, CH>(w, pw, prevj, p.wu, p.ldwu, ck, ok);
+            if constexpr (TB == 1) {
+              // Latency-bound (small M): start W_d's rows on their way to L2.
+              prefetch_rows<G, CH>(pw, prevj, p.wd, p.ldwd, ck, ok);
             }
-#pragma unroll
-            for (int i = 0; i < KB; ++i) {
-              if (kb0 + i < my_blocks) {  // warp-uniform
-                const int c = (warp + (kb0 + i) * NW) * 4 + q;
-                const uint4 xv = c < nch ? xrow[c] : make_uint4(0u, 0u, 0u, 0u);
-                mma_bf16_16x8x16(c0, c1, c2, c3, xv.x, xv.y, w[i].x, w[i].y);
-                mma_bf16_16x8x16(c0, c1, c2, c3, xv.z, xv.w, w[i].z, w[i].w);
-              }
-            }
-          }
-          (void)c2;
-          (void)c3;
-          // C[n][2q], C[n][2q+1] are in c0, c1: keep the pairs whose token is n.
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int idx = g0 + 2 * q + e;
-            if (idx < nb) {
-              const uint32_t pwe = s_pw[idx];
-              if (pwe != kPairSentinel && static_cast<int>(pwe & 15u) == n)
-                red[warp * kPairsMax + idx] = e == 0 ? c0 : c1;
-            }
+            float part[G];
+            dot_group<G, CH>(part, v, w, pw, prevj, s.xs, at.nch, ck, ok);
+            const float r = warp_sum_scatter<G>(part, at.lane);
+            if (at.lane < G) s.red[at.warp * kPairsMax + g0 + at.lane] = r;
           }
         }
         __syncthreads();
-        for (int i = tid; i < nb; i += NT) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < NW; ++w) s += red[w * kPairsMax + i];
-          s_h[i] = s_g[i] * s;
-        }
-        __syncthreads();
-      } else if constexpr (GATED) {
-        uint4 v[CH];
-#pragma unroll
-        for (int k = 0; k < CH; ++k) v[k] = make_uint4(0u, 0u, 0u, 0u);
-        for (int g0 = 0; g0 < nb; g0 += G) {
-          uint32_t pw[G];
-          const uint32_t prevj = read_group<G>(pw, s_pw, g0, nb);
-          uint4 w[G][CH];
-          load_rows<G, CH>(w, pw, prevj, p.wu, p.ldwu, ck, ok);
-          if constexpr (TB == 1) {
-            // Latency-bound (small M): start W_d's rows on their way to L2.
-            prefetch_rows<G, CH>(pw, prevj, p.wd, p.ldwd, ck, ok);
-          }
-          float part[G];
-          uint32_t pj = prevj;
-#pragma unroll
-          for (int pp = 0; pp < G; ++pp) {
-            const uint32_t j = pw[pp] >> 4;
-            if (j != pj) {
-#pragma unroll
-              for (int k = 0; k < CH; ++k) v[k] = w[pp][k];
-            }
-            pj = j;
-            float s = 0.f;
-            if (pw[pp] != kPairSentinel) {
-              const uint4* xr = xs + (pw[pp] & 15u) * nch;
-#pragma unroll
-              for (int k = 0; k < CH; ++k)
-                if (ok[k]) s = dot8(xr[ck[k]], v[k], s);
-            }
-            part[pp] = s;
-          }
-          const float r = warp_sum_scatter<G>(part, lane);
-          if (lane < G) red[warp * kPairsMax + g0 + lane] = r;
-        }
-        __syncthreads();
-        for (int i = tid; i < nb; i += NT) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < NW; ++w) s += red[w * kPairsMax + i];
-          s_h[i] = s_g[i] * s;
-        }
+        gate_products<NT>(s, nb, at.tid);
         __syncthreads();
       }
 
       // 4. down phase: acc[t] += h * W_d[j].
       {
-        const float* hv = GATED ? s_h : s_g;
+        const float* hv = GATED ? s.s_h : s.s_g;
         uint4 v[CH];
 #pragma unroll
         for (int k = 0; k < CH; ++k) v[k] = make_uint4(0u, 0u, 0u, 0u);
         for (int g0 = 0; g0 < nb; g0 += G) {
           uint32_t pw[G];
-          const uint32_t prevj = read_group<G>(pw, s_pw, g0, nb);
+          const uint32_t prevj = read_group<G>(pw, s.s_pw, g0, nb);
           uint4 w[G][CH];
           load_rows<G, CH>(w, pw, prevj, p.wd, p.ldwd, ck, ok);
-          uint32_t pj = prevj;
-#pragma unroll
-          for (int pp = 0; pp < G; ++pp) {
-            const uint32_t j = pw[pp] >> 4;
-            if (j != pj) {
-#pragma unroll
-              for (int k = 0; k < CH; ++k) v[k] = w[pp][k];
-            }
-            pj = j;
-            if (pw[pp] != kPairSentinel)
-              axpy_token<0, TB>(acc, static_cast<int>(pw[pp] & 15u), hv[g0 + pp], v);
-          }
+          axpy_group<G, CH, TB>(acc, v, w, pw, prevj, hv + g0);
         }
       }
       __syncthreads();  // the next batch overwrites the pair arrays
@@ -600,66 +780,13 @@ __global__ void __launch_bounds__(NT, 65536 / (NT * 128))
     __syncthreads();  // the next window overwrites s_offs / s_scan
   }
 
-  // Output.
-  if (cs == 1) {
-#pragma unroll
-    for (int t = 0; t < TB; ++t) {
-      if (s_act[t]) {
-        uint4* yr = reinterpret_cast<uint4*>(p.y + (m0 + t) * p.ldy);
-#pragma unroll
-        for (int k = 0; k < CH; ++k)
-          if (ok[k]) __stcs(yr + ck[k], pack8(acc[t][k]));
-      }
-    }
+  if (at.cs == 1) {
+    store_rows<CH, TB>(acc, p, s, at, ck, ok);
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // TB == 1 here (the launcher only clusters single-token CTAs).
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    float4* yb = reinterpret_cast<float4*>(smem + L.ybuf);  // [nch][2]
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      if (ok[k]) {
-        yb[2 * ck[k]] = make_float4(acc[0][k][0], acc[0][k][1], acc[0][k][2], acc[0][k][3]);
-        yb[2 * ck[k] + 1] = make_float4(acc[0][k][4], acc[0][k][5], acc[0][k][6], acc[0][k][7]);
-      }
-    }
-    cluster.sync();
-    if (s_act[0]) {
-      const int lo = static_cast<int>((static_cast<int64_t>(nch) * rank) / cs);
-      const int hi = static_cast<int>((static_cast<int64_t>(nch) * (rank + 1)) / cs);
-      uint4* yr = reinterpret_cast<uint4*>(p.y + m0 * p.ldy);
-      for (int c = lo + tid; c < hi; c += NT) {
-        float s[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) s[e] = 0.f;
-        for (int r = 0; r < cs; ++r) {
-          const float4* rb = cluster.map_shared_rank(yb, r);
-          const float4 a = rb[2 * c];
-          const float4 b = rb[2 * c + 1];
-          s[0] += a.x;
-          s[1] += a.y;
-          s[2] += a.z;
-          s[3] += a.w;
-          s[4] += b.x;
-          s[5] += b.y;
-          s[6] += b.z;
-          s[7] += b.w;
-        }
-        __stcs(yr + c, pack8(s));
-      }
-    }
-    cluster.sync();  // keep this CTA's shared memory alive until all have read it
-#endif
+    float sum[8];
+    store_row_cluster<NT, CH>(acc[0], sum, reinterpret_cast<float4*>(smem + L.ybuf), p, s, at, ck, ok);
   }
-
-  if (p.stats != nullptr && tid == 0 && rank == 0) {
-    u64 mx = 0;
-#pragma unroll
-    for (int t = 0; t < TB; ++t)
-      if (m0 + t < p.M) mx = s_true[t] > mx ? s_true[t] : mx;
-    if (mx != 0) atomicMax(p.stats + TWELL_STAT_MAX_ROW_COUNT, mx);
-  }
+  record_max_count<TB>(p, s, at);
 }
 
 // ---------------------------------------------------------------------------
@@ -677,34 +804,10 @@ int bucket_of(int64_t D) {
   return -1;
 }
 
-constexpr int kMaxDevices = 64;
-
-int current_device() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return -1;
-  return dev;
-}
-
 // Whether single-token CTAs may be split over thread-block clusters on the
-// current device: compute capability 9.0+ and the kernels loaded there come
-// from sm_90 code (a compute_80 PTX JIT on a newer GPU has no cluster code).
-// Cached per device (the answer cannot change while the process runs).
-bool clusters_usable() {
-  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 yes, 2 no
-  const int dev = current_device();
-  if (dev < 0) return false;
-  const int c = cache[dev].load(std::memory_order_relaxed);
-  if (c != 0) return c == 1;
-  int major = 0;
-  cudaFuncAttributes fa;
-  const bool yes =
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      major >= 9 &&
-      cudaFuncGetAttributes(&fa, sparse_ffn_kernel<256, 1, 1, 16, true, true>) == cudaSuccess &&
-      fa.ptxVersion >= 90;
-  cache[dev].store(yes ? 1 : 2, std::memory_order_relaxed);
-  return yes;
-}
+// current device: the kernels loaded there come from sm_90 code (a compute_80
+// PTX JIT on a newer GPU has no cluster code).
+bool clusters_usable() { return sm90_code_loaded(sparse_ffn_kernel<256, 1, 1, 16, true, true>); }
 
 template <int NT, int CH, int TB, int G, bool GATED, bool MMA>
 cudaError_t launch_variant(KParams kp, int csize, cudaStream_t stream) {
@@ -755,8 +858,7 @@ cudaError_t launch_up(bool mma, const KParams& kp, int csize, cudaStream_t s) {
 }
 
 template <bool GATED>
-cudaError_t launch_bucket(int bucket, int tb, bool mma, const KParams& kp, int csize,
-                          cudaStream_t s) {
+cudaError_t launch_bucket(int bucket, int tb, bool mma, const KParams& kp, int csize, cudaStream_t s) {
   switch (bucket) {
     case 0:
       if (tb == 8) return launch_up<128, 1, 8, 8, GATED>(mma, kp, 1, s);
@@ -780,8 +882,7 @@ cudaError_t launch_bucket(int bucket, int tb, bool mma, const KParams& kp, int c
     case 4:
       if (tb == 1) return launch_up<512, 4, 1, 2, GATED>(mma, kp, csize, s);
       break;
-    default:
-      break;
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -795,25 +896,15 @@ namespace sparse_ffn_detail {
 int tokens_per_cta_options(int64_t D, int* out) {
   switch (bucket_of(D)) {
     case 0:
-    case 1:
-      out[0] = 8, out[1] = 4, out[2] = 1;
-      return 3;
-    case 2:
-      out[0] = 4, out[1] = 2, out[2] = 1;
-      return 3;
-    case 3:
-      out[0] = 2, out[1] = 1;
-      return 2;
-    case 4:
-      out[0] = 1;
-      return 1;
-    default:
-      return 0;
+    case 1: out[0] = 8, out[1] = 4, out[2] = 1; return 3;
+    case 2: out[0] = 4, out[1] = 2, out[2] = 1; return 3;
+    case 3: out[0] = 2, out[1] = 1; return 2;
+    case 4: out[0] = 1; return 1;
+    default: return 0;
   }
 }
 
-void default_config(const SparseFfnArgs& a, int sm_count, int* tokens_per_cta, int* cluster,
-                    int* up_mma) {
+void default_config(const SparseFfnArgs& a, int sm_count, int* tokens_per_cta, int* cluster, int* up_mma) {
   // Tuned on an H100 SXM (132 SMs) at D = 2048, H = 5632, gated, slots = 32, GPU
   // time with the weights out of L2 (tests/cuda/test_sparse_ffn.cu, 2026-11):
   //  * 8 tokens per CTA once that still gives >= 2 CTAs per SM: the W rows of
@@ -854,10 +945,9 @@ int usable_cluster(const SparseFfnArgs& a, int requested) {
   return requested;
 }
 
-cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cluster,
-                              int up_mma, cudaStream_t stream) {
-  if (a.M < 0 || a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0)
-    return cudaErrorInvalidValue;
+cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cluster, int up_mma,
+                              cudaStream_t stream) {
+  if (a.M < 0 || a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0) return cudaErrorInvalidValue;
   const int bucket = bucket_of(a.D);
   if (bucket < 0) return cudaErrorInvalidValue;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return cudaErrorInvalidValue;
@@ -865,8 +955,7 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
   if (tiles > kMaxTiles) return cudaErrorInvalidValue;
   const bool gated = a.w_up != nullptr;
   if (a.packed == nullptr || a.w_down == nullptr || a.y == nullptr) return cudaErrorInvalidValue;
-  if (gated && (a.x == nullptr || !ld_ok(a.ldx, a.D) || !ld_ok(a.ldw_up, a.D)))
-    return cudaErrorInvalidValue;
+  if (gated && (a.x == nullptr || !ld_ok(a.ldx, a.D) || !ld_ok(a.ldw_up, a.D))) return cudaErrorInvalidValue;
   if (!ld_ok(a.ldw_down, a.D) || !ld_ok(a.ldy, a.D)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;

@@ -7,14 +7,16 @@
 
 #include <atomic>
 
+#include "common/bf16x8.cuh"
+#include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
-#include "ffn/pdl.cuh"
-#include "sparse_ffn/sparse_decode_math.cuh"
+#include "common/pdl.cuh"
+#include "common/ptx_sm80.cuh"
+#include "common/warp.cuh"
+#include "common/workspace.h"
 
 namespace twell {
 namespace {
-
-using namespace sparse_decode;
 
 constexpr int kNT = 256;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -54,23 +56,17 @@ struct Layout {
   uint32_t row, x, j, g, h, red, total;
 };
 
-__host__ __device__ inline uint32_t take(uint32_t& o, uint64_t bytes) {
-  const uint32_t r = o;
-  o = static_cast<uint32_t>((o + bytes + 15) & ~static_cast<uint64_t>(15));
-  return r;
-}
-
 __host__ __device__ inline Layout make_layout(int row_words, int tiles, int slots, int64_t D, bool gated) {
   Layout L;
-  uint32_t o = 0;
+  SmemRegions r;
   const uint64_t pairs = static_cast<uint64_t>(tiles) * (slots - 1);
-  L.row = take(o, static_cast<uint64_t>(row_words) * 4);
-  L.x = take(o, gated ? static_cast<uint64_t>(D) * 2 : 0);
-  L.j = take(o, pairs * 4);
-  L.g = take(o, pairs * 4);
-  L.h = take(o, gated ? pairs * 4 : 0);
-  L.red = take(o, static_cast<uint64_t>(kNT) * 8 * 4);
-  L.total = o;
+  L.row = r.take(static_cast<uint64_t>(row_words) * 4);
+  L.x = r.take(gated ? static_cast<uint64_t>(D) * 2 : 0);
+  L.j = r.take(pairs * 4);
+  L.g = r.take(pairs * 4);
+  L.h = r.take(gated ? pairs * 4 : 0);
+  L.red = r.take(static_cast<uint64_t>(kNT) * 8 * 4);
+  L.total = r.end;
   return L;
 }
 
@@ -92,8 +88,9 @@ __device__ void write_stats(const Params& p) {
 #pragma unroll
     for (int k = 0; k < kTilesPerLane; ++k) {
       const int t = lane + 32 * k;
-      cw[i][k] = (r < p.M && t < p.tiles) ? __ldcg(p.packed + r * p.row_words + (static_cast<int64_t>(t) << p.log2_slots))
-                                          : 0u;
+      cw[i][k] = (r < p.M && t < p.tiles)
+                     ? __ldcg(p.packed + r * p.row_words + (static_cast<int64_t>(t) << p.log2_slots))
+                     : 0u;
     }
   }
   u64 active = 0, over_tiles = 0, max_tile = 0, max_row = 0;
@@ -200,15 +197,15 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
   // 1. The token's packed row and x row into shared memory (one round trip).
   {
     const uint32_t* prow = p.packed + m * p.row_words;
-    for (int i = tid; i < (p.row_words >> 2); i += kNT) cp_async16(s_row + 4 * i, prow + 4 * i);
+    for (int i = tid; i < (p.row_words >> 2); i += kNT) sm80::cp_async_16(sm80::smem_u32(s_row + 4 * i), prow + 4 * i);
     if (GATED) {
       const bf16* xr = p.x + m * p.ldx;
-      for (int i = tid; i < nch; i += kNT) cp_async16(s_x + 8 * i, xr + 8 * i);
+      for (int i = tid; i < nch; i += kNT) sm80::cp_async_16(sm80::smem_u32(s_x + 8 * i), xr + 8 * i);
     }
-    cp_async_commit();
+    sm80::cp_async_commit();
   }
   if (blockIdx.x == 0) write_stats(p);  // overlaps the copies above
-  cp_async_wait_all();
+  sm80::cp_async_wait_all();
   __syncthreads();
 
   // 2. Stored entries per tile (clamped counts), their offsets, overflow.
@@ -267,8 +264,10 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     for (int u = 0; u < kPreload; ++u) {
       const int qq = grp + u * groups;
       const uint32_t j = grp < groups && qq < total ? s_j[qq] : kNoNeuron;
-      pre[u] = j != kNoNeuron ? ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ca + cl)
-                              : make_uint4(0u, 0u, 0u, 0u);
+      pre[u] =
+          j != kNoNeuron
+              ? sm80::ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ca + cl)
+              : make_uint4(0u, 0u, 0u, 0u);
     }
   }
 
@@ -288,8 +287,8 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     const bf16* d0 = p.wd + static_cast<int64_t>(v0 ? j0 : 0) * p.ldwd;
     const bf16* d1 = p.wd + static_cast<int64_t>(v1 ? j1 : 0) * p.ldwd;
     for (int64_t e = static_cast<int64_t>(lane) * 64; e < p.D; e += 32 * 64) {  // 128-byte lines
-      if (v0) prefetch_l2(d0 + e);
-      if (v1) prefetch_l2(d1 + e);
+      if (v0) sm80::prefetch_l2(d0 + e);
+      if (v1) sm80::prefetch_l2(d1 + e);
     }
     if constexpr (GATED) {
       const uint4* a0 = reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(v0 ? j0 : 0) * p.ldwu);
@@ -308,8 +307,8 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
           const int ch = cb + lane + 32 * u;
           ra[u] = make_uint4(0u, 0u, 0u, 0u);
           rb[u] = make_uint4(0u, 0u, 0u, 0u);
-          if (ch < nch && v0) ra[u] = ld_stream16(a0 + ch);
-          if (ch < nch && v1) rb[u] = ld_stream16(a1 + ch);
+          if (ch < nch && v0) ra[u] = sm80::ld_stream16(a0 + ch);
+          if (ch < nch && v1) rb[u] = sm80::ld_stream16(a1 + ch);
         }
 #pragma unroll
         for (int u = 0; u < kUpChunks; ++u) {
@@ -375,8 +374,9 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
           if (u < kPreload && first) {
             v[u] = pre[u < kPreload ? u : 0];
           } else {
-            v[u] = ok[u] ? ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ch)
-                         : make_uint4(0u, 0u, 0u, 0u);
+            v[u] = ok[u]
+                       ? sm80::ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ch)
+                       : make_uint4(0u, 0u, 0u, 0u);
           }
         }
 #pragma unroll
@@ -425,23 +425,9 @@ int current_device() {
   return dev;
 }
 
-// Whether the kernels run here: cc >= 9.0 and sm_90 code loaded (a compute_80
-// PTX JIT on a newer GPU has an empty body). Cached per device.
-bool device_ok() {
-  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 yes, 2 no
-  const int dev = current_device();
-  if (dev < 0) return false;
-  const int c = cache[dev].load(std::memory_order_relaxed);
-  if (c != 0) return c == 1;
-  int major = 0;
-  cudaFuncAttributes fa{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                   major >= 9 && cudaFuncGetAttributes(&fa, sparse_decode_kernel<true>) == cudaSuccess &&
-                   fa.binaryVersion >= 90 && fa.ptxVersion >= 90;
-  (void)cudaGetLastError();
-  cache[dev].store(yes ? 1 : 2, std::memory_order_relaxed);
-  return yes;
-}
+// Whether the kernels run here (not from compute_80 PTX, where their bodies
+// are empty).
+bool device_ok() { return sm90_code_loaded(sparse_decode_kernel<true>); }
 
 bool ld_ok(int64_t ld, int64_t D) { return ld >= D && ld % 8 == 0; }
 bool al16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -485,9 +471,10 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
     static std::atomic<uint32_t> allowed[2][kMaxDevices];  // 0 = attributes not set yet
     const int dev = current_device();
     if (dev < 0 || allowed[gated][dev].load(std::memory_order_relaxed) < L.total) {
-      TWELL_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-      TWELL_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.total)));
+      TWELL_CUDA_TRY(
+          cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+      TWELL_CUDA_TRY(
+          cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.total)));
       if (dev >= 0) {
         uint32_t cur = allowed[gated][dev].load(std::memory_order_relaxed);
         while (cur < L.total && !allowed[gated][dev].compare_exchange_weak(cur, L.total)) {
@@ -529,14 +516,12 @@ bool sparse_ffn_decode_can_run(const SparseFfnDecodeArgs& a) {
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0 || a.D > 16384) return false;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return false;
   if (tiles_for(a.H) * a.slots > kSparseDecodeMaxRowWords) return false;
-  if (a.packed == nullptr || a.w_down == nullptr || a.y == nullptr || a.stats == nullptr ||
-      a.overflow_rows == nullptr)
+  if (a.packed == nullptr || a.w_down == nullptr || a.y == nullptr || a.stats == nullptr || a.overflow_rows == nullptr)
     return false;
   const bool gated = a.w_up != nullptr;
   if (gated && (a.x == nullptr || !ld_ok(a.ldx, a.D) || !ld_ok(a.ldw_up, a.D) || !al16(a.x) || !al16(a.w_up)))
     return false;
-  if (!ld_ok(a.ldw_down, a.D) || !ld_ok(a.ldy, a.D) || !al16(a.w_down) || !al16(a.y) || !al16(a.packed))
-    return false;
+  if (!ld_ok(a.ldw_down, a.D) || !ld_ok(a.ldy, a.D) || !al16(a.w_down) || !al16(a.y) || !al16(a.packed)) return false;
   return device_ok();
 }
 

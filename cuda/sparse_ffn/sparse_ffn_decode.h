@@ -57,7 +57,7 @@ struct SparseFfnDecodeArgs {
   int64_t ldy = 0;
   u64* stats = nullptr;            // [TWELL_STATS_WORDS], every word written
   int32_t* overflow_rows = nullptr;  // [M]
-  bool pdl = false;  // launched as a programmatic dependent of the previous kernel (cuda/ffn/pdl.cuh)
+  bool pdl = false;  // launched as a programmatic dependent of the previous kernel (cuda/common/pdl.cuh)
 };
 
 // Cheap host check (one cached attribute query per device).

@@ -15,16 +15,15 @@ namespace sparse_ffn_detail {
 int tokens_per_cta_options(int64_t D, int* out);
 
 // The launcher's choice for these arguments (what sparse_ffn() runs).
-void default_config(const SparseFfnArgs& args, int sm_count, int* tokens_per_cta,
-                    int* cluster, int* up_mma);
+void default_config(const SparseFfnArgs& args, int sm_count, int* tokens_per_cta, int* cluster, int* up_mma);
 
 // Runs the variant with `tokens_per_cta` tokens per CTA (one of the options
 // above) and, when tokens_per_cta == 1, `cluster` CTAs per token (1, 2, 4 or
 // 8; a thread-block cluster on sm_90, silently 1 where clusters cannot run).
 // up_mma (gated only): 1 = the up-projection dot products on tensor cores
 // (mma.sync, bf16 products accumulated in fp32), 0 = on FFMA.
-cudaError_t sparse_ffn_config(const SparseFfnArgs& args, int tokens_per_cta, int cluster,
-                              int up_mma, cudaStream_t stream);
+cudaError_t sparse_ffn_config(const SparseFfnArgs& args, int tokens_per_cta, int cluster, int up_mma,
+                              cudaStream_t stream);
 
 // The cluster size actually usable for a TB=1 launch on the current device
 // (1 where the device or the loaded binary has no cluster support).

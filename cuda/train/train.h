@@ -4,6 +4,7 @@
 // (capi/capi_train.cu) validates every argument first.
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
@@ -22,7 +23,7 @@ struct TrainProblem {
 };
 
 // Byte offsets inside the caller's saved-state buffer (all 256-aligned).
-//   header  uint64[8]: magic, M, T (tail rows), W, D, H, 0, 0
+//   header  uint64[8]: magic, M, T (tail rows), W, D, H, route (1 hybrid, 2 dense), 0
 //   counts  int32[M]   true active count per row (L0)
 //   flags   uint8[M]   1 = tail row
 //   tail    int32[M]   tail rows, ascending (first T valid)
@@ -54,37 +55,27 @@ struct TrainWorkspace {
 TrainWorkspace train_workspace(const TrainProblem& p);
 
 struct TrainWeights {
-  const bf16* x = nullptr;
-  int64_t ldx = 0;
-  const bf16* w_gate = nullptr;
-  int64_t ldw_gate = 0;
-  const bf16* w_up = nullptr;
-  int64_t ldw_up = 0;
-  const bf16* w_down = nullptr;  // [H, D] or [D, H] per TrainProblem::w_down_dh
-  int64_t ldw_down = 0;
+  MatRef<const bf16> x;       // [M, D]
+  MatRef<const bf16> w_gate;  // [H, D]
+  MatRef<const bf16> w_up;    // [H, D]
+  MatRef<const bf16> w_down;  // [H, D] or [D, H] per TrainProblem::w_down_dh
 };
 
 struct TrainForwardOut {
-  bf16* y = nullptr;
-  int64_t ldy = 0;
-  float* l1 = nullptr;       // or nullptr
-  int32_t* active = nullptr; // or nullptr
-  u64* stats = nullptr;      // or nullptr (workspace scratch then)
+  MatRef<bf16> y;             // [M, D]
+  float* l1 = nullptr;        // or nullptr
+  int32_t* active = nullptr;  // or nullptr
+  u64* stats = nullptr;       // or nullptr (workspace scratch then)
 };
 
 struct TrainBackwardIO {
-  const bf16* dy = nullptr;
-  int64_t lddy = 0;
+  MatRef<const bf16> dy;  // [M, D]
   float l1_coeff = 0.f;
   const float* l1_scale = nullptr;  // device float or nullptr: the L1 coefficient is l1_coeff * *l1_scale
-  bf16* dx = nullptr;
-  int64_t lddx = 0;
-  bf16* dw_gate = nullptr;
-  int64_t ld_dwg = 0;
-  bf16* dw_up = nullptr;
-  int64_t ld_dwu = 0;
-  bf16* dw_down = nullptr;  // layout per TrainProblem::w_down_dh
-  int64_t ld_dwd = 0;
+  MatRef<bf16> dx;        // [M, D]
+  MatRef<bf16> dw_gate;   // [H, D]
+  MatRef<bf16> dw_up;     // [H, D]
+  MatRef<bf16> dw_down;   // layout per TrainProblem::w_down_dh
   bool accumulate = false;
   u64* stats = nullptr;
 };

@@ -21,26 +21,16 @@
 // chunks are summed in order by beta = 1 GEMMs.
 #include <algorithm>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 #include "common/bf16x8.cuh"
 #include "common/cublaslt.h"
+#include "common/workspace.h"
 #include "train/train.h"
 
 namespace twell {
 namespace {
 
 constexpr int kThreads = 256;
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
-struct Taker {
-  size_t off = 0;
-  size_t operator()(size_t bytes) {
-    const size_t at = off;
-    off += align256(bytes);
-    return at;
-  }
-};
 
 // Workspace regions of the dense route for `chunk` rows per GEMM.
 struct DenseWorkspace {
@@ -50,25 +40,23 @@ struct DenseWorkspace {
 
 DenseWorkspace dense_workspace(const TrainProblem& p, int64_t chunk) {
   DenseWorkspace w;
-  Taker t;
+  WorkspaceRegions t;
   const size_t M = static_cast<size_t>(p.M), D = static_cast<size_t>(p.D), H = static_cast<size_t>(p.H);
   const size_t C = static_cast<size_t>(std::max<int64_t>(chunk, 1));
   w.accumulators = chunk < p.M;
-  w.lt = t(kLtWorkspaceBytes);
-  w.stats = t(kTrainStatsWords * sizeof(u64));
-  w.misc = t(sizeof(u64));  // rows with more than W active neurons
-  w.row_l1 = t(M * 4);
-  w.a = t(C * H * 2);  // forward: h; backward: dH, then dG in place
-  w.b = t(C * H * 2);  // backward: dU
-  w.c = t(C * H * 2);  // backward: h
-  w.acc = t(w.accumulators ? 3 * H * D * 4 : 0);
-  w.total = t.off;
+  w.lt = t.take(kLtWorkspaceBytes);
+  w.stats = t.take(kTrainStatsWords * sizeof(u64));
+  w.misc = t.take(sizeof(u64));  // rows with more than W active neurons
+  w.row_l1 = t.take(M * 4);
+  w.a = t.take(C * H * 2);  // forward: h; backward: dH, then dG in place
+  w.b = t.take(C * H * 2);  // backward: dU
+  w.c = t.take(C * H * 2);  // backward: h
+  w.acc = t.take(w.accumulators ? 3 * H * D * 4 : 0);
+  w.total = t.end;
   return w;
 }
 
-unsigned grid_for(int64_t n, int per) {
-  return static_cast<unsigned>(std::min<int64_t>((n + per - 1) / per, 1 << 16));
-}
+unsigned grid_for(int64_t n, int per) { return static_cast<unsigned>(std::min<int64_t>((n + per - 1) / per, 1 << 16)); }
 
 // h = relu(g) * u as computed by both passes (same bits in forward and backward).
 __device__ __forceinline__ float gated(float g, float u) { return g > 0.f ? g * u : 0.f; }
@@ -97,8 +85,8 @@ __global__ void dense_init_kernel(u64* stats, u64* header, int64_t M, int W, int
     stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
     stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
     stats[TWELL_TSTAT_PHASE] = 1;
-    const u64 h[8] = {kSavedMagic, static_cast<u64>(M), static_cast<u64>(M), static_cast<u64>(W),
-                      static_cast<u64>(D), static_cast<u64>(H), kRouteDense, 0};
+    const u64 h[8] = {kSavedMagic,         static_cast<u64>(M), static_cast<u64>(M), static_cast<u64>(W),
+                      static_cast<u64>(D), static_cast<u64>(H), kRouteDense,         0};
     for (int i = 0; i < 8; ++i) header[i] = h[i];
   }
 }
@@ -164,9 +152,9 @@ __global__ void __launch_bounds__(1024) dense_forward_final_kernel(const float* 
 
 // dH (in a) -> dG (in a), dU (in b), h (in c); flat over the chunk.
 __global__ void __launch_bounds__(kThreads) dense_backward_elem_kernel(bf16* __restrict__ a, const bf16* __restrict__ g,
-                                                                       const bf16* __restrict__ u,
-                                                                       bf16* __restrict__ b, bf16* __restrict__ c,
-                                                                       int64_t n8, float coef_host,
+                                                                       const bf16* __restrict__ u, bf16* __restrict__ b,
+                                                                       bf16* __restrict__ c, int64_t n8,
+                                                                       float coef_host,
                                                                        const float* __restrict__ coef_scale) {
   const float coef = coef_scale != nullptr ? coef_host * *coef_scale : coef_host;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n8;
@@ -219,22 +207,19 @@ __global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_
   }
 }
 
-twell_status gemm_rm(bool trans_a, const bf16* a, int64_t lda, bool trans_b, const bf16* b, int64_t ldb, void* c,
-                     int64_t ldc, bool c_f32, int64_t m, int64_t n, int64_t k, float beta, void* lt, cudaStream_t s) {
-  return lt_gemm_rm(trans_a, a, lda, trans_b, b, ldb, c, ldc, c_f32, m, n, k, beta, lt, kLtWorkspaceBytes, s);
-}
+twell_status gemm(void* lt, cudaStream_t s, const LtGemm& g) { return lt_gemm(g, lt, kLtWorkspaceBytes, s); }
 
 }  // namespace
 
 DenseSavedLayout train_dense_saved_layout(int64_t M, int64_t H) {
   DenseSavedLayout s;
-  Taker t;
+  WorkspaceRegions t;
   const size_t mh = static_cast<size_t>(M) * static_cast<size_t>(H);
-  s.header = t(8 * sizeof(u64));
-  s.counts = t(static_cast<size_t>(M) * 4);
-  s.g = t(mh * 2);
-  s.u = t(mh * 2);
-  s.total = t.off;
+  s.header = t.take(8 * sizeof(u64));
+  s.counts = t.take(static_cast<size_t>(M) * 4);
+  s.g = t.take(mh * 2);
+  s.u = t.take(mh * 2);
+  s.total = t.end;
   return s;
 }
 
@@ -287,17 +272,18 @@ twell_status train_dense_forward_run(const TrainProblem& p, const TrainWeights& 
   int64_t chunks = 0;
   for (int64_t r0 = 0; r0 < M; r0 += C, ++chunks) {
     const int64_t n = std::min(C, M - r0);
-    const bf16* x = w.x + r0 * w.ldx;
+    const MatRef<const bf16> x = w.x.rows_from(r0);
     bf16* gc = g + r0 * H;
     bf16* uc = u + r0 * H;
-    TWELL_TRY(gemm_rm(false, x, w.ldx, true, w.w_gate, w.ldw_gate, gc, H, false, n, H, D, 0.f, lt, s));
-    TWELL_TRY(gemm_rm(false, x, w.ldx, true, w.w_up, w.ldw_up, uc, H, false, n, H, D, 0.f, lt, s));
-    dense_forward_act_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(gc, uc, H, hb, row_l1 + r0, counts + r0,
-                                                                          p.W, stats, over);
+    TWELL_TRY(gemm(lt, s, {.m = n, .n = H, .k = D, .a = x, .b = w.w_gate, .trans_b = true, .c = {gc, H}}));
+    TWELL_TRY(gemm(lt, s, {.m = n, .n = H, .k = D, .a = x, .b = w.w_up, .trans_b = true, .c = {uc, H}}));
+    dense_forward_act_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(gc, uc, H, hb, row_l1 + r0, counts + r0, p.W,
+                                                                           stats, over);
     TWELL_CUDA_STEP(cudaGetLastError(), "dense-route activation");
     // y = h W_d: W_d [H, D] as is, or [D, H] transposed.
-    TWELL_TRY(gemm_rm(false, hb, H, p.w_down_dh, w.w_down, w.ldw_down, o.y + r0 * o.ldy, o.ldy, false, n, D, H, 0.f,
-                      lt, s));
+    const MatRef<bf16> y = o.y.rows_from(r0);
+    TWELL_TRY(
+        gemm(lt, s, {.m = n, .n = D, .k = H, .a = {hb, H}, .b = w.w_down, .trans_b = p.w_down_dh, .c = {y.ptr, y.ld}}));
   }
   dense_forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, M, o.l1, stats, chunks);
   TWELL_CUDA_STEP(cudaGetLastError(), "dense-route final kernel");
@@ -329,48 +315,51 @@ twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights&
   // then exactly "dw = bf16(fp32(dw) + gradient)"), else fp32 accumulators.
   float* acc = reinterpret_cast<float*>(ws + L.acc);
   const size_t hd = static_cast<size_t>(H) * static_cast<size_t>(D);
-  void* tgt[3] = {io.dw_gate, io.dw_up, io.dw_down};
-  int64_t ldt[3] = {io.ld_dwg, io.ld_dwu, io.ld_dwd};
+  MatRef<void> tgt[3] = {{io.dw_gate.ptr, io.dw_gate.ld}, {io.dw_up.ptr, io.dw_up.ld}, {io.dw_down.ptr, io.dw_down.ld}};
   if (L.accumulators) {
-    for (int q = 0; q < 3; ++q) {
-      tgt[q] = acc + q * hd;
-      ldt[q] = (q == 2 && dh) ? H : D;
-    }
+    for (int q = 0; q < 3; ++q) tgt[q] = {acc + q * hd, (q == 2 && dh) ? H : D};
   }
 
   int64_t chunks = 0;
   for (int64_t r0 = 0; r0 < M; r0 += C, ++chunks) {
     const int64_t n = std::min(C, M - r0);
-    const bf16* x = w.x + r0 * w.ldx;
-    const bf16* dy = io.dy + r0 * io.lddy;
-    bf16* dx = io.dx + r0 * io.lddx;
+    const MatRef<const bf16> x = w.x.rows_from(r0);
+    const MatRef<const bf16> dy = io.dy.rows_from(r0);
+    const MatRef<bf16> dx = io.dx.rows_from(r0);
     // dH = dy W_d^T
-    TWELL_TRY(gemm_rm(false, dy, io.lddy, !dh, w.w_down, w.ldw_down, A, H, false, n, H, D, 0.f, lt, s));
+    TWELL_TRY(gemm(lt, s, {.m = n, .n = H, .k = D, .a = dy, .b = w.w_down, .trans_b = !dh, .c = {A, H}}));
     const int64_t n8 = n * H / 8;
     dense_backward_elem_kernel<<<grid_for(n8, kThreads * 4), kThreads, 0, s>>>(A, g + r0 * H, u + r0 * H, B, Cb, n8,
                                                                                io.l1_coeff, io.l1_scale);
     TWELL_CUDA_STEP(cudaGetLastError(), "dense-route backward elementwise");
     // dx = dG W_g + dU W_u (the second product added to the first's bf16 result)
-    TWELL_TRY(gemm_rm(false, A, H, false, w.w_gate, w.ldw_gate, dx, io.lddx, false, n, D, H, 0.f, lt, s));
-    TWELL_TRY(gemm_rm(false, B, H, false, w.w_up, w.ldw_up, dx, io.lddx, false, n, D, H, 1.f, lt, s));
+    TWELL_TRY(gemm(lt, s, {.m = n, .n = D, .k = H, .a = {A, H}, .b = w.w_gate, .c = {dx.ptr, dx.ld}}));
+    TWELL_TRY(gemm(lt, s, {.m = n, .n = D, .k = H, .a = {B, H}, .b = w.w_up, .c = {dx.ptr, dx.ld}, .beta = 1.f}));
     // dW_g (+)= dG^T x, dW_u (+)= dU^T x, dW_d (+)= h^T dy ([H, D]) or dy^T h ([D, H])
     const float beta = (chunks > 0 || (io.accumulate && !L.accumulators)) ? 1.f : 0.f;
     const bool f32 = L.accumulators;
-    TWELL_TRY(gemm_rm(true, A, H, false, x, w.ldx, tgt[0], ldt[0], f32, H, D, n, beta, lt, s));
-    TWELL_TRY(gemm_rm(true, B, H, false, x, w.ldx, tgt[1], ldt[1], f32, H, D, n, beta, lt, s));
+    TWELL_TRY(gemm(
+        lt, s,
+        {.m = H, .n = D, .k = n, .a = {A, H}, .trans_a = true, .b = x, .c = tgt[0], .c_is_f32 = f32, .beta = beta}));
+    TWELL_TRY(gemm(
+        lt, s,
+        {.m = H, .n = D, .k = n, .a = {B, H}, .trans_a = true, .b = x, .c = tgt[1], .c_is_f32 = f32, .beta = beta}));
     if (dh) {
-      TWELL_TRY(gemm_rm(true, dy, io.lddy, false, Cb, H, tgt[2], ldt[2], f32, D, H, n, beta, lt, s));
+      TWELL_TRY(gemm(
+          lt, s,
+          {.m = D, .n = H, .k = n, .a = dy, .trans_a = true, .b = {Cb, H}, .c = tgt[2], .c_is_f32 = f32, .beta = beta}));
     } else {
-      TWELL_TRY(gemm_rm(true, Cb, H, false, dy, io.lddy, tgt[2], ldt[2], f32, H, D, n, beta, lt, s));
+      TWELL_TRY(gemm(
+          lt, s,
+          {.m = H, .n = D, .k = n, .a = {Cb, H}, .trans_a = true, .b = dy, .c = tgt[2], .c_is_f32 = f32, .beta = beta}));
     }
   }
   if (L.accumulators) {
     const int64_t rows[3] = {H, H, dh ? D : H}, cols[3] = {D, D, dh ? H : D};
-    const int64_t ld[3] = {io.ld_dwg, io.ld_dwu, io.ld_dwd};
-    bf16* out[3] = {io.dw_gate, io.dw_up, io.dw_down};
+    const MatRef<bf16> out[3] = {io.dw_gate, io.dw_up, io.dw_down};
     for (int q = 0; q < 3; ++q) {
-      finalize_grad_kernel<<<grid_for(rows[q] * cols[q], 1024), 256, 0, s>>>(acc + q * hd, rows[q], cols[q], out[q],
-                                                                             ld[q], io.accumulate ? 1 : 0);
+      finalize_grad_kernel<<<grid_for(rows[q] * cols[q], 1024), 256, 0, s>>>(acc + q * hd, rows[q], cols[q], out[q].ptr,
+                                                                             out[q].ld, io.accumulate ? 1 : 0);
       TWELL_CUDA_STEP(cudaGetLastError(), "dense-route gradient finalize");
     }
   }

@@ -4,6 +4,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common/bf16x8.cuh"
+#include "common/warp.cuh"
 #include "train/train.h"
 
 namespace twell {
@@ -27,12 +28,6 @@ struct alignas(16) WEntry {
   int32_t m;
   float dg, du, h;
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
-  return v;
-}
 
 // ---- forward ----------------------------------------------------------------
 
@@ -118,19 +113,15 @@ __global__ void convert_kernel(const uint32_t* __restrict__ packed, int64_t M, i
 }
 
 struct EllFwdArgs {
-  const bf16* x;
-  int64_t ldx;
-  const bf16* wu;
-  int64_t ldwu;
-  const bf16* wd;  // [H, D]
-  int64_t ldwd;
+  MatRef<const bf16> x;
+  MatRef<const bf16> wu;
+  MatRef<const bf16> wd;  // [H, D]
   const uint8_t* flags;
   const int32_t* counts;
   const int32_t* cols;
   const float* g;
   float* u;
-  bf16* y;
-  int64_t ldy;
+  MatRef<bf16> y;
   float* row_l1;
   int64_t D;
   int W;
@@ -148,12 +139,12 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
   const int n = a.counts[m];
   const int64_t base = m * a.W;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
-  const uint4* xr = reinterpret_cast<const uint4*>(a.x + m * a.ldx);
+  const uint4* xr = reinterpret_cast<const uint4*>(a.x.ptr + m * a.x.ld);
   for (int v = tid; v < nv; v += blockDim.x) xs[v] = xr[v];
   for (int k = tid; k < n; k += blockDim.x) js[k] = a.cols[base + k];
   __syncthreads();
   for (int k = warp; k < n; k += nwarps) {
-    const uint4* wr = reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu);
+    const uint4* wr = reinterpret_cast<const uint4*>(a.wu.ptr + static_cast<int64_t>(js[k]) * a.wu.ld);
     float s = 0.f;
     for (int v = lane; v < nv; v += 32) s += dot8(xs[v], wr[v], 0.f);
     s = warp_sum(s);
@@ -163,12 +154,12 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
     }
   }
   __syncthreads();
-  uint4* yr = reinterpret_cast<uint4*>(a.y + m * a.ldy);
+  uint4* yr = reinterpret_cast<uint4*>(a.y.ptr + m * a.y.ld);
   for (int v = tid; v < nv; v += blockDim.x) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k = 0; k < n; ++k) {
       float w[8];
-      unpack8(reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(js[k]) * a.ldwd)[v], w);
+      unpack8(reinterpret_cast<const uint4*>(a.wd.ptr + static_cast<int64_t>(js[k]) * a.wd.ld)[v], w);
       const float h = hs[k];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = fmaf(h, w[i], acc[i]);
@@ -250,8 +241,8 @@ __global__ void __launch_bounds__(256) tail_forward_act_kernel(const float* __re
 __global__ void __launch_bounds__(1024) forward_final_kernel(const float* __restrict__ row_l1,
                                                              const uint8_t* __restrict__ flags,
                                                              const int32_t* __restrict__ counts, int64_t M,
-                                                             const u64* __restrict__ header, float* l1_out,
-                                                             u64* stats, int force_dense, int64_t chunks) {
+                                                             const u64* __restrict__ header, float* l1_out, u64* stats,
+                                                             int force_dense, int64_t chunks) {
   __shared__ double sd[1024];
   __shared__ long long sl[1024];
   double s = 0.0;
@@ -279,22 +270,19 @@ __global__ void __launch_bounds__(1024) forward_final_kernel(const float* __rest
     stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
     stats[TWELL_TSTAT_HOST_SYNCS] = 1;
     stats[TWELL_TSTAT_ELL_ENTRIES] = static_cast<u64>(sl[0]);
-    stats[TWELL_STAT_PATH] = force_dense ? TWELL_PATH_DENSE
-                                         : (T == 0 ? TWELL_PATH_SPARSE : (T == Mu ? TWELL_PATH_DENSE : TWELL_TRAIN_PATH_HYBRID));
+    stats[TWELL_STAT_PATH] =
+        force_dense ? TWELL_PATH_DENSE
+                    : (T == 0 ? TWELL_PATH_SPARSE : (T == Mu ? TWELL_PATH_DENSE : TWELL_TRAIN_PATH_HYBRID));
   }
 }
 
 // ---- backward ---------------------------------------------------------------
 
 struct EllBwdArgs {
-  const bf16* dy;
-  int64_t lddy;
-  const bf16* wg;
-  int64_t ldwg;
-  const bf16* wu;
-  int64_t ldwu;
-  const bf16* wd;  // [H, D]
-  int64_t ldwd;
+  MatRef<const bf16> dy;
+  MatRef<const bf16> wg;
+  MatRef<const bf16> wu;
+  MatRef<const bf16> wd;  // [H, D]
   const uint8_t* flags;
   const int32_t* counts;
   const int32_t* cols;
@@ -302,8 +290,7 @@ struct EllBwdArgs {
   const float* u;
   float* dg;
   float* du;
-  bf16* dx;
-  int64_t lddx;
+  MatRef<bf16> dx;
   float coef;
   const float* coef_scale;  // device float or nullptr (coefficient = coef * *coef_scale)
   int64_t D;
@@ -330,12 +317,12 @@ __global__ void __launch_bounds__(kRowThreads) ell_dh_kernel(EllBwdArgs a) {
   const int n = a.counts[m];
   const int64_t base = m * a.W;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
-  const uint4* yr = reinterpret_cast<const uint4*>(a.dy + m * a.lddy);
+  const uint4* yr = reinterpret_cast<const uint4*>(a.dy.ptr + m * a.dy.ld);
   for (int v = tid; v < nv; v += blockDim.x) ys[v] = yr[v];
   const float coef = l1_coefficient(a.coef, a.coef_scale);
   __syncthreads();
   for (int k = warp; k < n; k += nwarps) {
-    const uint4* wr = reinterpret_cast<const uint4*>(a.wd + static_cast<int64_t>(a.cols[base + k]) * a.ldwd);
+    const uint4* wr = reinterpret_cast<const uint4*>(a.wd.ptr + static_cast<int64_t>(a.cols[base + k]) * a.wd.ld);
     float s = 0.f;
     for (int v = lane; v < nv; v += 32) s += dot8(ys[v], wr[v], 0.f);
     s = warp_sum(s);
@@ -369,13 +356,13 @@ __global__ void __launch_bounds__(kRowThreads) ell_dx_kernel(EllBwdArgs a) {
     dus[k] = a.du[base + k];
   }
   __syncthreads();
-  uint4* xr = reinterpret_cast<uint4*>(a.dx + m * a.lddx);
+  uint4* xr = reinterpret_cast<uint4*>(a.dx.ptr + m * a.dx.ld);
   for (int v = tid; v < nv; v += blockDim.x) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int k = 0; k < n; ++k) {
       float w[8], w2[8];
-      unpack8(reinterpret_cast<const uint4*>(a.wg + static_cast<int64_t>(js[k]) * a.ldwg)[v], w);
-      unpack8(reinterpret_cast<const uint4*>(a.wu + static_cast<int64_t>(js[k]) * a.ldwu)[v], w2);
+      unpack8(reinterpret_cast<const uint4*>(a.wg.ptr + static_cast<int64_t>(js[k]) * a.wg.ld)[v], w);
+      unpack8(reinterpret_cast<const uint4*>(a.wu.ptr + static_cast<int64_t>(js[k]) * a.wu.ld)[v], w2);
       const float p = dgs[k], q = dus[k];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = fmaf(q, w2[i], fmaf(p, w[i], acc[i]));
@@ -459,13 +446,10 @@ __global__ void nstart_kernel(const unsigned long long* __restrict__ scan, int64
 
 // Counting sort, step 3: one CTA per chunk of rows, rows in ascending order,
 // so every neuron's list is in ascending token order (deterministic).
-__global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __restrict__ flags,
-                                                           const int32_t* __restrict__ counts,
-                                                           const int32_t* __restrict__ cols, int64_t M, int W,
-                                                           int64_t nchunks, unsigned long long* cursor,
-                                                           const float* __restrict__ dg, const float* __restrict__ du,
-                                                           const float* __restrict__ g, const float* __restrict__ u,
-                                                           WEntry* __restrict__ trans) {
+__global__ void __launch_bounds__(256) sort_scatter_kernel(
+    const uint8_t* __restrict__ flags, const int32_t* __restrict__ counts, const int32_t* __restrict__ cols, int64_t M,
+    int W, int64_t nchunks, unsigned long long* cursor, const float* __restrict__ dg, const float* __restrict__ du,
+    const float* __restrict__ g, const float* __restrict__ u, WEntry* __restrict__ trans) {
   const int64_t c = blockIdx.x;
   for (int r = 0; r < kChunkRowsSort; ++r) {
     const int64_t m = c * kChunkRowsSort + r;
@@ -486,11 +470,9 @@ __global__ void __launch_bounds__(256) sort_scatter_kernel(const uint8_t* __rest
 }
 
 // Dense tail rows (backward): dg, du (bf16 GEMM operands) and h (for dW_d).
-__global__ void __launch_bounds__(256) tail_backward_elem_kernel(const float* __restrict__ G, const float* __restrict__ U,
-                                                                 const float* __restrict__ DH, int64_t H, float coef_host,
-                                                                 const float* __restrict__ coef_scale,
-                                                                 bf16* __restrict__ dG, bf16* __restrict__ dU,
-                                                                 bf16* __restrict__ hb) {
+__global__ void __launch_bounds__(256) tail_backward_elem_kernel(
+    const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ DH, int64_t H, float coef_host,
+    const float* __restrict__ coef_scale, bf16* __restrict__ dG, bf16* __restrict__ dU, bf16* __restrict__ hb) {
   const int64_t i = blockIdx.x;
   const float coef = l1_coefficient(coef_host, coef_scale);
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
@@ -510,7 +492,8 @@ __global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __re
                                   const int32_t* __restrict__ rows, int64_t D, bf16* __restrict__ dx, int64_t ld) {
   const int64_t i = blockIdx.x;
   const int64_t r = rows[i];
-  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x)
+    dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
 }
 
 struct WgArgs {
@@ -519,10 +502,8 @@ struct WgArgs {
   const WEntry* trans;
   int64_t nwork;  // items x column slices
   int ycols;      // column slices of kColsPerBlock
-  const bf16* x;
-  int64_t ldx;
-  const bf16* dy;
-  int64_t lddy;
+  MatRef<const bf16> x;
+  MatRef<const bf16> dy;
   int64_t D;
   float* partials;  // [slots][3][D]
   const float* acc[3];  // dense-tail parts [H, D] or nullptr
@@ -555,8 +536,8 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   constexpr int kOut = kPass == 0 ? 2 : 1;  // outputs of this pass
   __shared__ float red[kOut][8][kColsPerBlock];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const bf16* src = kPass == 0 ? a.x : a.dy;
-  const int64_t ld = kPass == 0 ? a.ldx : a.lddy;
+  const bf16* src = kPass == 0 ? a.x.ptr : a.dy.ptr;
+  const int64_t ld = kPass == 0 ? a.x.ld : a.dy.ld;
   for (int64_t unit = blockIdx.x; unit < a.nwork; unit += gridDim.x) {
     const Item it = a.items[unit / a.ycols];
     const int64_t c0 = (unit % a.ycols) * kColsPerBlock;

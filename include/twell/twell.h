@@ -204,9 +204,8 @@ TWELL_API twell_status twell_pack_workspace_size(int64_t rows, size_t* bytes);
  *   workspace     >= twell_pack_workspace_size(M) bytes of device memory
  *   stream        cudaStream_t or NULL
  */
-TWELL_API twell_status twell_pack(const DLTensor* pre, int32_t slots, DLTensor* packed,
-                                  DLTensor* overflow_rows, DLTensor* stats, void* workspace,
-                                  size_t workspace_bytes, void* stream);
+TWELL_API twell_status twell_pack(const DLTensor* pre, int32_t slots, DLTensor* packed, DLTensor* overflow_rows,
+                                  DLTensor* stats, void* workspace, size_t workspace_bytes, void* stream);
 
 /*
  * TwELL -> dense bf16 [M, H]: scatters the stored entries (at most slots-1
@@ -214,8 +213,7 @@ TWELL_API twell_status twell_pack(const DLTensor* pre, int32_t slots, DLTensor* 
  * rest. A count word above 256 or an entry column outside the tile is
  * ignored rather than followed.
  */
-TWELL_API twell_status twell_unpack(const DLTensor* packed, int32_t slots, DLTensor* dense,
-                                    void* stream);
+TWELL_API twell_status twell_unpack(const DLTensor* packed, int32_t slots, DLTensor* dense, void* stream);
 
 /* ===================================================================== */
 /* Inference: the sparse FFN plan                                        */
@@ -265,13 +263,11 @@ typedef struct twell_ffn_plan twell_ffn_plan;
 TWELL_API twell_status twell_ffn_options_default(twell_ffn_options* options);
 
 /* Cheap check of shapes and options against this build (no GPU work). */
-TWELL_API twell_status twell_ffn_supported(int64_t d_model, int64_t hidden,
-                                           const twell_ffn_options* options);
+TWELL_API twell_status twell_ffn_supported(int64_t d_model, int64_t hidden, const twell_ffn_options* options);
 
 /* Create a plan for one (D, H, options) on `device`; reads device properties. */
-TWELL_API twell_status twell_ffn_plan_create(twell_ffn_plan** plan, int64_t d_model,
-                                             int64_t hidden, const twell_ffn_options* options,
-                                             int32_t device);
+TWELL_API twell_status twell_ffn_plan_create(twell_ffn_plan** plan, int64_t d_model, int64_t hidden,
+                                             const twell_ffn_options* options, int32_t device);
 TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan);
 
 /*
@@ -285,12 +281,10 @@ TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan);
  */
 TWELL_API twell_status twell_ffn_plan_set_replay(twell_ffn_plan* plan, int32_t max_graphs);
 /* Calls replayed from a graph, and graphs captured, by this plan so far. */
-TWELL_API twell_status twell_ffn_plan_replay_counts(const twell_ffn_plan* plan, int64_t* replays,
-                                                    int64_t* captures);
+TWELL_API twell_status twell_ffn_plan_replay_counts(const twell_ffn_plan* plan, int64_t* replays, int64_t* captures);
 
 /* Device workspace bytes a run over M tokens needs (any path). */
-TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int64_t rows,
-                                                size_t* bytes);
+TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int64_t rows, size_t* bytes);
 
 /*
  * y = FFN(x). w_gate must be NULL for a non-gated plan. stats may be NULL;
@@ -313,9 +307,8 @@ TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int6
  *
  * Not thread-safe per plan: use one plan per thread or serialise calls.
  */
-TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x,
-                                     const DLTensor* w_gate, const DLTensor* w_up,
-                                     const DLTensor* w_down, DLTensor* y, DLTensor* stats,
+TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, const DLTensor* w_gate,
+                                     const DLTensor* w_up, const DLTensor* w_down, DLTensor* y, DLTensor* stats,
                                      void* workspace, size_t workspace_bytes, void* stream);
 
 /*
@@ -323,8 +316,7 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x,
  * with the plan's slots and kernels. W is W_g (or W_u for a non-gated FFN).
  *   packed [M, ceil(H/256)*slots] uint32, overflow_rows [M] int32, stats as above.
  */
-TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x,
-                                       const DLTensor* w, DLTensor* packed,
+TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, const DLTensor* w, DLTensor* packed,
                                        DLTensor* overflow_rows, DLTensor* stats, void* workspace,
                                        size_t workspace_bytes, void* stream);
 
@@ -409,24 +401,20 @@ typedef struct twell_train_plan twell_train_plan;
 
 TWELL_API twell_status twell_train_options_default(twell_train_options* options);
 /* Cheap check of shapes and options against this build (no GPU work). */
-TWELL_API twell_status twell_train_supported(int64_t d_model, int64_t hidden,
-                                             const twell_train_options* options);
-TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t d_model,
-                                               int64_t hidden, const twell_train_options* options,
-                                               int32_t device);
+TWELL_API twell_status twell_train_supported(int64_t d_model, int64_t hidden, const twell_train_options* options);
+TWELL_API twell_status twell_train_plan_create(twell_train_plan** plan, int64_t d_model, int64_t hidden,
+                                               const twell_train_options* options, int32_t device);
 TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan);
 
 /* Bytes of the saved state a forward over M tokens writes (caller-owned, */
 /* 256-byte aligned device memory, kept until the matching backward).    */
 /* For a TWELL_PATH_AUTO plan: the size of the route its next forward    */
 /* prefers (it changes when the plan switches routes).                   */
-TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows,
-                                              size_t* bytes);
+TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows, size_t* bytes);
 /* Device workspace bytes for a forward or a backward over M tokens (AUTO */
 /* plans: enough for both routes; the dense route's chunk is the largest  */
 /* that fits the workspace given).                                        */
-TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows,
-                                                  size_t* bytes);
+TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows, size_t* bytes);
 
 /*
  * Forward.
@@ -439,12 +427,10 @@ TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, 
  *   stats   [TWELL_TRAIN_STATS_WORDS] uint64 (output, may be NULL)
  *   workspace >= twell_train_workspace_size(M) bytes, 256-byte aligned
  */
-TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTensor* x,
-                                           const DLTensor* w_gate, const DLTensor* w_up,
-                                           const DLTensor* w_down, DLTensor* y, DLTensor* l1,
-                                           DLTensor* active, void* saved, size_t saved_bytes,
-                                           DLTensor* stats, void* workspace,
-                                           size_t workspace_bytes, void* stream);
+TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTensor* x, const DLTensor* w_gate,
+                                           const DLTensor* w_up, const DLTensor* w_down, DLTensor* y, DLTensor* l1,
+                                           DLTensor* active, void* saved, size_t saved_bytes, DLTensor* stats,
+                                           void* workspace, size_t workspace_bytes, void* stream);
 
 /*
  * Backward of the forward that wrote `saved` (same x and weights), with
@@ -454,14 +440,11 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
  *   overwritten, or (accumulate = 1) dw = bf16(fp32(dw) + gradient)
  *   stats [TWELL_TRAIN_STATS_WORDS] uint64 (output, may be NULL)
  */
-TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTensor* dy,
-                                            double l1_coeff, const DLTensor* x,
-                                            const DLTensor* w_gate, const DLTensor* w_up,
-                                            const DLTensor* w_down, const void* saved,
-                                            size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate,
-                                            DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
-                                            DLTensor* stats, void* workspace,
-                                            size_t workspace_bytes, void* stream);
+TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTensor* dy, double l1_coeff,
+                                            const DLTensor* x, const DLTensor* w_gate, const DLTensor* w_up,
+                                            const DLTensor* w_down, const void* saved, size_t saved_bytes, DLTensor* dx,
+                                            DLTensor* dw_gate, DLTensor* dw_up, DLTensor* dw_down, int32_t accumulate,
+                                            DLTensor* stats, void* workspace, size_t workspace_bytes, void* stream);
 
 /*
  * The same with the L1 coefficient partly in device memory:
@@ -470,15 +453,12 @@ TWELL_API twell_status twell_train_backward(twell_train_plan* plan, const DLTens
  * Framework autograd passes the gradient of the forward's l1 output here
  * (l1_coeff = 1), so no host synchronisation is needed to read it.
  */
-TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const DLTensor* dy,
-                                                   double l1_coeff, const DLTensor* l1_scale,
-                                                   const DLTensor* x, const DLTensor* w_gate,
-                                                   const DLTensor* w_up, const DLTensor* w_down,
-                                                   const void* saved, size_t saved_bytes,
-                                                   DLTensor* dx, DLTensor* dw_gate, DLTensor* dw_up,
-                                                   DLTensor* dw_down, int32_t accumulate,
-                                                   DLTensor* stats, void* workspace,
-                                                   size_t workspace_bytes, void* stream);
+TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const DLTensor* dy, double l1_coeff,
+                                                   const DLTensor* l1_scale, const DLTensor* x, const DLTensor* w_gate,
+                                                   const DLTensor* w_up, const DLTensor* w_down, const void* saved,
+                                                   size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate, DLTensor* dw_up,
+                                                   DLTensor* dw_down, int32_t accumulate, DLTensor* stats,
+                                                   void* workspace, size_t workspace_bytes, void* stream);
 
 /* CDEF-END */
 

@@ -1,9 +1,18 @@
 """twell: activation-sparse transformer feed-forward kernels.
 
+The SDK (mirrors the C ABI of include/twell/twell.h):
+
 * ``twell.format``    NumPy TwELL encoder/decoder (the executable spec)
 * ``twell.reference`` NumPy float64 FFN forward/backward with the L1 term (the oracle)
-* ``twell.ops``       GPU ops over any ``__dlpack__`` CUDA array (CuPy, PyTorch, ...)
-* ``twell.cli``       the ``twell`` command (info, demo, train-ref, bench)
+* ``twell.ops``       inference ops over any ``__dlpack__`` CUDA array (CuPy, PyTorch, ...)
+* ``twell.train_ops`` training forward/backward with the L1 term over the same arrays
+* ``twell.torch``     PyTorch custom ops (autograd, torch.compile, CUDA graphs)
+
+Around it:
+
+* ``twell.lm``        the NumPy reference LM (model, training, corpus, sparsity instruments, demo)
+* ``twell.bench``     the benchmark drivers (``twell bench``, ``bench-train``, ``bench-torch``)
+* ``twell.cli``       the ``twell`` command (info, demo, train-ref, bench, ...)
 
 The NumPy parts work without a GPU or the compiled library;
 ``twell.available()`` says whether the kernels can run.
@@ -24,7 +33,23 @@ from ._ffi import (  # noqa: F401
     WorkspaceError,
 )
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The header's TWELL_VERSION_* (the one place the version is written), else the installed metadata."""
+    from . import _ffi
+
+    c = _ffi.constants
+    if "TWELL_VERSION_MAJOR" in c:
+        return f"{c['TWELL_VERSION_MAJOR']}.{c['TWELL_VERSION_MINOR']}.{c['TWELL_VERSION_PATCH']}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("twell")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
 
 
 def library_available() -> bool:

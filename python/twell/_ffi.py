@@ -8,7 +8,8 @@ looked up next to this module (wheel installs), in the package's search path
 ``$TWELL_LIBRARY``.
 
 ``lib`` is None when the library is missing or cannot be loaded;
-``unavailable_reason`` then says why.
+``unavailable_reason`` then says why. ``constants`` (the header's integer
+``#define``s and enum values by name) needs only the header.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "library_path",
     "unavailable_reason",
     "cdef_source",
+    "constants",
     "TwellError",
     "InvalidArgumentError",
     "UnsupportedError",
@@ -119,16 +121,27 @@ def _preload_cublaslt():
             return
 
 
+def _integer_constants(cdef: str) -> dict:
+    """The integer #defines of the CDEF block and the values of its enums (as cffi parsed them)."""
+    out = {name: int(value) for name, value in re.findall(r"^#define\s+(\w+)\s+(-?\d+)\s*$", cdef, re.M)}
+    for enum in re.findall(r"typedef\s+enum\s*\{[^}]*\}\s*(\w+)\s*;", cdef):
+        out.update(ffi.typeof(enum).relements)
+    return out
+
+
 ffi = cffi.FFI()
 header_path = _find_header()
 library_path = None
 lib = None
 unavailable_reason = None
+constants: dict = {}
 
 if header_path is None:
     unavailable_reason = "twell.h was not found (broken install?)"
 else:
-    ffi.cdef(cdef_source(header_path.read_text()))
+    _cdef = cdef_source(header_path.read_text())
+    ffi.cdef(_cdef)
+    constants = _integer_constants(_cdef)
     library_path = _find_library()
     if library_path is None:
         unavailable_reason = _no_kernels_reason() or (

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
 
-    from . import demo, train
+    from .lm import demo, train
 
     d = sub.add_parser("demo", help="train a small LM with and without L1 on the CPU (and check kernels on a GPU)")
     demo.add_demo_args(d)
@@ -101,19 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_train_ref_args(t)
     t.set_defaults(func=train.main_train_ref)
 
-    from . import bench
+    from .bench import ffn as bench_ffn
 
     b = sub.add_parser("bench", help="GPU inference benchmarks against cuBLAS dense (writes JSON + PNG)")
-    bench.add_bench_args(b)
-    b.set_defaults(func=bench.main_bench)
+    bench_ffn.add_bench_args(b)
+    b.set_defaults(func=bench_ffn.main_bench)
 
-    from . import bench_train
+    from .bench import train as bench_train
 
     bt = sub.add_parser("bench-train", help="GPU training-step benchmarks against PyTorch bf16 autograd (JSON + PNG)")
     bench_train.add_bench_train_args(bt)
     bt.set_defaults(func=bench_train.main_bench_train)
 
-    from . import bench_torch
+    from .bench import pytorch as bench_torch
 
     bp = sub.add_parser("bench-torch", help="twell from PyTorch (eager, CUDA graphs, host time) against dense PyTorch")
     bench_torch.add_bench_torch_args(bp)

@@ -28,23 +28,10 @@ TILE_COLS = 256
 SLOTS_CHOICES = (32, 64, 128)
 FORMAT_VERSION = 1
 
-# Order of the words of the device-side statistics tensor (uint64[8]).
-STATS_FIELDS = (
-    "rows",
-    "active",
-    "overflow_rows",
-    "overflow_tiles",
-    "max_tile_count",
-    "max_row_count",
-    "path",
-    "format",
-)
-
 __all__ = [
     "TILE_COLS",
     "SLOTS_CHOICES",
     "FORMAT_VERSION",
-    "STATS_FIELDS",
     "Packed",
     "tiles_for",
     "row_words",
@@ -147,7 +134,7 @@ def encode(pre, slots: int = 32) -> Packed:
 
     over_tile = counts > cap
     overflow_rows = np.nonzero(over_tile.any(axis=1))[0].astype(np.int32)
-    stats = {
+    stats = {  # the statistics words of the C ABI, in their order (twell._options.STATS_FIELDS)
         "rows": m,
         "active": int(counts.sum()),
         "overflow_rows": int(overflow_rows.size),

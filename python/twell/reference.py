@@ -66,7 +66,8 @@ def ffn_forward(x, w_gate, w_up, w_down, *, gated=True, activation="relu", w_dow
     if activation not in ("relu", "silu"):
         raise ValueError(f"activation must be 'relu' or 'silu', got {activation!r}")
     if dtype is None:
-        dtype = x.dtype if np.issubdtype(np.asarray(x).dtype, np.floating) and np.asarray(x).dtype.itemsize >= 4 else np.float64
+        in_dtype = np.asarray(x).dtype
+        dtype = in_dtype if np.issubdtype(in_dtype, np.floating) and in_dtype.itemsize >= 4 else np.float64
     x = np.asarray(x, dtype=dtype)
     if x.ndim != 2:
         raise ValueError(f"x must be [M, D], got shape {list(x.shape)}")

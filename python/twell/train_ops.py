@@ -16,34 +16,29 @@ See docs/training.md for the design, the saved state's layout and the limits.
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import _ffi
-from .ops import (_Borrowed, _check_array, _check_int, _device_of, _empty_like_framework, _framework, _shape2, _workspace,
-                  current_stream)
+from ._arrays import (
+    Borrowed,
+    check_array,
+    check_int,
+    current_stream,
+    device_of,
+    empty,
+    framework,
+    host_words,
+    shape2,
+    workspace,
+)
+from ._options import KERNELS, LAYOUTS, TRAIN_PATHS, TRAIN_STATS_FIELDS, option_code
+from ._plans import PlanCache, new_plan_key
 
-__all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN"]
-
-_LAYOUTS = {"hd": 0, "dh": 1}
-# "sparse" and "hybrid" both name the hybrid ELL + dense-tail route.
-_PATHS = {"auto": 0, "sparse": 1, "hybrid": 1, "dense": 2}
-_KERNELS = {"auto": 0, "portable": 1, "sm90": 2}
-
-TRAIN_STATS_FIELDS = ("rows", "active", "overflow_rows", "overflow_tiles", "max_tile_count", "max_row_count", "path",
-                      "format", "tail_rows", "ell_rows", "ell_width", "tail_chunks", "host_syncs", "ell_entries",
-                      "max_neuron_count", "phase")
+__all__ = ["TRAIN_STATS_FIELDS", "TrainPlan", "SavedState", "forward", "backward", "read_train_stats", "TwellTrainFFN",
+           "new_plan_key", "release"]
 
 
 def read_train_stats(stats) -> dict:
     """Training statistics tensor (uint64[16]) -> dict (synchronises with the device)."""
-    fw = _framework(stats)
-    if fw == "torch":
-        host = stats.view(__import__("torch").int64).cpu().numpy().view(np.uint64)
-    elif fw == "cupy":
-        host = stats.get()
-    else:
-        host = np.asarray(stats)
-    return {k: int(v) for k, v in zip(TRAIN_STATS_FIELDS, host.astype(np.uint64))}
+    return {k: int(v) for k, v in zip(TRAIN_STATS_FIELDS, host_words(stats))}
 
 
 class SavedState:
@@ -72,20 +67,19 @@ class TrainPlan:
     def __init__(self, d_model: int, hidden: int, *, ell_width: int = 64, slots: int = 32, w_down_layout: str = "hd",
                  path: str = "auto", kernels: str = "auto", tail_chunk_rows: int = 0, device: int = 0):
         lib = _ffi.require()
-        d_model, hidden = _check_int(d_model, "d_model"), _check_int(hidden, "hidden")
-        ell_width, slots = _check_int(ell_width, "ell_width"), _check_int(slots, "slots")
-        tail_chunk_rows, device = _check_int(tail_chunk_rows, "tail_chunk_rows"), _check_int(device, "device")
-        for name, val, table in (("w_down_layout", w_down_layout, _LAYOUTS), ("path", path, _PATHS),
-                                 ("kernels", kernels, _KERNELS)):
-            if val not in table:
-                raise _ffi.InvalidArgumentError(f"{name} must be one of {sorted(table)}, got {val!r}")
+        d_model, hidden = check_int(d_model, "d_model"), check_int(hidden, "hidden")
+        ell_width, slots = check_int(ell_width, "ell_width"), check_int(slots, "slots")
+        tail_chunk_rows, device = check_int(tail_chunk_rows, "tail_chunk_rows"), check_int(device, "device")
+        layout = option_code(LAYOUTS, "w_down_layout", w_down_layout)
+        path_code = option_code(TRAIN_PATHS, "path", path)
+        kernels_code = option_code(KERNELS, "kernels", kernels)
         opt = _ffi.ffi.new("twell_train_options *")
         _ffi.check(lib.twell_train_options_default(opt))
         opt.ell_width = ell_width
         opt.slots = slots
-        opt.w_down_layout = _LAYOUTS[w_down_layout]
-        opt.path = _PATHS[path]
-        opt.kernels = _KERNELS[kernels]
+        opt.w_down_layout = layout
+        opt.path = path_code
+        opt.kernels = kernels_code
         opt.tail_chunk_rows = tail_chunk_rows
         handle = _ffi.ffi.new("twell_train_plan **")
         _ffi.check(lib.twell_train_plan_create(handle, d_model, hidden, opt, device))
@@ -108,9 +102,9 @@ class TrainPlan:
 
     def _workspace_for(self, ref, rows: int):
         need = self.workspace_size(rows)
-        if self._ws is None or self._ws_bytes < need or _framework(self._ws) != _framework(ref):
+        if self._ws is None or self._ws_bytes < need or framework(self._ws) != framework(ref):
             self._ws = None
-            self._ws, self._ws_ptr = _workspace(ref, need)
+            self._ws, self._ws_ptr = workspace(ref, need)
             self._ws_bytes = need
         return self._ws_ptr, self._ws_bytes
 
@@ -122,20 +116,20 @@ class TrainPlan:
                 l1=None, active=None):
         """Returns (y, saved). saved.l1 / saved.active / saved.stats are device arrays of this call."""
         for name, arr in (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-            _check_array(arr, name)
-        m, _ = _shape2(x, "x")
+            check_array(arr, name)
+        m, _ = shape2(x, "x")
         if out is None:
-            out = _empty_like_framework(x, (m, self.d_model), "bfloat16")
+            out = empty(x, (m, self.d_model), "bfloat16")
         if saved is None or saved.nbytes < self.saved_size(m):
             nbytes = self.saved_size(m)
-            buf, ptr = _workspace(x, nbytes)
+            buf, ptr = workspace(x, nbytes)
             saved = SavedState(buf, ptr, nbytes, m, self)
         saved.rows = m
-        saved.l1 = l1 if l1 is not None else _empty_like_framework(x, (1,), "float32")
-        saved.active = active if active is not None else _empty_like_framework(x, (max(m, 1),), "int32")[:m]
-        saved.stats = stats if stats is not None else _empty_like_framework(x, (16,), "uint64")
+        saved.l1 = l1 if l1 is not None else empty(x, (1,), "float32")
+        saved.active = active if active is not None else empty(x, (max(m, 1),), "int32")[:m]
+        saved.stats = stats if stats is not None else empty(x, (16,), "uint64")
         ws_ptr, ws_bytes = self._workspace_for(x, m)
-        b = _Borrowed(current_stream(x))
+        b = Borrowed(current_stream(x))
         _ffi.check(_ffi.lib.twell_train_forward(
             self._plan, b(x, "x"), b(w_gate, "w_gate"), b(w_up, "w_up"), b(w_down, "w_down"), b(out, "out"),
             b(saved.l1, "l1"), b(saved.active, "active") if m > 0 else _ffi.ffi.NULL,
@@ -147,23 +141,23 @@ class TrainPlan:
                  dw_gate=None, dw_up=None, dw_down=None, accumulate: bool = False, stats=None):
         """Returns (dx, dw_gate, dw_up, dw_down); dw_* are accumulated into when accumulate=True (then required)."""
         for name, arr in (("dy", dy), ("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-            _check_array(arr, name)
+            check_array(arr, name)
         if not isinstance(saved, SavedState):
             raise _ffi.InvalidArgumentError(f"saved must be the SavedState of a forward, got {type(saved).__name__}")
-        m, _ = _shape2(dy, "dy")
+        m, _ = shape2(dy, "dy")
         d, h = self.d_model, self.hidden
         if accumulate and (dw_gate is None or dw_up is None or dw_down is None):
             raise _ffi.InvalidArgumentError("accumulate=True needs dw_gate, dw_up and dw_down")
         if dx is None:
-            dx = _empty_like_framework(dy, (m, d), "bfloat16")
+            dx = empty(dy, (m, d), "bfloat16")
         if dw_gate is None:
-            dw_gate = _empty_like_framework(dy, (h, d), "bfloat16")
+            dw_gate = empty(dy, (h, d), "bfloat16")
         if dw_up is None:
-            dw_up = _empty_like_framework(dy, (h, d), "bfloat16")
+            dw_up = empty(dy, (h, d), "bfloat16")
         if dw_down is None:
-            dw_down = _empty_like_framework(dy, (h, d) if self.w_down_layout == "hd" else (d, h), "bfloat16")
+            dw_down = empty(dy, (h, d) if self.w_down_layout == "hd" else (d, h), "bfloat16")
         ws_ptr, ws_bytes = self._workspace_for(dy, m)
-        b = _Borrowed(current_stream(dy))
+        b = Borrowed(current_stream(dy))
         _ffi.check(_ffi.lib.twell_train_backward(
             self._plan, b(dy, "dy"), float(l1_coeff), b(x, "x"), b(w_gate, "w_gate"), b(w_up, "w_up"),
             b(w_down, "w_down"), _ffi.ffi.cast("void *", saved.ptr), saved.nbytes, b(dx, "dx"), b(dw_gate, "dw_gate"),
@@ -173,28 +167,35 @@ class TrainPlan:
         return dx, dw_gate, dw_up, dw_down
 
 
-_PLANS: dict = {}
+_PLANS = PlanCache()
 
 
-def _plan_for(d_model, hidden, device, **options) -> TrainPlan:
-    key = (d_model, hidden, device, tuple(sorted(options.items())))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = TrainPlan(d_model, hidden, device=device, **options)
-    return plan
+def release(plan: int) -> None:
+    """Drop the plans (and workspaces) that ``forward`` made for plan key ``plan``."""
+    _PLANS.release(plan)
 
 
 def forward(x, w_gate, w_up, w_down, *, ell_width: int = 64, w_down_layout: str = "hd", path: str = "auto",
-            kernels: str = "auto", slots: int = 32, tail_chunk_rows: int = 0, out=None, stats=None):
-    """(y, saved) for the gated ReLU FFN; saved carries l1, active, stats and the backward's state."""
-    _check_array(x, "x")
-    _check_array(w_up, "w_up")
-    _, d_model = _shape2(x, "x")
-    hidden, _ = _shape2(w_up, "w_up", "[H, D]")
-    plan = _plan_for(d_model, hidden, _device_of(x)[1], ell_width=ell_width,
-                     w_down_layout=w_down_layout, path=path, kernels=kernels, slots=slots,
-                     tail_chunk_rows=tail_chunk_rows)
-    return plan.forward(x, w_gate, w_up, w_down, out=out, stats=stats)
+            kernels: str = "auto", slots: int = 32, tail_chunk_rows: int = 0, plan: int = 0, out=None, stats=None):
+    """(y, saved) for the gated ReLU FFN; saved carries l1, active, stats and the backward's state.
+
+    Plans are cached by ``plan`` (a key), shape, options and device. ``plan=0`` (default) is one
+    anonymous plan per shape and options, shared by every caller that passes no key: with
+    ``path="auto"`` their forwards steer one route history, and the plan is one thread's at a
+    time. Pass a key of your own (``new_plan_key()``) per layer, or hold a ``TrainPlan`` /
+    ``TwellTrainFFN``.
+    """
+    check_array(x, "x")
+    check_array(w_up, "w_up")
+    _, d_model = shape2(x, "x")
+    hidden, _ = shape2(w_up, "w_up", "[H, D]")
+    plan = check_int(plan, "plan", 0)
+    device = device_of(x)[1]
+    options = dict(ell_width=ell_width, w_down_layout=w_down_layout, path=path, kernels=kernels, slots=slots,
+                   tail_chunk_rows=tail_chunk_rows)
+    key = (plan, d_model, hidden, device, tuple(sorted(options.items())))
+    train_plan = _PLANS.get(key, lambda: TrainPlan(d_model, hidden, device=device, **options))
+    return train_plan.forward(x, w_gate, w_up, w_down, out=out, stats=stats)
 
 
 def backward(dy, saved: SavedState, x, w_gate, w_up, w_down, *, l1_coeff: float = 0.0, accumulate: bool = False,
@@ -218,7 +219,7 @@ class TwellTrainFFN:
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         hidden, d_model = (int(s) for s in w_up.shape)
         self.plan = TrainPlan(d_model, hidden, ell_width=ell_width, w_down_layout=w_down_layout, path=path,
-                              kernels=kernels, device=_device_of(w_up)[1])
+                              kernels=kernels, device=device_of(w_up)[1])
         self.grads = None
         self._x = None
         self._saved = None

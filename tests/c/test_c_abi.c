@@ -8,13 +8,12 @@
 
 static int failures = 0;
 
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      fprintf(stderr, "FAILED %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
-              twell_last_error());                                      \
-      ++failures;                                                       \
-    }                                                                   \
+#define CHECK(cond)                                                                                          \
+  do {                                                                                                       \
+    if (!(cond)) {                                                                                           \
+      fprintf(stderr, "FAILED %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, twell_last_error()); \
+      ++failures;                                                                                            \
+    }                                                                                                        \
   } while (0)
 
 static DLTensor matrix(void* data, int device_type, uint8_t code, uint8_t bits, int64_t* shape) {
@@ -71,7 +70,8 @@ int main(void) {
   pre = matrix(fake, kDLCUDA, kDLFloat, 32, pre_shape);
   packed_shape[1] = 31;
   st = twell_pack(&pre, 32, &packed, &rows, &stats, fake, 1 << 20, NULL);
-  CHECK(st == TWELL_ERROR_INVALID_ARGUMENT && strstr(twell_last_error(), "packed has shape [16, 31], expected [16, 32]"));
+  CHECK(st == TWELL_ERROR_INVALID_ARGUMENT &&
+        strstr(twell_last_error(), "packed has shape [16, 31], expected [16, 32]"));
   packed_shape[1] = 32;
 
   /* options and plans need no GPU until the first run */
@@ -89,7 +89,8 @@ int main(void) {
   {
     int64_t replays = -1, captures = -1;
     CHECK(twell_ffn_plan_replay_counts(plan, &replays, &captures) == TWELL_SUCCESS && replays == 0 && captures == 0);
-    CHECK(twell_ffn_plan_set_replay(plan, 65) == TWELL_ERROR_INVALID_ARGUMENT && strstr(twell_last_error(), "max_graphs"));
+    CHECK(twell_ffn_plan_set_replay(plan, 65) == TWELL_ERROR_INVALID_ARGUMENT &&
+          strstr(twell_last_error(), "max_graphs"));
     CHECK(twell_ffn_plan_set_replay(plan, 0) == TWELL_SUCCESS);
     CHECK(twell_ffn_plan_set_replay(NULL, 4) == TWELL_ERROR_INVALID_ARGUMENT);
   }

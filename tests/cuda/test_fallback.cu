@@ -22,6 +22,10 @@
 // Also checked: unlisted rows and the row padding of y keep the poison bit
 // for bit; listed rows hold no NaN; the result is bitwise the same on a
 // second call and with every pipeline depth (2, 3, 4 stages: same MMA order).
+// Benchmark (not with --small / --no-bench): harness::Timer, median of 20 calls
+// after 3 warm-up calls.
+//
+// Exit: 0 pass, 1 a check failed, 2 a CUDA error or bad arguments, 77 no device.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -37,97 +41,24 @@
 
 #include "fallback/fallback.h"
 #include "fallback/fallback_detail.cuh"
+#include "harness.cuh"
 
 using twell::bf16;
 using twell::u64;
 
-#define CK(expr)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (expr);                                                            \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, \
-                   __LINE__, #expr);                                                    \
-      std::exit(2);                                                                     \
-    }                                                                                   \
-  } while (0)
+using harness::bf16_bits_to_float;
+using harness::float_to_bf16_bits;
+using harness::kPoisonBf16;
+using harness::Rng;
 
 // ---------------------------------------------------------------- random data
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0,1)
-  double normal() {
-    double u1 = uniform(), u2 = uniform();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-};
-
-static uint16_t f2bf_bits(float f) {
-  bf16 b = __float2bfloat16_rn(f);
-  uint16_t u;
-  std::memcpy(&u, &b, 2);
-  return u;
-}
-static float bf_bits2f(uint16_t u) {
-  uint32_t w = static_cast<uint32_t>(u) << 16;
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
-}
-static double round_bf16(double v) { return bf_bits2f(f2bf_bits(static_cast<float>(v))); }
-
 static std::vector<uint16_t> random_bf16(Rng& rng, size_t n, double sd) {
   std::vector<uint16_t> v(n);
-  for (auto& e : v) e = f2bf_bits(static_cast<float>(rng.normal() * sd));
+  for (auto& e : v) e = float_to_bf16_bits(static_cast<float>(rng.normal() * sd));
   return v;
 }
 
 // ------------------------------------------------------ fp32 GPU reference
-// C[m, n] = sum_k A(m, k) B(k, n), A(m,k) = A[m*sam + k*sak], B(k,n) = B[k*sbk + n*sbn].
-__global__ void ref_gemm(const bf16* A, int64_t sam, int64_t sak, const bf16* B, int64_t sbk,
-                         int64_t sbn, float* C, int64_t ldc, int M, int N, int K) {
-  __shared__ float As[16][65];
-  __shared__ float Bs[16][65];
-  const int tid = threadIdx.x;
-  const int tx = tid % 16, ty = tid / 16;
-  const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
-  float acc[4][4] = {};
-  for (int k0 = 0; k0 < K; k0 += 16) {
-    for (int idx = tid; idx < 16 * 64; idx += 256) {
-      int kk, mm;
-      if (sak == 1) { kk = idx % 16; mm = idx / 16; } else { mm = idx % 64; kk = idx / 64; }
-      const int m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < M && k < K) ? __bfloat162float(A[m * sam + k * sak]) : 0.f;
-      int kb, nn;
-      if (sbk == 1) { kb = idx % 16; nn = idx / 16; } else { nn = idx % 64; kb = idx / 64; }
-      const int n = n0 + nn, kq = k0 + kb;
-      Bs[kb][nn] = (n < N && kq < K) ? __bfloat162float(B[kq * sbk + n * sbn]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < 16; ++kk) {
-      float a[4], b[4];
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty * 4 + i];
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx * 4 + j];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int m = m0 + ty * 4 + i, n = n0 + tx * 4 + j;
-      if (m < M && n < N) C[static_cast<int64_t>(m) * ldc + n] = acc[i][j];
-    }
-}
-
 __global__ void ref_act(const float* g, const float* u, bf16* h, int64_t n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
@@ -136,27 +67,23 @@ __global__ void ref_act(const float* g, const float* u, bf16* h, int64_t n) {
 }
 
 // y_ref [M, D] (float, dense) for all M rows of x (row stride ldx).
-static void gpu_reference(const bf16* x, int64_t ldx, const bf16* wg, const bf16* wu,
-                          const bf16* wd, int M, int D, int H, std::vector<float>& y_out,
-                          cudaStream_t st) {
+static void gpu_reference(const bf16* x, int64_t ldx, const bf16* wg, const bf16* wu, const bf16* wd, int M, int D,
+                          int H, std::vector<float>& y_out, cudaStream_t st) {
   float *g = nullptr, *u = nullptr, *y = nullptr;
   bf16* h = nullptr;
   const size_t mh = static_cast<size_t>(M) * H;
-  CK(cudaMalloc(&u, mh * 4));
-  if (wg) CK(cudaMalloc(&g, mh * 4));
-  CK(cudaMalloc(&h, mh * 2));
-  CK(cudaMalloc(&y, static_cast<size_t>(M) * D * 4));
-  dim3 blk(256);
-  dim3 grd1((H + 63) / 64, (M + 63) / 64);
-  if (wg) ref_gemm<<<grd1, blk, 0, st>>>(x, ldx, 1, wg, 1, D, g, H, M, H, D);
-  ref_gemm<<<grd1, blk, 0, st>>>(x, ldx, 1, wu, 1, D, u, H, M, H, D);
+  CUDA_CHECK(cudaMalloc(&u, mh * 4));
+  if (wg) CUDA_CHECK(cudaMalloc(&g, mh * 4));
+  CUDA_CHECK(cudaMalloc(&h, mh * 2));
+  CUDA_CHECK(cudaMalloc(&y, static_cast<size_t>(M) * D * 4));
+  if (wg) harness::reference_linear(x, ldx, wg, D, g, M, H, D, st);
+  harness::reference_linear(x, ldx, wu, D, u, M, H, D, st);
   ref_act<<<static_cast<unsigned>((mh + 255) / 256), 256, 0, st>>>(g, u, h, static_cast<int64_t>(mh));
-  dim3 grd2((D + 63) / 64, (M + 63) / 64);
-  ref_gemm<<<grd2, blk, 0, st>>>(h, H, 1, wd, D, 1, y, D, M, D, H);
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
+  harness::reference_gemm({h, H, 1}, {wd, D, 1}, y, D, M, D, H, st);  // W_d is [H, D]: B(k, n) = wd[k * D + n]
   y_out.resize(static_cast<size_t>(M) * D);
-  CK(cudaMemcpyAsync(y_out.data(), y, y_out.size() * 4, cudaMemcpyDeviceToHost, st));
-  CK(cudaStreamSynchronize(st));
+  CUDA_CHECK(cudaMemcpyAsync(y_out.data(), y, y_out.size() * 4, cudaMemcpyDeviceToHost, st));
+  CUDA_CHECK(cudaStreamSynchronize(st));
   cudaFree(g);
   cudaFree(u);
   cudaFree(h);
@@ -165,27 +92,27 @@ static void gpu_reference(const bf16* x, int64_t ldx, const bf16* wg, const bf16
 
 // float64 CPU reference for one row (h rounded to bf16 like the kernel).
 static void cpu_reference_row(const std::vector<uint16_t>& x, int row, const std::vector<uint16_t>* wg,
-                              const std::vector<uint16_t>& wu, const std::vector<uint16_t>& wd, int D,
-                              int H, std::vector<double>& y) {
+                              const std::vector<uint16_t>& wu, const std::vector<uint16_t>& wd, int D, int H,
+                              std::vector<double>& y) {
   std::vector<double> xr(D), h(H);
-  for (int k = 0; k < D; ++k) xr[k] = bf_bits2f(x[static_cast<size_t>(row) * D + k]);
+  for (int k = 0; k < D; ++k) xr[k] = bf16_bits_to_float(x[static_cast<size_t>(row) * D + k]);
   for (int j = 0; j < H; ++j) {
     double gs = 0, us = 0;
     const uint16_t* wuj = &wu[static_cast<size_t>(j) * D];
-    for (int k = 0; k < D; ++k) us += xr[k] * bf_bits2f(wuj[k]);
+    for (int k = 0; k < D; ++k) us += xr[k] * bf16_bits_to_float(wuj[k]);
     if (wg) {
       const uint16_t* wgj = &(*wg)[static_cast<size_t>(j) * D];
-      for (int k = 0; k < D; ++k) gs += xr[k] * bf_bits2f(wgj[k]);
-      h[j] = round_bf16(std::max(gs, 0.0) * us);
+      for (int k = 0; k < D; ++k) gs += xr[k] * bf16_bits_to_float(wgj[k]);
+      h[j] = harness::round_to_bf16(std::max(gs, 0.0) * us);
     } else {
-      h[j] = round_bf16(std::max(us, 0.0));
+      h[j] = harness::round_to_bf16(std::max(us, 0.0));
     }
   }
   y.assign(D, 0.0);
   for (int j = 0; j < H; ++j) {
     if (h[j] == 0.0) continue;
     const uint16_t* wdj = &wd[static_cast<size_t>(j) * D];
-    for (int n = 0; n < D; ++n) y[n] += h[j] * bf_bits2f(wdj[n]);
+    for (int n = 0; n < D; ++n) y[n] += h[j] * bf16_bits_to_float(wdj[n]);
   }
 }
 
@@ -205,21 +132,31 @@ static void fail(Group& g, const std::string& why) {
   g_all_ok = false;
 }
 
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 // ---------------------------------------------------------------- one call
 struct DeviceBuffers {
   bf16 *x = nullptr, *y = nullptr, *hws = nullptr;
   int32_t* rows = nullptr;
   u64* count = nullptr;
+  // x [M, ldx], y [M, ldy], a workspace of `chunk` rows of H, the row list [M] and its count.
+  void alloc(int64_t M, int64_t ldx, int64_t ldy, int64_t H, int64_t chunk) {
+    CUDA_CHECK(cudaMalloc(&x, static_cast<size_t>(M) * ldx * 2));
+    CUDA_CHECK(cudaMalloc(&y, static_cast<size_t>(M) * ldy * 2));
+    CUDA_CHECK(cudaMalloc(&hws, static_cast<size_t>(chunk) * H * 2));
+    CUDA_CHECK(cudaMalloc(&rows, static_cast<size_t>(M) * 4));
+    CUDA_CHECK(cudaMalloc(&count, sizeof(u64)));
+  }
+  void free() {
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(hws);
+    cudaFree(rows);
+    cudaFree(count);
+  }
 };
 
-static twell::FallbackArgs make_args(const DeviceBuffers& b, const bf16* wg, const bf16* wu,
-                                     const bf16* wd, int64_t ldx, int64_t ldy, int64_t M, int64_t D,
-                                     int64_t H, int64_t max_rows, int64_t chunk) {
+static twell::FallbackArgs make_args(const DeviceBuffers& b, const bf16* wg, const bf16* wu, const bf16* wd,
+                                     int64_t ldx, int64_t ldy, int64_t M, int64_t D, int64_t H, int64_t max_rows,
+                                     int64_t chunk) {
   twell::FallbackArgs a;
   a.x = b.x;
   a.ldx = ldx;
@@ -243,36 +180,31 @@ static twell::FallbackArgs make_args(const DeviceBuffers& b, const bf16* wg, con
 }
 
 // Runs the fallback on the first M rows and checks it. y_ref: [>=M, D] float.
-static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t ldx, const bf16* wg,
-                     const bf16* wu, const bf16* wd, int D, int H, int M, int64_t ldy,
-                     const std::vector<int32_t>& list, int64_t chunk, const std::vector<float>& y_ref,
-                     const std::vector<int>& cpu_rows, const std::vector<std::vector<double>>& cpu_ref,
-                     bool extra_checks, const char* kind) {
+static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t ldx, const bf16* wg, const bf16* wu,
+                     const bf16* wd, int D, int H, int M, int64_t ldy, const std::vector<int32_t>& list, int64_t chunk,
+                     const std::vector<float>& y_ref, const std::vector<int>& cpu_rows,
+                     const std::vector<std::vector<double>>& cpu_ref, bool extra_checks, const char* kind) {
   char tag[256];
-  std::snprintf(tag, sizeof tag, "D=%d H=%d %s M=%d list=%s(%zu) chunk=%lld", D, H,
-                grp.gated ? "gated" : "relu", M, kind, list.size(), static_cast<long long>(chunk));
+  std::snprintf(tag, sizeof tag, "D=%d H=%d %s M=%d list=%s(%zu) chunk=%lld", D, H, grp.gated ? "gated" : "relu", M,
+                kind, list.size(), static_cast<long long>(chunk));
   ++grp.runs;
   bool ok = true;
   DeviceBuffers b;
   // Exact-size buffers, so the sanitizer sees any access past them.
-  CK(cudaMalloc(&b.x, static_cast<size_t>(M) * ldx * 2));
-  CK(cudaMemcpyAsync(b.x, d_x_full, static_cast<size_t>(M) * ldx * 2, cudaMemcpyDeviceToDevice, st));
-  CK(cudaMalloc(&b.y, static_cast<size_t>(M) * ldy * 2));
-  CK(cudaMalloc(&b.hws, static_cast<size_t>(chunk) * H * 2));
-  CK(cudaMalloc(&b.rows, static_cast<size_t>(M) * 4));
-  CK(cudaMalloc(&b.count, sizeof(u64)));
+  b.alloc(M, ldx, ldy, H, chunk);
+  CUDA_CHECK(cudaMemcpyAsync(b.x, d_x_full, static_cast<size_t>(M) * ldx * 2, cudaMemcpyDeviceToDevice, st));
   // The list, then in-range garbage past its end (never to be read).
   std::vector<int32_t> rows_h(M);
   for (int i = 0; i < M; ++i)
     rows_h[i] = i < static_cast<int>(list.size()) ? list[i] : static_cast<int32_t>((i * 7919ll) % M);
   const u64 cnt = list.size();
-  CK(cudaMemcpyAsync(b.rows, rows_h.data(), rows_h.size() * 4, cudaMemcpyHostToDevice, st));
-  CK(cudaMemcpyAsync(b.count, &cnt, sizeof cnt, cudaMemcpyHostToDevice, st));
+  CUDA_CHECK(cudaMemcpyAsync(b.rows, rows_h.data(), rows_h.size() * 4, cudaMemcpyHostToDevice, st));
+  CUDA_CHECK(cudaMemcpyAsync(b.count, &cnt, sizeof cnt, cudaMemcpyHostToDevice, st));
 
   const size_t ny = static_cast<size_t>(M) * ldy;
   auto poison = [&] {
-    CK(cudaMemsetAsync(b.y, 0xFF, ny * 2, st));
-    CK(cudaMemsetAsync(b.hws, 0xFF, static_cast<size_t>(chunk) * H * 2, st));
+    harness::poison_bf16(b.y, ny, st);
+    harness::poison_bf16(b.hws, static_cast<size_t>(chunk) * H, st);
   };
   twell::FallbackArgs args = make_args(b, wg, wu, wd, ldx, ldy, M, D, H, M, chunk);
   poison();
@@ -282,9 +214,9 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
     ok = false;
   }
   std::vector<uint16_t> y(ny);
-  CK(cudaMemcpyAsync(y.data(), b.y, ny * 2, cudaMemcpyDeviceToHost, st));
-  CK(cudaStreamSynchronize(st));
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaMemcpyAsync(y.data(), b.y, ny * 2, cudaMemcpyDeviceToHost, st));
+  CUDA_CHECK(cudaStreamSynchronize(st));
+  CUDA_CHECK(cudaGetLastError());
 
   std::vector<char> listed(M, 0);
   for (int32_t r : list) listed[r] = 1;
@@ -294,9 +226,9 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
     for (int64_t c = 0; c < ldy; ++c) {
       const uint16_t v = y[static_cast<size_t>(r) * ldy + c];
       if (!listed[r] || c >= D) {
-        bad_poison += v != 0xFFFF;
+        bad_poison += v != kPoisonBf16;
       } else {
-        nan_listed += std::isnan(bf_bits2f(v)) ? 1 : 0;
+        nan_listed += std::isnan(bf16_bits_to_float(v)) ? 1 : 0;
       }
     }
   if (bad_poison) {
@@ -313,7 +245,7 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
     double rn = 0, rd = 0;
     for (int c = 0; c < D; ++c) {
       const double ref = y_ref[static_cast<size_t>(r) * D + c];
-      const double d = bf_bits2f(y[static_cast<size_t>(r) * ldy + c]) - ref;
+      const double d = bf16_bits_to_float(y[static_cast<size_t>(r) * ldy + c]) - ref;
       rn += d * d;
       rd += ref * ref;
     }
@@ -341,7 +273,7 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
       const int r = cpu_rows[s];
       if (r >= M || !listed[r]) continue;
       for (int c = 0; c < D; ++c) {
-        const double d = bf_bits2f(y[static_cast<size_t>(r) * ldy + c]) - cpu_ref[s][c];
+        const double d = bf16_bits_to_float(y[static_cast<size_t>(r) * ldy + c]) - cpu_ref[s][c];
         cn += d * d;
         cd += cpu_ref[s][c] * cpu_ref[s][c];
       }
@@ -368,9 +300,9 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
           continue;
         poison();
         e = twell::fallback_detail::fallback_rows_ex(args, st, s, twell::fallback_detail::kBoth, path);
-        CK(cudaMemcpyAsync(y2.data(), b.y, ny * 2, cudaMemcpyDeviceToHost, st));
-        CK(cudaStreamSynchronize(st));
-        CK(cudaGetLastError());
+        CUDA_CHECK(cudaMemcpyAsync(y2.data(), b.y, ny * 2, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        CUDA_CHECK(cudaGetLastError());
         if (e != cudaSuccess || std::memcmp(y.data(), y2.data(), ny * 2) != 0) {
           fail(grp, std::string(tag) + ": not bitwise reproducible (stages " + std::to_string(s) + ", path " +
                         std::to_string(path) + (e != cudaSuccess ? std::string(", ") + cudaGetErrorName(e) : "") + ")");
@@ -379,16 +311,12 @@ static void run_case(Group& grp, cudaStream_t st, const bf16* d_x_full, int64_t 
       }
   }
   if (!ok) ++grp.fails;
-  cudaFree(b.x);
-  cudaFree(b.y);
-  cudaFree(b.hws);
-  cudaFree(b.rows);
-  cudaFree(b.count);
+  b.free();
 }
 
 // --------------------------------------------------------------- one shape
-static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, int D, int H,
-                       const std::vector<int>& Ms, const std::vector<int64_t>& chunks) {
+static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, int D, int H, const std::vector<int>& Ms,
+                       const std::vector<int64_t>& chunks) {
   const int Mmax = *std::max_element(Ms.begin(), Ms.end());
   auto t0 = std::chrono::steady_clock::now();
   std::vector<uint16_t> wg = random_bf16(rng, static_cast<size_t>(H) * D, 1.0 / std::sqrt(D));
@@ -396,12 +324,12 @@ static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, in
   std::vector<uint16_t> wd = random_bf16(rng, static_cast<size_t>(H) * D, 1.0 / std::sqrt(H));
   std::vector<uint16_t> x = random_bf16(rng, static_cast<size_t>(Mmax) * D, 1.0);
   bf16 *d_wg, *d_wu, *d_wd;
-  CK(cudaMalloc(&d_wg, wg.size() * 2));
-  CK(cudaMalloc(&d_wu, wu.size() * 2));
-  CK(cudaMalloc(&d_wd, wd.size() * 2));
-  CK(cudaMemcpy(d_wg, wg.data(), wg.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_wu, wu.data(), wu.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_wd, wd.data(), wd.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&d_wg, wg.size() * 2));
+  CUDA_CHECK(cudaMalloc(&d_wu, wu.size() * 2));
+  CUDA_CHECK(cudaMalloc(&d_wd, wd.size() * 2));
+  CUDA_CHECK(cudaMemcpy(d_wg, wg.data(), wg.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d_wu, wu.data(), wu.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d_wd, wd.data(), wd.size() * 2, cudaMemcpyHostToDevice));
 
   for (int gated = 1; gated >= 0; --gated) {
     Group grp;
@@ -412,9 +340,9 @@ static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, in
     const int64_t ldx = gated ? D : D + 8;
     const int64_t ldy = gated ? D : D + 6;
     bf16* d_x;
-    CK(cudaMalloc(&d_x, static_cast<size_t>(Mmax) * ldx * 2));
-    CK(cudaMemset(d_x, 0xFF, static_cast<size_t>(Mmax) * ldx * 2));  // NaN in the padding
-    CK(cudaMemcpy2D(d_x, ldx * 2, x.data(), D * 2, D * 2, Mmax, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMalloc(&d_x, static_cast<size_t>(Mmax) * ldx * 2));
+    CUDA_CHECK(cudaMemset(d_x, 0xFF, static_cast<size_t>(Mmax) * ldx * 2));  // NaN in the padding
+    CUDA_CHECK(cudaMemcpy2D(d_x, ldx * 2, x.data(), D * 2, D * 2, Mmax, cudaMemcpyHostToDevice));
     const bf16* wgp = gated ? d_wg : nullptr;
 
     std::vector<float> y_ref;
@@ -441,7 +369,8 @@ static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, in
     grp.cpu_rows = static_cast<int>(cpu_rows.size());
     grp.ref_vs_cpu = std::sqrt(rn / std::max(rd, 1e-300));
     // Both round h to bf16; fp32 vs fp64 pre-activations flip a rare ulp.
-    if (!(grp.ref_vs_cpu < 1e-3)) fail(grp, "GPU fp32 reference disagrees with CPU float64: " + std::to_string(grp.ref_vs_cpu));
+    if (!(grp.ref_vs_cpu < 1e-3))
+      fail(grp, "GPU fp32 reference disagrees with CPU float64: " + std::to_string(grp.ref_vs_cpu));
 
     for (int M : Ms) {
       for (int kind = 0; kind < 4; ++kind) {
@@ -460,9 +389,10 @@ static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, in
           for (int r = 0; r < M; ++r) list.push_back(r);
         }
         for (int64_t chunk : chunks) {
-          const bool extra = (kind == 3 && (M > 300 || chunk == chunks.front())) || (kind == 2 && chunk == chunks.front());
-          run_case(grp, st, d_x, ldx, wgp, d_wu, d_wd, D, H, M, ldy, list, chunk, y_ref, cpu_rows, cpu_ref,
-                   extra, kname);
+          const bool extra =
+              (kind == 3 && (M > 300 || chunk == chunks.front())) || (kind == 2 && chunk == chunks.front());
+          run_case(grp, st, d_x, ldx, wgp, d_wu, d_wd, D, H, M, ldy, list, chunk, y_ref, cpu_rows, cpu_ref, extra,
+                   kname);
         }
       }
     }
@@ -473,8 +403,7 @@ static void test_shape(std::vector<Group>& groups, Rng& rng, cudaStream_t st, in
   cudaFree(d_wu);
   cudaFree(d_wd);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("  D=%d H=%d: %d + %d runs, %.1f s\n", D, H, groups[groups.size() - 2].runs,
-              groups.back().runs, secs);
+  std::printf("  D=%d H=%d: %d + %d runs, %.1f s\n", D, H, groups[groups.size() - 2].runs, groups.back().runs, secs);
   std::fflush(stdout);
 }
 
@@ -483,32 +412,77 @@ static bool test_arguments(cudaStream_t st) {
   bool ok = true;
   const int64_t M = 16, D = 64, H = 64;
   DeviceBuffers b;
-  bf16 *w;
-  CK(cudaMalloc(&b.x, M * D * 2));
-  CK(cudaMalloc(&b.y, M * D * 2));
-  CK(cudaMalloc(&b.hws, 128 * H * 2));
-  CK(cudaMalloc(&b.rows, M * 4));
-  CK(cudaMalloc(&b.count, 8));
-  CK(cudaMalloc(&w, H * D * 2));
-  CK(cudaMemset(b.y, 0xFF, M * D * 2));
+  bf16* w;
+  b.alloc(M, D, D, H, 128);
+  CUDA_CHECK(cudaMalloc(&w, H * D * 2));
+  harness::poison_bf16(b.y, M * D, st);
   auto good = [&] { return make_args(b, w, w, w, D, D, M, D, H, M, 128); };
   struct Bad {
     const char* what;
     twell::FallbackArgs a;
   };
   std::vector<Bad> bad;
-  { auto a = good(); a.D = 60; a.ldx = a.ldw_gate = a.ldw_up = a.ldw_down = a.ldy = 64; bad.push_back({"D % 8 != 0", a}); }
-  { auto a = good(); a.H = 12; bad.push_back({"H % 8 != 0", a}); }
-  { auto a = good(); a.x = nullptr; bad.push_back({"x null", a}); }
-  { auto a = good(); a.rows = nullptr; bad.push_back({"rows null", a}); }
-  { auto a = good(); a.count = nullptr; bad.push_back({"count null", a}); }
-  { auto a = good(); a.h_workspace = nullptr; bad.push_back({"workspace null", a}); }
-  { auto a = good(); a.x = b.x + 1; bad.push_back({"x misaligned", a}); }
-  { auto a = good(); a.ldx = 65; bad.push_back({"ldx odd", a}); }
-  { auto a = good(); a.ldw_down = 32; bad.push_back({"ldw_down < D", a}); }
-  { auto a = good(); a.ldy = 63; bad.push_back({"ldy < D", a}); }
-  { auto a = good(); a.chunk_rows = 0; bad.push_back({"chunk_rows 0", a}); }
-  { auto a = good(); a.max_rows = -1; bad.push_back({"max_rows < 0", a}); }
+  {
+    auto a = good();
+    a.D = 60;
+    a.ldx = a.ldw_gate = a.ldw_up = a.ldw_down = a.ldy = 64;
+    bad.push_back({"D % 8 != 0", a});
+  }
+  {
+    auto a = good();
+    a.H = 12;
+    bad.push_back({"H % 8 != 0", a});
+  }
+  {
+    auto a = good();
+    a.x = nullptr;
+    bad.push_back({"x null", a});
+  }
+  {
+    auto a = good();
+    a.rows = nullptr;
+    bad.push_back({"rows null", a});
+  }
+  {
+    auto a = good();
+    a.count = nullptr;
+    bad.push_back({"count null", a});
+  }
+  {
+    auto a = good();
+    a.h_workspace = nullptr;
+    bad.push_back({"workspace null", a});
+  }
+  {
+    auto a = good();
+    a.x = b.x + 1;
+    bad.push_back({"x misaligned", a});
+  }
+  {
+    auto a = good();
+    a.ldx = 65;
+    bad.push_back({"ldx odd", a});
+  }
+  {
+    auto a = good();
+    a.ldw_down = 32;
+    bad.push_back({"ldw_down < D", a});
+  }
+  {
+    auto a = good();
+    a.ldy = 63;
+    bad.push_back({"ldy < D", a});
+  }
+  {
+    auto a = good();
+    a.chunk_rows = 0;
+    bad.push_back({"chunk_rows 0", a});
+  }
+  {
+    auto a = good();
+    a.max_rows = -1;
+    bad.push_back({"max_rows < 0", a});
+  }
   for (auto& c : bad) {
     const cudaError_t e = twell::fallback_rows(c.a, st);
     if (e != cudaErrorInvalidValue) {
@@ -526,11 +500,16 @@ static bool test_arguments(cudaStream_t st) {
     if (twell::fallback_rows(a, st) != cudaSuccess) ok = false;
   }
   std::vector<uint16_t> y(M * D);
-  CK(cudaMemcpyAsync(y.data(), b.y, M * D * 2, cudaMemcpyDeviceToHost, st));
-  CK(cudaStreamSynchronize(st));
+  CUDA_CHECK(cudaMemcpyAsync(y.data(), b.y, M * D * 2, cudaMemcpyDeviceToHost, st));
+  CUDA_CHECK(cudaStreamSynchronize(st));
   for (auto v : y)
-    if (v != 0xFFFF) { ok = false; std::printf("  a rejected call touched y\n"); break; }
-  cudaFree(b.x); cudaFree(b.y); cudaFree(b.hws); cudaFree(b.rows); cudaFree(b.count); cudaFree(w);
+    if (v != kPoisonBf16) {
+      ok = false;
+      std::printf("  a rejected call touched y\n");
+      break;
+    }
+  b.free();
+  cudaFree(w);
   return ok;
 }
 
@@ -544,35 +523,31 @@ static bool test_graph(Rng& rng, cudaStream_t st, std::string& msg) {
   std::vector<uint16_t> hw = random_bf16(rng, 3 * H * D, 1.0 / std::sqrt(D));
   DeviceBuffers b;
   bf16* w;
-  CK(cudaMalloc(&b.x, M * D * 2));
-  CK(cudaMalloc(&b.y, M * D * 2));
-  CK(cudaMalloc(&b.hws, chunk * H * 2));
-  CK(cudaMalloc(&b.rows, M * 4));
-  CK(cudaMalloc(&b.count, 8));
-  CK(cudaMalloc(&w, 3 * H * D * 2));
-  CK(cudaMemcpy(b.x, hx.data(), M * D * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
+  b.alloc(M, D, D, H, chunk);
+  CUDA_CHECK(cudaMalloc(&w, 3 * H * D * 2));
+  CUDA_CHECK(cudaMemcpy(b.x, hx.data(), M * D * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
   const twell::FallbackArgs args = make_args(b, w, w + H * D, w + 2 * H * D, D, D, M, D, H, M, chunk);
   auto set_list = [&](int step, int n) {
     std::vector<int32_t> rows(M, 0);
     for (int i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i * step);
     const u64 cnt = n;
-    CK(cudaMemcpyAsync(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice, st));
-    CK(cudaMemcpyAsync(b.count, &cnt, 8, cudaMemcpyHostToDevice, st));
-    CK(cudaMemsetAsync(b.y, 0xFF, M * D * 2, st));
+    CUDA_CHECK(cudaMemcpyAsync(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice, st));
+    CUDA_CHECK(cudaMemcpyAsync(b.count, &cnt, 8, cudaMemcpyHostToDevice, st));
+    harness::poison_bf16(b.y, M * D, st);
   };
   auto fetch = [&] {
     std::vector<uint16_t> y(M * D);
-    CK(cudaMemcpyAsync(y.data(), b.y, M * D * 2, cudaMemcpyDeviceToHost, st));
-    CK(cudaStreamSynchronize(st));
+    CUDA_CHECK(cudaMemcpyAsync(y.data(), b.y, M * D * 2, cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
     return y;
   };
   bool ok = true;
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   set_list(1, 0);
-  CK(cudaStreamSynchronize(st));
-  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  CUDA_CHECK(cudaStreamSynchronize(st));
+  CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
   const cudaError_t ce = twell::fallback_rows(args, st);
   const cudaError_t ee = cudaStreamEndCapture(st, &graph);
   if (ce != cudaSuccess || ee != cudaSuccess) {
@@ -587,14 +562,14 @@ static bool test_graph(Rng& rng, cudaStream_t st, std::string& msg) {
     const int cases[][2] = {{1, 300}, {2, 150}, {7, 3}, {1, 0}, {1, 129}};
     for (auto& c : cases) {
       set_list(c[0], c[1]);
-      CK(cudaStreamSynchronize(st));
-      CK(twell::fallback_rows(args, st));
+      CUDA_CHECK(cudaStreamSynchronize(st));
+      CUDA_CHECK(twell::fallback_rows(args, st));
       const std::vector<uint16_t> direct = fetch();
       set_list(c[0], c[1]);
-      CK(cudaGraphLaunch(exec, st));
+      CUDA_CHECK(cudaGraphLaunch(exec, st));
       const std::vector<uint16_t> replay = fetch();
       size_t written = 0;
-      for (auto v : direct) written += v != 0xFFFF;
+      for (auto v : direct) written += v != kPoisonBf16;
       if (direct != replay || (c[1] > 0) != (written > 0)) {
         msg = "replay with " + std::to_string(c[1]) + " rows differs from a direct call";
         ok = false;
@@ -604,7 +579,8 @@ static bool test_graph(Rng& rng, cudaStream_t st, std::string& msg) {
   }
   if (exec) cudaGraphExecDestroy(exec);
   if (graph) cudaGraphDestroy(graph);
-  cudaFree(b.x); cudaFree(b.y); cudaFree(b.hws); cudaFree(b.rows); cudaFree(b.count); cudaFree(w);
+  b.free();
+  cudaFree(w);
   return ok;
 }
 
@@ -615,26 +591,6 @@ struct BenchLine {
   const char* unit;
 };
 
-static double time_ms(cudaStream_t st, int reps, void (*fn)(void*), void* ctx) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) fn(ctx);
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(a, st));
-    fn(ctx);
-    CK(cudaEventRecord(b, st));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return median(t);
-}
-
 struct BenchCtx {
   twell::FallbackArgs args;
   cudaStream_t st;
@@ -642,15 +598,21 @@ struct BenchCtx {
   unsigned mask;
   int path = twell::fallback_detail::kPathLaunches;
 };
-static void bench_call(void* p) {
-  auto* c = static_cast<BenchCtx*>(p);
-  CK(twell::fallback_detail::fallback_rows_ex(c->args, c->st, c->stages, c->mask, c->path));
+
+// Median milliseconds of one fallback call with c's settings.
+static double time_ms(harness::Timer& timer, const BenchCtx& c) {
+  auto call = [&](int, int) {
+    CUDA_CHECK(twell::fallback_detail::fallback_rows_ex(c.args, c.st, c.stages, c.mask, c.path));
+  };
+  return timer.time(call, {.warmup = 3, .reps = 20}, c.st).med;
 }
+
 static const char* path_name(int path) {
   return path == twell::fallback_detail::kPathCooperative ? "coop" : "launches";
 }
 
 static void benchmark(Rng& rng, cudaStream_t st, std::vector<BenchLine>& lines) {
+  harness::Timer timer;
   // Dense chunk: 4096 listed rows, D = 2048, H = 5632, one chunk.
   {
     const int64_t M = 4096, D = 2048, H = 5632;
@@ -658,19 +620,15 @@ static void benchmark(Rng& rng, cudaStream_t st, std::vector<BenchLine>& lines) 
     std::vector<uint16_t> hw = random_bf16(rng, 3 * H * D, 1.0 / std::sqrt(D));
     DeviceBuffers b;
     bf16* w;
-    CK(cudaMalloc(&b.x, M * D * 2));
-    CK(cudaMalloc(&b.y, M * D * 2));
-    CK(cudaMalloc(&b.hws, M * H * 2));
-    CK(cudaMalloc(&b.rows, M * 4));
-    CK(cudaMalloc(&b.count, 8));
-    CK(cudaMalloc(&w, 3 * H * D * 2));
-    CK(cudaMemcpy(b.x, hx.data(), M * D * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
+    b.alloc(M, D, D, H, M);
+    CUDA_CHECK(cudaMalloc(&w, 3 * H * D * 2));
+    CUDA_CHECK(cudaMemcpy(b.x, hx.data(), M * D * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
     std::vector<int32_t> rows(M);
     for (int i = 0; i < M; ++i) rows[i] = i;
     const u64 cnt = M;
-    CK(cudaMemcpy(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(b.count, &cnt, 8, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(b.count, &cnt, 8, cudaMemcpyHostToDevice));
     const double f_dual = 4.0 * M * D * H, f_down = 2.0 * M * D * H;
     const int auto_s = twell::fallback_detail::auto_stages();
     for (int gated = 1; gated >= 0; --gated) {
@@ -682,18 +640,21 @@ static void benchmark(Rng& rng, cudaStream_t st, std::vector<BenchLine>& lines) 
         c.stages = s;
         char name[160];
         c.mask = twell::fallback_detail::kDual;
-        const double td = time_ms(st, 20, bench_call, &c);
+        const double td = time_ms(timer, c);
         c.mask = twell::fallback_detail::kDown;
-        const double tn = time_ms(st, 20, bench_call, &c);
-        std::snprintf(name, sizeof name, "%s %d stages: GEMM1 (dual) rows=4096 D=2048 H=5632", gated ? "gated" : "relu ", s);
+        const double tn = time_ms(timer, c);
+        std::snprintf(name, sizeof name, "%s %d stages: GEMM1 (dual) rows=4096 D=2048 H=5632",
+                      gated ? "gated" : "relu ", s);
         lines.push_back({name, fd / (td * 1e9), "TFLOP/s"});
-        std::snprintf(name, sizeof name, "%s %d stages: GEMM2 (down) rows=4096 D=2048 H=5632", gated ? "gated" : "relu ", s);
+        std::snprintf(name, sizeof name, "%s %d stages: GEMM2 (down) rows=4096 D=2048 H=5632",
+                      gated ? "gated" : "relu ", s);
         lines.push_back({name, f_down / (tn * 1e9), "TFLOP/s"});
         c.mask = twell::fallback_detail::kBoth;
         for (int path : {int(twell::fallback_detail::kPathLaunches), int(twell::fallback_detail::kPathCooperative)}) {
-          if (path == twell::fallback_detail::kPathCooperative && !twell::fallback_detail::cooperative_available()) continue;
+          if (path == twell::fallback_detail::kPathCooperative && !twell::fallback_detail::cooperative_available())
+            continue;
           c.path = path;
-          const double tb = time_ms(st, 20, bench_call, &c);
+          const double tb = time_ms(timer, c);
           std::snprintf(name, sizeof name, "%s %d stages: whole fallback, %s (%.3f ms)", gated ? "gated" : "relu ", s,
                         path_name(path), tb);
           lines.push_back({name, (fd + f_down) / (tb * 1e9), "TFLOP/s"});
@@ -701,41 +662,40 @@ static void benchmark(Rng& rng, cudaStream_t st, std::vector<BenchLine>& lines) 
         c.path = twell::fallback_detail::kPathLaunches;
       }
     }
-    cudaFree(b.x); cudaFree(b.y); cudaFree(b.hws); cudaFree(b.rows); cudaFree(b.count); cudaFree(w);
+    b.free();
+    cudaFree(w);
   }
   // Empty list (and a few rows) at M = 65536, chunk 4096: 16 chunks of launches.
   {
     const int64_t M = 65536, D = 2048, H = 5632, chunk = 4096;
     DeviceBuffers b;
     bf16* w;
-    CK(cudaMalloc(&b.x, M * D * 2));
-    CK(cudaMalloc(&b.y, M * D * 2));
-    CK(cudaMalloc(&b.hws, chunk * H * 2));
-    CK(cudaMalloc(&b.rows, M * 4));
-    CK(cudaMalloc(&b.count, 8));
-    CK(cudaMalloc(&w, 3 * H * D * 2));
+    b.alloc(M, D, D, H, chunk);
+    CUDA_CHECK(cudaMalloc(&w, 3 * H * D * 2));
     std::vector<uint16_t> hw = random_bf16(rng, 3 * H * D, 1.0 / std::sqrt(D));
-    CK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemset(b.x, 0x3F, M * D * 2));  // ~0.75, never read in the empty case
+    CUDA_CHECK(cudaMemcpy(w, hw.data(), 3 * H * D * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(b.x, 0x3F, M * D * 2));  // ~0.75, never read in the empty case
     std::vector<int32_t> rows(M);
     for (int i = 0; i < M; ++i) rows[i] = i * 1771 % M;
     for (int i = 0; i < 37; ++i) rows[i] = i * 1771;
-    CK(cudaMemcpy(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(b.rows, rows.data(), M * 4, cudaMemcpyHostToDevice));
     BenchCtx c{make_args(b, w, w + H * D, w + 2 * H * D, D, D, M, D, H, M, chunk), st, 0,
                twell::fallback_detail::kBoth};
     for (int path : {int(twell::fallback_detail::kPathLaunches), int(twell::fallback_detail::kPathCooperative)})
       for (u64 cnt : {u64(0), u64(37), u64(4096)}) {
-        if (path == twell::fallback_detail::kPathCooperative && !twell::fallback_detail::cooperative_available()) continue;
+        if (path == twell::fallback_detail::kPathCooperative && !twell::fallback_detail::cooperative_available())
+          continue;
         c.path = path;
-        CK(cudaMemcpy(b.count, &cnt, 8, cudaMemcpyHostToDevice));
-        const double t = time_ms(st, 20, bench_call, &c);
+        CUDA_CHECK(cudaMemcpy(b.count, &cnt, 8, cudaMemcpyHostToDevice));
+        const double t = time_ms(timer, c);
         char name[160];
         std::snprintf(name, sizeof name, "count=%llu of M=65536, chunk 4096 (16 chunks), %s",
                       static_cast<unsigned long long>(cnt),
                       path == twell::fallback_detail::kPathCooperative ? "coop (1 launch)" : "launches (32)");
         lines.push_back({name, t * 1e3, "us"});
       }
-    cudaFree(b.x); cudaFree(b.y); cudaFree(b.hws); cudaFree(b.rows); cudaFree(b.count); cudaFree(w);
+    b.free();
+    cudaFree(w);
   }
 }
 
@@ -747,22 +707,22 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--tiny")) small = tiny = true;
     else if (!std::strcmp(argv[i], "--no-bench")) bench = false;
     else if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
-    else { std::fprintf(stderr, "usage: %s [--small | --tiny] [--no-bench] [--seed N]\n", argv[0]); return 2; }
-  }
-  int ndev = 0;
-  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
+    else {
+      std::fprintf(stderr, "usage: %s [--small | --tiny] [--no-bench] [--seed N]\n", argv[0]);
+      return 2;
+    }
   }
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+  if (!harness::first_device(&prop)) return harness::kExitSkip;
   std::printf("test_fallback: %s (sm_%d%d, %d SMs), seed %llu%s\n", prop.name, prop.major, prop.minor,
               prop.multiProcessorCount, static_cast<unsigned long long>(seed),
-              tiny ? ", --tiny" : small ? ", --small" : "");
+              tiny    ? ", --tiny"
+              : small ? ", --small"
+                      : "");
   std::printf("pipeline depth chosen for this device: %d stages\n", twell::fallback_detail::auto_stages());
   Rng rng(seed);
   cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
 
   // Kernel resources: registers, local memory (must be 0: no spills).
   bool res_ok = true;
@@ -770,9 +730,10 @@ int main(int argc, char** argv) {
   for (int s = 2; s <= 4; ++s)
     for (int k = 0; k < 5; ++k) {
       cudaFuncAttributes fa;
-      const unsigned gemm = k == 2 ? twell::fallback_detail::kDown
-                            : k >= 3 ? twell::fallback_detail::kBoth : twell::fallback_detail::kDual;
-      CK(twell::fallback_detail::kernel_attributes(gemm, k == 0 || k == 3, s, &fa));
+      const unsigned gemm = k == 2   ? twell::fallback_detail::kDown
+                            : k >= 3 ? twell::fallback_detail::kBoth
+                                     : twell::fallback_detail::kDual;
+      CUDA_CHECK(twell::fallback_detail::kernel_attributes(gemm, k == 0 || k == 3, s, &fa));
       static const char* names[] = {"dual gated", "dual relu", "down", "coop gated", "coop relu"};
       char line[200];
       std::snprintf(line, sizeof line, "%-10s stages=%d: %3d regs, %zu B local, %zu B static smem + %d KiB ring",
@@ -815,8 +776,8 @@ int main(int argc, char** argv) {
   std::printf("  CUDA graph capture (default path: %s): %s: %s\n",
               twell::fallback_detail::cooperative_available() ? "cooperative" : "launches", graph_ok ? "pass" : "FAIL",
               graph_msg.c_str());
-  std::printf("  %-6s %-6s %-6s %5s %5s %10s %10s %10s %12s\n", "D", "H", "ffn", "runs", "fail", "set err",
-              "row err", "vs cpu", "ref vs cpu");
+  std::printf("  %-6s %-6s %-6s %5s %5s %10s %10s %10s %12s\n", "D", "H", "ffn", "runs", "fail", "set err", "row err",
+              "vs cpu", "ref vs cpu");
   for (auto& g : groups) {
     std::printf("  %-6d %-6d %-6s %5d %5d %10.2e %10.2e %10.2e %8.2e(%d)\n", g.D, g.H, g.gated ? "gated" : "relu",
                 g.runs, g.fails, g.max_set_err, g.max_row_err, g.max_cpu_err, g.ref_vs_cpu, g.cpu_rows);
@@ -825,5 +786,5 @@ int main(int argc, char** argv) {
   for (auto& l : bl) std::printf("  %-72s %9.1f %s\n", l.what.c_str(), l.value, l.unit);
   std::printf("%s\n", g_all_ok ? "ALL CHECKS PASSED" : "SOME CHECKS FAILED");
   cudaStreamDestroy(st);
-  return g_all_ok ? 0 : 1;
+  return g_all_ok ? harness::kExitPass : harness::kExitFail;
 }

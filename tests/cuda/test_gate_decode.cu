@@ -12,8 +12,9 @@
 // Values: |bf16 - ref| <= 1e-2 * |ref| + 1e-4 * typical. The packed buffer is
 // poisoned (0xDEADBEEF) with guard rows past M; row_flags has guard bytes.
 // Determinism: a second run must give bitwise the same words, flags, stats.
-// Timing (not with --small / --no-timing): CUDA events, median of 50, W_g
-// rotated over >= 4 copies (> L2), against a device-to-device copy.
+// Timing (not with --small / --no-timing): harness::Timer, median of 50 calls
+// after 10 warm-up calls, W_g rotated over >= 4 copies (> L2), against a
+// device-to-device copy.
 //
 // Exit: 0 pass, 1 a check failed, 2 a CUDA error, 77 no device that runs it.
 #include <cuda_bf16.h>
@@ -24,7 +25,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,87 +33,17 @@
 #include "gate_gemm/gate_decode.h"
 #include "gate_gemm/gate_gemm.h"
 #include "gate_gemm/gate_portable.h"
+#include "harness.cuh"
 
 using twell::bf16;
 using twell::u64;
 
-#define CK(expr)                                                                                          \
-  do {                                                                                                    \
-    cudaError_t e_ = (expr);                                                                              \
-    if (e_ != cudaSuccess) {                                                                              \
-      std::printf("CUDA error %s (%s) at %s:%d: %s\n", cudaGetErrorName(e_), cudaGetErrorString(e_), __FILE__, \
-                  __LINE__, #expr);                                                                       \
-      std::fflush(stdout);                                                                                \
-      std::exit(2);                                                                                       \
-    }                                                                                                     \
-  } while (0)
-
 namespace {
 
-constexpr uint32_t kPoison = 0xDEADBEEFu;
-constexpr uint8_t kFlagGuard = 0xA5;
+using harness::kGuardByte;
+using harness::kPoisonWord;
+
 constexpr int kGuardRows = 2;
-
-__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-__device__ __forceinline__ float normal_at(uint64_t seed, uint64_t i) {
-  const uint64_t h = splitmix64(seed ^ splitmix64(i));
-  const float u1 = (static_cast<float>(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
-  const float u2 = static_cast<float>((h >> 16) & 0xFFFFFF) * (1.0f / 16777216.0f);
-  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
-}
-
-// rows x cols of N(0, scale^2), last column = last, padding (cols..ld) = NaN.
-__global__ void init_matrix(bf16* p, int64_t rows, int64_t cols, int64_t ld, uint64_t seed, float scale, float last) {
-  const int64_t n = rows * ld;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % ld;
-    float v;
-    if (c >= cols)
-      v = __int_as_float(0x7fc00000);
-    else if (c == cols - 1)
-      v = last;
-    else
-      v = scale * normal_at(seed, static_cast<uint64_t>(i));
-    p[i] = __float2bfloat16_rn(v);
-  }
-}
-
-__global__ void fill_u32(uint32_t* p, int64_t n, uint32_t v) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    p[i] = v;
-}
-
-// acc[m, n] = sum_k x[m, k] * w[n, k] in fp32, k ascending. One thread per (m, n).
-__global__ void ref_gemm(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, float* acc, int64_t M, int64_t D,
-                         int64_t H) {
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t m = blockIdx.y;
-  if (n >= H || m >= M) return;
-  float s = 0.0f;
-  for (int64_t k = 0; k < D; ++k) s = fmaf(__bfloat162float(x[m * ldx + k]), __bfloat162float(w[n * ldw + k]), s);
-  acc[m * H + n] = s;
-}
-
-__global__ void sleep_kernel(unsigned ns) {
-  const long long t0 = clock64();
-  while (clock64() - t0 < static_cast<long long>(ns) * 2) {
-  }
-}
-
-float bf16_bits_to_float(uint32_t hi16) {
-  const uint32_t u = hi16 << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 struct Problem {
   int64_t M, D, H, ldx, ldw;
@@ -126,9 +56,10 @@ struct Failures {
 };
 
 // Checks one slots setting of one data set. Returns the failure counters.
-Failures check(const Problem& pr, int slots, const std::vector<float>& acc, double typ, const std::vector<uint32_t>& got,
-               const std::vector<uint8_t>& flags, const std::vector<u64>& stats, const std::vector<uint32_t>& ref,
-               const std::vector<uint8_t>& ref_flags, const std::vector<u64>& ref_stats) {
+Failures check(const Problem& pr, int slots, const std::vector<float>& acc, double typ,
+               const std::vector<uint32_t>& got, const std::vector<uint8_t>& flags, const std::vector<u64>& stats,
+               const std::vector<uint32_t>& ref, const std::vector<uint8_t>& ref_flags,
+               const std::vector<u64>& ref_stats) {
   Failures f;
   const int64_t tiles = twell::tiles_for(pr.H);
   const int64_t rw = tiles * slots;
@@ -144,7 +75,7 @@ Failures check(const Problem& pr, int slots, const std::vector<float>& acc, doub
       const int64_t c0 = t * 256;
       const int width = static_cast<int>(std::min<int64_t>(256, pr.H - c0));
       for (int w = 0; w < slots; ++w)
-        if (o[w] == kPoison) ++f.poison;
+        if (o[w] == kPoisonWord) ++f.poison;
       const uint32_t count = o[0];
       active += count;
       maxc = std::max<u64>(maxc, count);
@@ -187,7 +118,7 @@ Failures check(const Problem& pr, int slots, const std::vector<float>& acc, doub
         }
         const double a = acc[m * pr.H + c0 + col];
         if (!(a > eps || std::fabs(a) <= eps)) ++f.entry;
-        const double v = bf16_bits_to_float(word >> 16);
+        const double v = harness::bf16_bits_to_float(word >> 16);
         if (!(v > 0) || std::fabs(v - a) > 1e-2 * std::fabs(a) + 1e-4 * typ) ++f.value;
         prev = col;
       }
@@ -202,7 +133,8 @@ Failures check(const Problem& pr, int slots, const std::vector<float>& acc, doub
         if (o[w] != 0u) ++f.unused;
       if (amb == 0) {
         for (int w = 0; w < slots; ++w)
-          if (o[w] != r[w] && (w == 0 || ((o[w] ^ r[w]) & 0xFFFFu) != 0)) {  // same words (values may differ by rounding)
+          if (o[w] != r[w] &&
+              (w == 0 || ((o[w] ^ r[w]) & 0xFFFFu) != 0)) {  // same words (values may differ by rounding)
             ++f.entry;
             break;
           }
@@ -213,8 +145,8 @@ Failures check(const Problem& pr, int slots, const std::vector<float>& acc, doub
   }
   for (int g = 0; g < kGuardRows; ++g) {
     for (int64_t w = 0; w < rw; ++w)
-      if (got[(pr.M + g) * rw + w] != kPoison) ++f.guard;
-    if (flags[pr.M + g] != kFlagGuard) ++f.guard;
+      if (got[(pr.M + g) * rw + w] != kPoisonWord) ++f.guard;
+    if (flags[pr.M + g] != kGuardByte) ++f.guard;
   }
   if (stats[TWELL_STAT_ACTIVE] != active || stats[TWELL_STAT_OVERFLOW_TILES] != over ||
       stats[TWELL_STAT_MAX_TILE_COUNT] != maxc)
@@ -242,11 +174,10 @@ RunOut run_decode(const Problem& pr, int slots, const bf16* x, const bf16* w, ui
                   u64* d_stats, cudaStream_t s, bool* launched, int variant = -1) {
   const int64_t rw = twell::tiles_for(pr.H) * slots;
   const int64_t words = (pr.M + kGuardRows) * rw;
-  fill_u32<<<256, 256, 0, s>>>(d_packed, words, kPoison);
-  CK(cudaGetLastError());
-  CK(cudaMemsetAsync(d_flags, 0, pr.M, s));
-  CK(cudaMemsetAsync(d_flags + pr.M, kFlagGuard, kGuardRows, s));
-  CK(cudaMemsetAsync(d_stats, 0, TWELL_STATS_WORDS * sizeof(u64), s));
+  harness::poison_words(d_packed, words, s);
+  CUDA_CHECK(cudaMemsetAsync(d_flags, 0, pr.M, s));
+  CUDA_CHECK(cudaMemsetAsync(d_flags + pr.M, kGuardByte, kGuardRows, s));
+  CUDA_CHECK(cudaMemsetAsync(d_stats, 0, TWELL_STATS_WORDS * sizeof(u64), s));
   twell::GatePackArgs a;
   a.x = x;
   a.ldx = pr.ldx;
@@ -262,20 +193,105 @@ RunOut run_decode(const Problem& pr, int slots, const bf16* x, const bf16* w, ui
   *launched = twell::gate_pack_decode_can_run(a);
   RunOut r;
   if (!*launched) return r;
-  CK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant));
-  CK(cudaStreamSynchronize(s));
+  CUDA_CHECK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant));
+  CUDA_CHECK(cudaStreamSynchronize(s));
   r.packed.resize(words);
   r.flags.resize(pr.M + kGuardRows);
   r.stats.resize(TWELL_STATS_WORDS);
-  CK(cudaMemcpy(r.packed.data(), d_packed, words * 4, cudaMemcpyDeviceToHost));
-  CK(cudaMemcpy(r.flags.data(), d_flags, pr.M + kGuardRows, cudaMemcpyDeviceToHost));
-  CK(cudaMemcpy(r.stats.data(), d_stats, TWELL_STATS_WORDS * 8, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(r.packed.data(), d_packed, words * 4, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(r.flags.data(), d_flags, pr.M + kGuardRows, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(r.stats.data(), d_stats, TWELL_STATS_WORDS * 8, cudaMemcpyDeviceToHost));
   return r;
 }
 
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+// Device-to-device copy bandwidth, bytes read + written (the bound of a weight-streaming kernel).
+double copy_gbps(cudaStream_t s, harness::Timer& timer) {
+  const size_t bytes = size_t(512) << 20;
+  void *src, *dst;
+  CUDA_CHECK(cudaMalloc(&src, bytes));
+  CUDA_CHECK(cudaMalloc(&dst, bytes));
+  CUDA_CHECK(cudaMemsetAsync(src, 1, bytes, s));
+  const harness::Timing t =
+      timer.time([&](int, int) { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s)); },
+                 {.warmup = 2, .reps = 10}, s);
+  CUDA_CHECK(cudaFree(src));
+  CUDA_CHECK(cudaFree(dst));
+  return 2.0 * bytes / (t.med * 1e-3) / 1e9;
+}
+
+// Microseconds per call of the decode kernel (default and each main-loop variant), the sm_90a
+// kernel and the portable route (cuBLASLt fp32 GEMM + the reference packer: at small M it can
+// beat both fused kernels), with W_g rotated over copies that together exceed the L2.
+void time_kernels(cudaStream_t s) {
+  harness::Timer timer;
+  std::printf("device copy: %.0f GB/s (read + write)\n", copy_gbps(s, timer));
+  std::printf("%6s %6s %4s %10s %8s %8s %8s %8s %10s %8s %12s\n", "D", "H", "M", "decode_us", "GB/s", "v0_us", "v1_us",
+              "v2_us", "sm90_us", "GB/s", "portable_us");
+  void* lt_ws = nullptr;
+  CUDA_CHECK(cudaMalloc(&lt_ws, twell::kLtWorkspaceBytes));
+  for (auto [D, H] : std::vector<std::pair<int64_t, int64_t>>{{2048, 5632}, {4096, 14336}, {896, 4864}}) {
+    const size_t wbytes = static_cast<size_t>(H * D) * 2;
+    const int copies = std::max<int>(4, static_cast<int>((size_t(200) << 20) / wbytes) + 1);
+    std::vector<bf16*> ws(copies);
+    for (int c = 0; c < copies; ++c) {
+      CUDA_CHECK(cudaMalloc(&ws[c], wbytes));
+      harness::fill_normal_bf16(ws[c], H, D, D, 99 + c, 1.0f / std::sqrt(float(D - 1)), -2.5758f, s);
+    }
+    bf16* x;
+    uint32_t* packed;
+    uint8_t* flags;
+    u64* stats;
+    CUDA_CHECK(cudaMalloc(&x, 64 * D * 2));
+    harness::fill_normal_bf16(x, 64, D, D, 7, 1.0f, 1.0f, s);
+    CUDA_CHECK(cudaMalloc(&packed, 64 * twell::tiles_for(H) * 32 * 4));
+    CUDA_CHECK(cudaMalloc(&flags, 64 + 16));
+    CUDA_CHECK(cudaMalloc(&stats, TWELL_STATS_WORDS * 8));
+    CUDA_CHECK(cudaMemsetAsync(flags, 0, 64, s));
+    CUDA_CHECK(cudaMemsetAsync(stats, 0, TWELL_STATS_WORDS * 8, s));
+    void* chunk = nullptr;
+    CUDA_CHECK(cudaMalloc(&chunk, twell::gate_portable_workspace_bytes(64, H)));
+    for (int64_t M : {1, 4, 16, 32, 64}) {
+      twell::GatePackArgs a;
+      a.x = x;
+      a.ldx = D;
+      a.ldw = D;
+      a.M = M;
+      a.D = D;
+      a.H = H;
+      a.slots = 32;
+      a.packed = packed;
+      a.row_flags = flags;
+      a.stats = stats;
+      float t[6] = {-1, -1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90, portable
+      for (int variant = 0; variant < 6; ++variant) {
+        a.w = ws[0];
+        if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
+        if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
+        if (variant == 5 && twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) {
+          CUDA_CHECK(cudaGetLastError());
+          continue;
+        }
+        auto call = [&](int, int set) {
+          a.w = ws[set];
+          if (variant < 4) CUDA_CHECK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant - 1));
+          else if (variant == 4) CUDA_CHECK(twell::gate_pack_sm90(a, g_sm_count, s));
+          else if (twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS)
+            CUDA_CHECK(cudaErrorUnknown);
+        };
+        t[variant] = static_cast<float>(timer.time(call, {.warmup = 10, .reps = 50, .sets = copies}, s).med * 1e3);
+      }
+      std::printf("%6lld %6lld %4lld %10.2f %8.0f %8.2f %8.2f %8.2f %10.2f %8.0f %12.2f\n", (long long)D, (long long)H,
+                  (long long)M, t[0], t[0] > 0 ? wbytes / (t[0] * 1e-6) / 1e9 : 0.0, t[1], t[2], t[3], t[4],
+                  t[4] > 0 ? wbytes / (t[4] * 1e-6) / 1e9 : 0.0, t[5]);
+    }
+    for (auto p : ws) CUDA_CHECK(cudaFree(p));
+    CUDA_CHECK(cudaFree(chunk));
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(packed));
+    CUDA_CHECK(cudaFree(flags));
+    CUDA_CHECK(cudaFree(stats));
+  }
+  CUDA_CHECK(cudaFree(lt_ws));
 }
 
 }  // namespace
@@ -289,18 +305,13 @@ int main(int argc, char** argv) {
     else if (a == "--no-timing") timing = false;
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
   }
-  int ndev = 0;
-  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return 77;
-  }
   cudaDeviceProp prop{};
-  CK(cudaGetDeviceProperties(&prop, 0));
+  if (!harness::first_device(&prop)) return harness::kExitSkip;
   g_sm_count = prop.multiProcessorCount;
   std::printf("device %s, cc %d.%d, %d SMs, seed %llu\n", prop.name, prop.major, prop.minor, g_sm_count,
               static_cast<unsigned long long>(seed));
   cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
   std::vector<std::pair<int64_t, int64_t>> shapes = {{2048, 5632}, {4096, 14336}, {896, 4864},
                                                      {1024, 2816}, {64, 264},     {200, 520}};
@@ -327,46 +338,42 @@ int main(int argc, char** argv) {
     uint8_t *d_flags, *d_rflags;
     u64 *d_stats, *d_rstats;
     const int64_t rw_max = twell::tiles_for(H) * 128;
-    CK(cudaMalloc(&d_x, Mmax * ldx_max * 2));
-    CK(cudaMalloc(&d_w, H * ldw * 2));
-    CK(cudaMalloc(&d_acc, Mmax * H * 4));
-    CK(cudaMalloc(&d_packed, (Mmax + kGuardRows) * rw_max * 4));
-    CK(cudaMalloc(&d_ref, Mmax * rw_max * 4));
-    CK(cudaMalloc(&d_flags, Mmax + 16));
-    CK(cudaMalloc(&d_rflags, Mmax + 16));
-    CK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * 8));
-    CK(cudaMalloc(&d_rstats, TWELL_STATS_WORDS * 8));
+    CUDA_CHECK(cudaMalloc(&d_x, Mmax * ldx_max * 2));
+    CUDA_CHECK(cudaMalloc(&d_w, H * ldw * 2));
+    CUDA_CHECK(cudaMalloc(&d_acc, Mmax * H * 4));
+    CUDA_CHECK(cudaMalloc(&d_packed, (Mmax + kGuardRows) * rw_max * 4));
+    CUDA_CHECK(cudaMalloc(&d_ref, Mmax * rw_max * 4));
+    CUDA_CHECK(cudaMalloc(&d_flags, Mmax + 16));
+    CUDA_CHECK(cudaMalloc(&d_rflags, Mmax + 16));
+    CUDA_CHECK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * 8));
+    CUDA_CHECK(cudaMalloc(&d_rstats, TWELL_STATS_WORDS * 8));
     for (const Pat& pat : pats) {
       const float scale = 1.0f / std::sqrt(static_cast<float>(D - 1));
       ++seed;
-      init_matrix<<<1024, 256, 0, s>>>(d_w, H, D, ldw, seed * 7919, scale, pat.bias);
-      CK(cudaGetLastError());
+      harness::fill_normal_bf16(d_w, H, D, ldw, seed * 7919, scale, pat.bias, s);
       for (int64_t M : Ms) {
         Problem pr{M, D, H, D + (M == 7 ? 8 : 0), ldw};
         ++seed;
-        init_matrix<<<256, 256, 0, s>>>(d_x, M, D, pr.ldx, seed * 104729, 1.0f, 1.0f);
-        CK(cudaGetLastError());
-        ref_gemm<<<dim3(static_cast<unsigned>((H + 127) / 128), static_cast<unsigned>(M)), 128, 0, s>>>(
-            d_x, pr.ldx, d_w, ldw, d_acc, M, D, H);
-        CK(cudaGetLastError());
+        harness::fill_normal_bf16(d_x, M, D, pr.ldx, seed * 104729, 1.0f, 1.0f, s);
+        harness::reference_linear(d_x, pr.ldx, d_w, ldw, d_acc, M, H, D, s);
         std::vector<float> acc(M * H);
-        CK(cudaStreamSynchronize(s));
-        CK(cudaMemcpy(acc.data(), d_acc, M * H * 4, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        CUDA_CHECK(cudaMemcpy(acc.data(), d_acc, M * H * 4, cudaMemcpyDeviceToHost));
         double ss = 0;
         for (float v : acc) ss += (static_cast<double>(v) - pat.bias) * (static_cast<double>(v) - pat.bias);
         const double typ = std::sqrt(ss / static_cast<double>(acc.size()));
         for (int slots : slot_opts) {
           const int64_t rw = twell::tiles_for(H) * slots;
-          CK(cudaMemsetAsync(d_rflags, 0, M, s));
-          CK(cudaMemsetAsync(d_rstats, 0, TWELL_STATS_WORDS * 8, s));
-          CK(twell::pack_rows(d_acc, true, H, M, H, slots, d_ref, d_rflags, d_rstats, s));
-          CK(cudaStreamSynchronize(s));
+          CUDA_CHECK(cudaMemsetAsync(d_rflags, 0, M, s));
+          CUDA_CHECK(cudaMemsetAsync(d_rstats, 0, TWELL_STATS_WORDS * 8, s));
+          CUDA_CHECK(twell::pack_rows(d_acc, true, H, M, H, slots, d_ref, d_rflags, d_rstats, s));
+          CUDA_CHECK(cudaStreamSynchronize(s));
           std::vector<uint32_t> ref(M * rw);
           std::vector<uint8_t> rflags(M);
           std::vector<u64> rstats(TWELL_STATS_WORDS);
-          CK(cudaMemcpy(ref.data(), d_ref, M * rw * 4, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(rflags.data(), d_rflags, M, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(rstats.data(), d_rstats, TWELL_STATS_WORDS * 8, cudaMemcpyDeviceToHost));
+          CUDA_CHECK(cudaMemcpy(ref.data(), d_ref, M * rw * 4, cudaMemcpyDeviceToHost));
+          CUDA_CHECK(cudaMemcpy(rflags.data(), d_rflags, M, cudaMemcpyDeviceToHost));
+          CUDA_CHECK(cudaMemcpy(rstats.data(), d_rstats, TWELL_STATS_WORDS * 8, cudaMemcpyDeviceToHost));
           bool launched = false;
           RunOut r1 = run_decode(pr, slots, d_x, d_w, d_packed, d_flags, d_stats, s, &launched);
           if (!launched) {
@@ -374,8 +381,8 @@ int main(int argc, char** argv) {
             continue;
           }
           // second run with another main-loop variant: must be bitwise equal too
-          RunOut r2 = run_decode(pr, slots, d_x, d_w, d_packed, d_flags, d_stats, s, &launched,
-                                 static_cast<int>(cases % 3));
+          RunOut r2 =
+              run_decode(pr, slots, d_x, d_w, d_packed, d_flags, d_stats, s, &launched, static_cast<int>(cases % 3));
           Failures f = check(pr, slots, acc, typ, r1.packed, r1.flags, r1.stats, ref, rflags, rstats);
           if (r1.packed != r2.packed || r1.flags != r2.flags || r1.stats != r2.stats) ++f.determinism;
           ++cases;
@@ -390,148 +397,37 @@ int main(int argc, char** argv) {
                 (long long)f.stats, (long long)f.determinism, (unsigned long long)r1.stats[TWELL_STAT_ACTIVE],
                 (unsigned long long)rstats[TWELL_STAT_ACTIVE]);
           } else if (M == 64 && slots == 32) {
-            std::printf("ok   D=%lld H=%lld M=%lld %s: active %llu, overflow tiles %llu, max tile %llu\n",
-                        (long long)D, (long long)H, (long long)M, pat.name,
-                        (unsigned long long)r1.stats[TWELL_STAT_ACTIVE],
+            std::printf("ok   D=%lld H=%lld M=%lld %s: active %llu, overflow tiles %llu, max tile %llu\n", (long long)D,
+                        (long long)H, (long long)M, pat.name, (unsigned long long)r1.stats[TWELL_STAT_ACTIVE],
                         (unsigned long long)r1.stats[TWELL_STAT_OVERFLOW_TILES],
                         (unsigned long long)r1.stats[TWELL_STAT_MAX_TILE_COUNT]);
           }
         }
       }
     }
-    CK(cudaFree(d_x));
-    CK(cudaFree(d_w));
-    CK(cudaFree(d_acc));
-    CK(cudaFree(d_packed));
-    CK(cudaFree(d_ref));
-    CK(cudaFree(d_flags));
-    CK(cudaFree(d_rflags));
-    CK(cudaFree(d_stats));
-    CK(cudaFree(d_rstats));
+    CUDA_CHECK(cudaFree(d_x));
+    CUDA_CHECK(cudaFree(d_w));
+    CUDA_CHECK(cudaFree(d_acc));
+    CUDA_CHECK(cudaFree(d_packed));
+    CUDA_CHECK(cudaFree(d_ref));
+    CUDA_CHECK(cudaFree(d_flags));
+    CUDA_CHECK(cudaFree(d_rflags));
+    CUDA_CHECK(cudaFree(d_stats));
+    CUDA_CHECK(cudaFree(d_rstats));
   }
   if (skipped && cases == 0) {
-    std::printf("gate_pack_decode cannot run on this device/build: skipped\n");
-    return 77;
+    std::printf("SKIP: gate_pack_decode cannot run on this device/build\n");
+    return harness::kExitSkip;
   }
   std::printf("correctness: %lld cases, %lld failed, %lld tolerated near-zero tiles\n", (long long)cases,
               (long long)failed_cases, (long long)tolerated);
 
-  if (timing) {
-    // Copy bandwidth (read + write).
-    const size_t cb = size_t(512) << 20;
-    void *ca, *cbuf;
-    CK(cudaMalloc(&ca, cb));
-    CK(cudaMalloc(&cbuf, cb));
-    CK(cudaMemsetAsync(ca, 1, cb, s));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<float> ts;
-    for (int i = 0; i < 12; ++i) {
-      CK(cudaEventRecord(e0, s));
-      CK(cudaMemcpyAsync(cbuf, ca, cb, cudaMemcpyDeviceToDevice, s));
-      CK(cudaEventRecord(e1, s));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (i >= 2) ts.push_back(ms);
-    }
-    const double copy_bw = 2.0 * cb / (median(ts) * 1e-3) / 1e9;
-    std::printf("device copy: %.0f GB/s (read + write)\n", copy_bw);
-    CK(cudaFree(ca));
-    CK(cudaFree(cbuf));
-
-    std::printf("%6s %6s %4s %10s %8s %8s %8s %8s %10s %8s %12s\n", "D", "H", "M", "decode_us", "GB/s", "v0_us", "v1_us",
-                "v2_us", "sm90_us", "GB/s", "portable_us");
-    // The portable route (cuBLASLt fp32 GEMM + the reference packer) as a
-    // third baseline: at small M it can beat both fused kernels.
-    void* lt_ws = nullptr;
-    CK(cudaMalloc(&lt_ws, twell::kLtWorkspaceBytes));
-    for (auto [D, H] : std::vector<std::pair<int64_t, int64_t>>{{2048, 5632}, {4096, 14336}, {896, 4864}}) {
-      const size_t wbytes = static_cast<size_t>(H * D) * 2;
-      const int copies = std::max<int>(4, static_cast<int>((size_t(200) << 20) / wbytes) + 1);
-      std::vector<bf16*> ws(copies);
-      for (int c = 0; c < copies; ++c) {
-        CK(cudaMalloc(&ws[c], wbytes));
-        init_matrix<<<1024, 256, 0, s>>>(ws[c], H, D, D, 99 + c, 1.0f / std::sqrt(float(D - 1)), -2.5758f);
-        CK(cudaGetLastError());
-      }
-      bf16* x;
-      uint32_t* packed;
-      uint8_t* flags;
-      u64* stats;
-      CK(cudaMalloc(&x, 64 * D * 2));
-      init_matrix<<<256, 256, 0, s>>>(x, 64, D, D, 7, 1.0f, 1.0f);
-      CK(cudaMalloc(&packed, 64 * twell::tiles_for(H) * 32 * 4));
-      CK(cudaMalloc(&flags, 64 + 16));
-      CK(cudaMalloc(&stats, TWELL_STATS_WORDS * 8));
-      CK(cudaMemsetAsync(flags, 0, 64, s));
-      CK(cudaMemsetAsync(stats, 0, TWELL_STATS_WORDS * 8, s));
-      void* chunk = nullptr;
-      CK(cudaMalloc(&chunk, twell::gate_portable_workspace_bytes(64, H)));
-      for (int64_t M : {1, 4, 16, 32, 64}) {
-        twell::GatePackArgs a;
-        a.x = x;
-        a.ldx = D;
-        a.ldw = D;
-        a.M = M;
-        a.D = D;
-        a.H = H;
-        a.slots = 32;
-        a.packed = packed;
-        a.row_flags = flags;
-        a.stats = stats;
-        float t[6] = {-1, -1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90, portable
-        for (int variant = 0; variant < 6; ++variant) {
-          a.w = ws[0];
-          if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
-          if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
-          if (variant == 5 && twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) {
-            CK(cudaGetLastError());
-            continue;
-          }
-          ts.clear();
-          // A sleeping kernel ahead of each timed launch keeps the GPU busy while
-          // the host enqueues, so the events see the kernel, not the launch gap.
-          constexpr int kIters = 60;
-          std::vector<cudaEvent_t> ev(2 * kIters);
-          for (auto& e : ev) CK(cudaEventCreate(&e));
-          for (int i = 0; i < kIters; ++i) {
-            a.w = ws[i % copies];
-            sleep_kernel<<<1, 1, 0, s>>>(30000);
-            CK(cudaEventRecord(ev[2 * i], s));
-            if (variant < 4) CK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant - 1));
-            else if (variant == 4) CK(twell::gate_pack_sm90(a, g_sm_count, s));
-            else if (twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) CK(cudaErrorUnknown);
-            CK(cudaEventRecord(ev[2 * i + 1], s));
-          }
-          CK(cudaStreamSynchronize(s));
-          for (int i = 10; i < kIters; ++i) {
-            float ms;
-            CK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
-            ts.push_back(ms);
-          }
-          for (auto& e : ev) CK(cudaEventDestroy(e));
-          t[variant] = median(ts) * 1e3f;
-        }
-        std::printf("%6lld %6lld %4lld %10.2f %8.0f %8.2f %8.2f %8.2f %10.2f %8.0f %12.2f\n", (long long)D, (long long)H,
-                    (long long)M, t[0], t[0] > 0 ? wbytes / (t[0] * 1e-6) / 1e9 : 0.0, t[1], t[2], t[3], t[4],
-                    t[4] > 0 ? wbytes / (t[4] * 1e-6) / 1e9 : 0.0, t[5]);
-      }
-      for (auto p : ws) CK(cudaFree(p));
-      CK(cudaFree(chunk));
-      CK(cudaFree(x));
-      CK(cudaFree(packed));
-      CK(cudaFree(flags));
-      CK(cudaFree(stats));
-    }
-    CK(cudaFree(lt_ws));
-  }
-  CK(cudaStreamDestroy(s));
+  if (timing) time_kernels(s);
+  CUDA_CHECK(cudaStreamDestroy(s));
   if (failed_cases) {
     std::printf("FAILED\n");
-    return 1;
+    return harness::kExitFail;
   }
   std::printf("PASSED\n");
-  return 0;
+  return harness::kExitPass;
 }

@@ -38,7 +38,6 @@
 #include <cstring>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #if __has_include(<cublas_v2.h>)
@@ -50,128 +49,18 @@
 
 #include "gate_gemm/gate_gemm.h"
 #include "gate_gemm/sm90_gate_gemm_internal.cuh"
+#include "harness.cuh"
 
 using twell::bf16;
 
-#define CK(expr)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (expr);                                                           \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "CUDA error %s (%s) at %s:%d: %s\n", cudaGetErrorName(e_), \
-                   cudaGetErrorString(e_), __FILE__, __LINE__, #expr);               \
-      std::fflush(stdout);                                                             \
-      std::exit(2);                                                                    \
-    }                                                                                  \
-  } while (0)
-
 namespace {
 
-constexpr uint32_t kPoison = 0xDEADBEEFu;
-constexpr uint8_t kFlagGuard = 0xA5;
+using harness::grid_for;
+using harness::kGuardByte;
+using harness::kPoisonWord;
+
 constexpr int kGuardRows = 3;
-
-// Waits for the stream, but gives up (and exits) if the kernel hangs.
-void sync_or_die(cudaStream_t s, const char* what, double limit_s = 20.0) {
-  const auto t0 = std::chrono::steady_clock::now();
-  for (;;) {
-    cudaError_t e = cudaStreamQuery(s);
-    if (e == cudaSuccess) return;
-    if (e != cudaErrorNotReady) {
-      std::printf("CUDA error %s after %s\n", cudaGetErrorName(e), what);
-      std::fflush(stdout);
-      std::exit(2);
-    }
-    const double dt =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (dt > limit_s) {
-      std::printf("HANG: %s did not finish in %.0f s\n", what, limit_s);
-      std::fflush(stdout);
-      std::_Exit(3);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-}
-
-// ------------------------------------------------------------ data generation
-__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-__device__ __forceinline__ float normal_at(uint64_t seed, uint64_t i) {
-  const uint64_t h = splitmix64(seed ^ splitmix64(i));
-  const float u1 = (static_cast<float>(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
-  const float u2 = static_cast<float>((h >> 16) & 0xFFFFFF) * (1.0f / 16777216.0f);
-  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
-}
-
-// rows x cols of N(0, scale^2), last column = last, padding (cols..ld) = NaN.
-__global__ void init_matrix(bf16* p, int64_t rows, int64_t cols, int64_t ld, uint64_t seed,
-                            float scale, float last) {
-  const int64_t n = rows * ld;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % ld;
-    float v;
-    if (c >= cols)
-      v = __int_as_float(0x7fc00000);
-    else if (c == cols - 1)
-      v = last;
-    else
-      v = scale * normal_at(seed, static_cast<uint64_t>(i));
-    p[i] = __float2bfloat16_rn(v);
-  }
-}
-
-__global__ void fill_u32(uint32_t* p, int64_t n, uint32_t v) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    p[i] = v;
-}
-
-// ------------------------------------------------------------ reference GEMM
-// acc[m, n] = sum_k x[m, k] * w[n, k] in fp32, k in ascending order.
-__global__ void __launch_bounds__(256) ref_gemm(const bf16* x, int64_t ldx, const bf16* w,
-                                                int64_t ldw, float* acc, int64_t M, int64_t D,
-                                                int64_t H) {
-  __shared__ float xs[16][64 + 1];
-  __shared__ float ws[16][64 + 1];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 64, n0 = static_cast<int64_t>(blockIdx.x) * 64;
-  float c[4][4] = {};
-  for (int64_t k0 = 0; k0 < D; k0 += 16) {
-    for (int i = threadIdx.x; i < 1024; i += 256) {
-      const int r = i / 16, kk = i % 16;
-      const int64_t k = k0 + kk;
-      const int64_t m = m0 + r, n = n0 + r;
-      xs[kk][r] = (m < M && k < D) ? __bfloat162float(x[m * ldx + k]) : 0.0f;
-      ws[kk][r] = (n < H && k < D) ? __bfloat162float(w[n * ldw + k]) : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < 16; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < M && n < H) acc[m * H + n] = c[i][j];
-    }
-}
+constexpr double kKernelLimitS = 20.0;  // a kernel under test that runs longer has hung
 
 // sum of (acc + shift)^2 -> typical magnitude of the x.w part.
 __global__ void sum_sq(const float* acc, int64_t n, float shift, double* out) {
@@ -204,9 +93,8 @@ enum Ctr {
   kRowsFlagged,    // rows with flag 1
   kNumCtr
 };
-const char* kCtrNames[kNumCtr] = {"count", "entry", "value", "unused", "poison", "flag", "guard",
-                                  "tolerated", "sumK", "sumRef", "ovfK", "ovfRef", "maxK",
-                                  "flagTol", "rowsFlagged"};
+const char* kCtrNames[kNumCtr] = {"count", "entry",  "value", "unused", "poison", "flag",    "guard",      "tolerated",
+                                  "sumK",  "sumRef", "ovfK",  "ovfRef", "maxK",   "flagTol", "rowsFlagged"};
 
 __device__ void note_error(int* first, int64_t row, int64_t tile, int kind) {
   if (atomicCAS(first, -1, kind) == -1) {
@@ -215,9 +103,8 @@ __device__ void note_error(int* first, int64_t row, int64_t tile, int kind) {
   }
 }
 
-__global__ void check_tiles(const uint32_t* packed, const float* acc, int64_t M, int64_t H,
-                            int slots, float eps, float vabs, uint8_t* status,
-                            unsigned long long* ctr, int* first) {
+__global__ void check_tiles(const uint32_t* packed, const float* acc, int64_t M, int64_t H, int slots, float eps,
+                            float vabs, uint8_t* status, unsigned long long* ctr, int* first) {
   const int64_t tiles = (H + 255) / 256;
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (idx >= M * tiles) return;
@@ -228,7 +115,7 @@ __global__ void check_tiles(const uint32_t* packed, const float* acc, int64_t M,
   const uint32_t cap = slots - 1;
   unsigned long long e_count = 0, e_entry = 0, e_value = 0, e_unused = 0, e_poison = 0, tol = 0;
 
-  for (int i = 0; i < slots; ++i) e_poison += (K[i] == kPoison);
+  for (int i = 0; i < slots; ++i) e_poison += (K[i] == kPoisonWord);
 
   uint32_t ref_cnt = 0, lo = 0, hi = 0;
   for (int c = 0; c < valid; ++c) {
@@ -292,7 +179,7 @@ __global__ void check_tiles(const uint32_t* packed, const float* acc, int64_t M,
   if (ref_cnt > cap) atomicAdd(ctr + kOvfRef, 1ull);
   atomicMax(ctr + kMaxK, static_cast<unsigned long long>(cntk));
   if (e_count + e_entry + e_value + e_unused + e_poison) {
-    const int kind = e_poison ? kErrPoison
+    const int kind = e_poison  ? kErrPoison
                      : e_count ? kErrCount
                      : e_entry ? kErrEntry
                      : e_value ? kErrValue
@@ -302,9 +189,8 @@ __global__ void check_tiles(const uint32_t* packed, const float* acc, int64_t M,
   status[idx] = static_cast<uint8_t>((cntk > cap ? 1 : 0) | (ref_cnt > cap ? 2 : 0) | (amb ? 4 : 0));
 }
 
-__global__ void check_rows(const uint8_t* status, const uint8_t* flags, const uint32_t* packed,
-                           int64_t M, int64_t tiles, int64_t row_words, unsigned long long* ctr,
-                           int* first) {
+__global__ void check_rows(const uint8_t* status, const uint8_t* flags, const uint32_t* packed, int64_t M,
+                           int64_t tiles, int64_t row_words, unsigned long long* ctr, int* first) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (row < M) {
     uint8_t any = 0;
@@ -324,8 +210,8 @@ __global__ void check_rows(const uint8_t* status, const uint8_t* flags, const ui
       }
     }
   } else if (row < M + kGuardRows) {
-    bool bad = flags[row] != kFlagGuard;
-    for (int64_t i = 0; i < row_words; ++i) bad |= packed[row * row_words + i] != kPoison;
+    bool bad = flags[row] != kGuardByte;
+    for (int64_t i = 0; i < row_words; ++i) bad |= packed[row * row_words + i] != kPoisonWord;
     if (bad) {
       atomicAdd(ctr + kErrGuard, 1ull);
       note_error(first, row, -1, kErrGuard);
@@ -361,8 +247,8 @@ struct Var {
 };
 
 std::string var_name(const twell::GatePackSm90Variant& v) {
-  return "c" + std::to_string(v.cluster) + "e" + std::to_string(v.epilogue) + "w" +
-         std::to_string(v.inflight) + "g" + std::to_string(v.group_n);
+  return "c" + std::to_string(v.cluster) + "e" + std::to_string(v.epilogue) + "w" + std::to_string(v.inflight) + "g" +
+         std::to_string(v.group_n);
 }
 
 Var make_var(int cluster, int epi, int inflight = 1, int group_n = 8) {
@@ -396,69 +282,55 @@ cudaError_t launch_var(const twell::GatePackArgs& a, const Var& v, int* grid = n
   return twell::gate_pack_sm90_variant(a, g_num_sms, g_stream, v.v, grid);
 }
 
-unsigned grid_for(int64_t n, int block = 256) {
-  return static_cast<unsigned>(std::min<int64_t>((n + block - 1) / block, 65536));
-}
-
 void make_problem(const Problem& pb, Buffers& b, uint64_t seed) {
-  CK(cudaMalloc(&b.x, pb.M * pb.ldx * sizeof(bf16)));
-  CK(cudaMalloc(&b.w, pb.H * pb.ldw * sizeof(bf16)));
-  CK(cudaMalloc(&b.acc, pb.M * pb.H * sizeof(float)));
-  init_matrix<<<grid_for(pb.M * pb.ldx), 256, 0, g_stream>>>(b.x, pb.M, pb.D, pb.ldx, seed * 2 + 1,
-                                                             1.0f, 1.0f);
-  init_matrix<<<grid_for(pb.H * pb.ldw), 256, 0, g_stream>>>(
-      b.w, pb.H, pb.D, pb.ldw, seed * 2 + 2, 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(pb.D - 1, 1))),
-      -pb.t);
-  CK(cudaGetLastError());
-  dim3 grid(static_cast<unsigned>((pb.H + 63) / 64), static_cast<unsigned>((pb.M + 63) / 64));
-  ref_gemm<<<grid, 256, 0, g_stream>>>(b.x, pb.ldx, b.w, pb.ldw, b.acc, pb.M, pb.D, pb.H);
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaMalloc(&b.x, pb.M * pb.ldx * sizeof(bf16)));
+  CUDA_CHECK(cudaMalloc(&b.w, pb.H * pb.ldw * sizeof(bf16)));
+  CUDA_CHECK(cudaMalloc(&b.acc, pb.M * pb.H * sizeof(float)));
+  harness::fill_normal_bf16(b.x, pb.M, pb.D, pb.ldx, seed * 2 + 1, 1.0f, 1.0f, g_stream);
+  harness::fill_normal_bf16(b.w, pb.H, pb.D, pb.ldw, seed * 2 + 2,
+                            1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(pb.D - 1, 1))), -pb.t, g_stream);
+  harness::reference_linear(b.x, pb.ldx, b.w, pb.ldw, b.acc, pb.M, pb.H, pb.D, g_stream);
   double* d_sum;
-  CK(cudaMalloc(&d_sum, sizeof(double)));
-  CK(cudaMemsetAsync(d_sum, 0, sizeof(double), g_stream));
+  CUDA_CHECK(cudaMalloc(&d_sum, sizeof(double)));
+  CUDA_CHECK(cudaMemsetAsync(d_sum, 0, sizeof(double), g_stream));
   sum_sq<<<grid_for(pb.M * pb.H), 256, 0, g_stream>>>(b.acc, pb.M * pb.H, pb.t, d_sum);
   double h_sum = 0;
-  CK(cudaMemcpyAsync(&h_sum, d_sum, sizeof(double), cudaMemcpyDeviceToHost, g_stream));
-  sync_or_die(g_stream, "reference GEMM", 120.0);
-  CK(cudaFree(d_sum));
+  CUDA_CHECK(cudaMemcpyAsync(&h_sum, d_sum, sizeof(double), cudaMemcpyDeviceToHost, g_stream));
+  harness::wait_for(g_stream, "reference GEMM", 120.0);
+  CUDA_CHECK(cudaFree(d_sum));
   b.typical = std::sqrt(h_sum / static_cast<double>(pb.M * pb.H));
   if (!(b.typical > 0)) b.typical = 1.0;
 }
 
 void free_problem(Buffers& b) {
-  CK(cudaFree(b.x));
-  CK(cudaFree(b.w));
-  CK(cudaFree(b.acc));
+  CUDA_CHECK(cudaFree(b.x));
+  CUDA_CHECK(cudaFree(b.w));
+  CUDA_CHECK(cudaFree(b.acc));
   b = Buffers();
 }
 
 // Host re-pack of one tile for diagnostics.
-void print_tile_diag(const Problem& pb, const Buffers& b, const uint32_t* d_packed, int slots,
-                     int64_t row, int64_t tile) {
+void print_tile_diag(const Problem& pb, const Buffers& b, const uint32_t* d_packed, int slots, int64_t row,
+                     int64_t tile) {
   const int64_t tiles = (pb.H + 255) / 256;
   std::vector<uint32_t> k(slots);
-  CK(cudaMemcpy(k.data(), d_packed + row * tiles * slots + tile * slots, slots * 4,
-                cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(k.data(), d_packed + row * tiles * slots + tile * slots, slots * 4, cudaMemcpyDeviceToHost));
   const int valid = static_cast<int>(std::min<int64_t>(256, pb.H - tile * 256));
   std::vector<float> a(valid);
-  CK(cudaMemcpy(a.data(), b.acc + row * pb.H + tile * 256, valid * 4, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(a.data(), b.acc + row * pb.H + tile * 256, valid * 4, cudaMemcpyDeviceToHost));
   std::vector<uint32_t> r(slots, 0);
   uint32_t cnt = 0;
   for (int c = 0; c < valid; ++c) {
     if (a[c] > 0) {
       if (cnt < static_cast<uint32_t>(slots - 1)) {
-        __nv_bfloat16 hb = __float2bfloat16_rn(a[c]);
-        uint16_t bits;
-        std::memcpy(&bits, &hb, 2);
-        r[1 + cnt] = (static_cast<uint32_t>(bits) << 16) | static_cast<uint32_t>(c);
+        r[1 + cnt] = (static_cast<uint32_t>(harness::float_to_bf16_bits(a[c])) << 16) | static_cast<uint32_t>(c);
       }
       ++cnt;
     }
   }
   r[0] = cnt;
   std::printf("    row %lld tile %lld: kernel | reference words\n", (long long)row, (long long)tile);
-  for (int i = 0; i < std::min(slots, 12); ++i)
-    std::printf("      [%2d] %08x | %08x\n", i, k[i], r[i]);
+  for (int i = 0; i < std::min(slots, 12); ++i) std::printf("      [%2d] %08x | %08x\n", i, k[i], r[i]);
 }
 
 struct RunResult {
@@ -466,8 +338,7 @@ struct RunResult {
   unsigned long long tolerated = 0, sum_k = 0, ovf_k = 0, max_k = 0, flagged = 0;
 };
 
-RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Var& var,
-                        bool determinism) {
+RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Var& var, bool determinism) {
   RunResult res;
   const int64_t tiles = (pb.H + 255) / 256;
   const int64_t row_words = tiles * slots;
@@ -478,19 +349,26 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
   unsigned long long* ctr;
   int* first;
   uint8_t* status;
-  CK(cudaMalloc(&packed, rows_alloc * row_words * 4));
-  CK(cudaMalloc(&flags, rows_alloc));
-  CK(cudaMalloc(&stats, TWELL_STATS_WORDS * 8));
-  CK(cudaMalloc(&ctr, kNumCtr * 8));
-  CK(cudaMalloc(&first, 4 * sizeof(int)));
-  CK(cudaMalloc(&status, pb.M * tiles));
-  fill_u32<<<grid_for(rows_alloc * row_words), 256, 0, g_stream>>>(packed, rows_alloc * row_words,
-                                                                   kPoison);
-  CK(cudaMemsetAsync(flags, 0, pb.M, g_stream));
-  CK(cudaMemsetAsync(flags + pb.M, kFlagGuard, kGuardRows, g_stream));
-  CK(cudaMemsetAsync(stats, 0, TWELL_STATS_WORDS * 8, g_stream));
-  CK(cudaMemsetAsync(ctr, 0, kNumCtr * 8, g_stream));
-  CK(cudaMemsetAsync(first, 0xFF, 4 * sizeof(int), g_stream));
+  CUDA_CHECK(cudaMalloc(&packed, rows_alloc * row_words * 4));
+  CUDA_CHECK(cudaMalloc(&flags, rows_alloc));
+  CUDA_CHECK(cudaMalloc(&stats, TWELL_STATS_WORDS * 8));
+  CUDA_CHECK(cudaMalloc(&ctr, kNumCtr * 8));
+  CUDA_CHECK(cudaMalloc(&first, 4 * sizeof(int)));
+  CUDA_CHECK(cudaMalloc(&status, pb.M * tiles));
+  auto free_buffers = [&] {
+    CUDA_CHECK(cudaFree(packed));
+    CUDA_CHECK(cudaFree(flags));
+    CUDA_CHECK(cudaFree(stats));
+    CUDA_CHECK(cudaFree(ctr));
+    CUDA_CHECK(cudaFree(first));
+    CUDA_CHECK(cudaFree(status));
+  };
+  harness::poison_words(packed, rows_alloc * row_words, g_stream);
+  CUDA_CHECK(cudaMemsetAsync(flags, 0, pb.M, g_stream));
+  CUDA_CHECK(cudaMemsetAsync(flags + pb.M, kGuardByte, kGuardRows, g_stream));
+  CUDA_CHECK(cudaMemsetAsync(stats, 0, TWELL_STATS_WORDS * 8, g_stream));
+  CUDA_CHECK(cudaMemsetAsync(ctr, 0, kNumCtr * 8, g_stream));
+  CUDA_CHECK(cudaMemsetAsync(first, 0xFF, 4 * sizeof(int), g_stream));
 
   twell::GatePackArgs a;
   a.x = b.x;
@@ -505,19 +383,14 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
   a.row_flags = flags;
   a.stats = stats;
   char what[160];
-  std::snprintf(what, sizeof what, "gate_pack_sm90 %s M=%lld D=%lld H=%lld slots=%d",
-                var.name.c_str(), (long long)pb.M, (long long)pb.D, (long long)pb.H, slots);
+  std::snprintf(what, sizeof what, "gate_pack_sm90 %s M=%lld D=%lld H=%lld slots=%d", var.name.c_str(), (long long)pb.M,
+                (long long)pb.D, (long long)pb.H, slots);
   if (!twell::gate_pack_sm90_can_run(a)) {
     std::printf("FAIL %s: can_run returned false\n", what);
     ++g_checks;
     ++g_failures;
     res.ok = false;
-    CK(cudaFree(packed));
-    CK(cudaFree(flags));
-    CK(cudaFree(stats));
-    CK(cudaFree(ctr));
-    CK(cudaFree(first));
-    CK(cudaFree(status));
+    free_buffers();
     return res;
   }
   cudaError_t rc = launch_var(a, var);
@@ -526,28 +399,23 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
     ++g_checks;
     ++g_failures;
     res.ok = false;
-    CK(cudaFree(packed));
-    CK(cudaFree(flags));
-    CK(cudaFree(stats));
-    CK(cudaFree(ctr));
-    CK(cudaFree(first));
-    CK(cudaFree(status));
+    free_buffers();
     return res;
   }
-  sync_or_die(g_stream, what);
+  harness::wait_for(g_stream, what, kKernelLimitS);
 
   const float eps = static_cast<float>(1e-3 * b.typical);
-  check_tiles<<<grid_for(pb.M * tiles, 128), 128, 0, g_stream>>>(
-      packed, b.acc, pb.M, pb.H, slots, eps, static_cast<float>(b.typical), status, ctr, first);
-  check_rows<<<grid_for(rows_alloc, 128), 128, 0, g_stream>>>(status, flags, packed, pb.M, tiles,
-                                                              row_words, ctr, first);
-  CK(cudaGetLastError());
+  check_tiles<<<grid_for(pb.M * tiles, 128), 128, 0, g_stream>>>(packed, b.acc, pb.M, pb.H, slots, eps,
+                                                                 static_cast<float>(b.typical), status, ctr, first);
+  check_rows<<<grid_for(rows_alloc, 128), 128, 0, g_stream>>>(status, flags, packed, pb.M, tiles, row_words, ctr,
+                                                              first);
+  CUDA_CHECK(cudaGetLastError());
   unsigned long long h_ctr[kNumCtr], h_stats[TWELL_STATS_WORDS];
   int h_first[4];
-  CK(cudaMemcpyAsync(h_ctr, ctr, sizeof h_ctr, cudaMemcpyDeviceToHost, g_stream));
-  CK(cudaMemcpyAsync(h_stats, stats, sizeof h_stats, cudaMemcpyDeviceToHost, g_stream));
-  CK(cudaMemcpyAsync(h_first, first, sizeof h_first, cudaMemcpyDeviceToHost, g_stream));
-  sync_or_die(g_stream, "checker", 120.0);
+  CUDA_CHECK(cudaMemcpyAsync(h_ctr, ctr, sizeof h_ctr, cudaMemcpyDeviceToHost, g_stream));
+  CUDA_CHECK(cudaMemcpyAsync(h_stats, stats, sizeof h_stats, cudaMemcpyDeviceToHost, g_stream));
+  CUDA_CHECK(cudaMemcpyAsync(h_first, first, sizeof h_first, cudaMemcpyDeviceToHost, g_stream));
+  harness::wait_for(g_stream, "checker", 120.0);
 
   bool ok = true;
   for (int i = kErrCount; i <= kErrGuard; ++i) ok &= h_ctr[i] == 0;
@@ -556,13 +424,12 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
   const bool stats_self = h_stats[TWELL_STAT_ACTIVE] == h_ctr[kSumK] &&
                           h_stats[TWELL_STAT_OVERFLOW_TILES] == h_ctr[kOvfK] &&
                           h_stats[TWELL_STAT_MAX_TILE_COUNT] == h_ctr[kMaxK];
-  const unsigned long long dsum = h_ctr[kSumK] > h_ctr[kSumRef] ? h_ctr[kSumK] - h_ctr[kSumRef]
-                                                                 : h_ctr[kSumRef] - h_ctr[kSumK];
+  const unsigned long long dsum =
+      h_ctr[kSumK] > h_ctr[kSumRef] ? h_ctr[kSumK] - h_ctr[kSumRef] : h_ctr[kSumRef] - h_ctr[kSumK];
   const bool stats_ref = dsum <= h_ctr[kTolerated];
   bool other_untouched = true;
   for (int i = 0; i < TWELL_STATS_WORDS; ++i) {
-    if (i == TWELL_STAT_ACTIVE || i == TWELL_STAT_OVERFLOW_TILES || i == TWELL_STAT_MAX_TILE_COUNT)
-      continue;
+    if (i == TWELL_STAT_ACTIVE || i == TWELL_STAT_OVERFLOW_TILES || i == TWELL_STAT_MAX_TILE_COUNT) continue;
     other_untouched &= h_stats[i] == 0;
   }
   ok &= stats_self && stats_ref && other_untouched;
@@ -570,22 +437,21 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
   if (determinism && ok) {
     uint32_t* packed2;
     unsigned long long* d_diff;
-    CK(cudaMalloc(&packed2, pb.M * row_words * 4));
-    CK(cudaMalloc(&d_diff, 8));
-    CK(cudaMemsetAsync(d_diff, 0, 8, g_stream));
+    CUDA_CHECK(cudaMalloc(&packed2, pb.M * row_words * 4));
+    CUDA_CHECK(cudaMalloc(&d_diff, 8));
+    CUDA_CHECK(cudaMemsetAsync(d_diff, 0, 8, g_stream));
     a.packed = packed2;
-    CK(launch_var(a, var));
-    count_diff<<<grid_for(pb.M * row_words), 256, 0, g_stream>>>(packed, packed2, pb.M * row_words,
-                                                                  d_diff);
+    CUDA_CHECK(launch_var(a, var));
+    count_diff<<<grid_for(pb.M * row_words), 256, 0, g_stream>>>(packed, packed2, pb.M * row_words, d_diff);
     unsigned long long h_diff = 0;
-    CK(cudaMemcpyAsync(&h_diff, d_diff, 8, cudaMemcpyDeviceToHost, g_stream));
-    sync_or_die(g_stream, "determinism rerun");
+    CUDA_CHECK(cudaMemcpyAsync(&h_diff, d_diff, 8, cudaMemcpyDeviceToHost, g_stream));
+    harness::wait_for(g_stream, "determinism rerun", kKernelLimitS);
     if (h_diff != 0) {
       std::printf("FAIL %s: second run differs in %llu words\n", what, h_diff);
       ok = false;
     }
-    CK(cudaFree(packed2));
-    CK(cudaFree(d_diff));
+    CUDA_CHECK(cudaFree(packed2));
+    CUDA_CHECK(cudaFree(d_diff));
   }
 
   ++g_checks;
@@ -594,14 +460,11 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
     std::printf("FAIL %s t=%.3f:", what, pb.t);
     for (int i = 0; i < kNumCtr; ++i) std::printf(" %s=%llu", kCtrNames[i], h_ctr[i]);
     std::printf("\n     stats: active=%llu ovf_tiles=%llu max=%llu (self %s, ref %s, others %s)\n",
-                h_stats[TWELL_STAT_ACTIVE], h_stats[TWELL_STAT_OVERFLOW_TILES],
-                h_stats[TWELL_STAT_MAX_TILE_COUNT], stats_self ? "ok" : "BAD",
-                stats_ref ? "ok" : "BAD", other_untouched ? "ok" : "BAD");
+                h_stats[TWELL_STAT_ACTIVE], h_stats[TWELL_STAT_OVERFLOW_TILES], h_stats[TWELL_STAT_MAX_TILE_COUNT],
+                stats_self ? "ok" : "BAD", stats_ref ? "ok" : "BAD", other_untouched ? "ok" : "BAD");
     if (h_first[0] >= 0) {
-      std::printf("     first error: kind=%s row=%d tile=%d\n", kCtrNames[h_first[0]], h_first[1],
-                  h_first[2]);
-      if (h_first[2] >= 0 && h_first[1] < pb.M)
-        print_tile_diag(pb, b, packed, slots, h_first[1], h_first[2]);
+      std::printf("     first error: kind=%s row=%d tile=%d\n", kCtrNames[h_first[0]], h_first[1], h_first[2]);
+      if (h_first[2] >= 0 && h_first[1] < pb.M) print_tile_diag(pb, b, packed, slots, h_first[1], h_first[2]);
     }
   }
   res.ok = ok;
@@ -610,42 +473,12 @@ RunResult run_and_check(const Problem& pb, const Buffers& b, int slots, const Va
   res.ovf_k = h_ctr[kOvfK];
   res.max_k = h_ctr[kMaxK];
   res.flagged = h_ctr[kRowsFlagged];
-  CK(cudaFree(packed));
-  CK(cudaFree(flags));
-  CK(cudaFree(stats));
-  CK(cudaFree(ctr));
-  CK(cudaFree(first));
-  CK(cudaFree(status));
+  free_buffers();
   return res;
 }
 
 // ----------------------------------------------------------------- timing
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <class F>
-double time_ms(F&& f, int warmup = 3, int reps = 20) {
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  for (int i = 0; i < warmup; ++i) f();
-  sync_or_die(g_stream, "warm-up");
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(e0, g_stream));
-    f();
-    CK(cudaEventRecord(e1, g_stream));
-    sync_or_die(g_stream, "timed run");
-    float m = 0;
-    CK(cudaEventElapsedTime(&m, e0, e1));
-    ms.push_back(m);
-  }
-  CK(cudaEventDestroy(e0));
-  CK(cudaEventDestroy(e1));
-  return median(ms);
-}
+const harness::TimeOptions kTiming{.warmup = 3, .reps = 20};
 
 struct TimingRow {
   std::string name;
@@ -657,34 +490,32 @@ struct TimingRow {
 int main(int argc, char** argv) {
   bool quick = false, timing = true, checks = true;
   int only_c = 0, only_e = -1, only_w = 1, prof_c = 0, prof_e = -1, prof_w = 1;
-  g_seed = std::random_device{}() ^ (static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) << 7);
+  g_seed = std::random_device{}() ^
+           (static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) << 7);
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = std::strtoull(argv[++i], nullptr, 0);
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--no-timing")) timing = false;
     else if (!std::strcmp(argv[i], "--timing-only")) checks = false;
-    else if (!std::strcmp(argv[i], "--variant") && i + 1 < argc) std::sscanf(argv[++i], "%d,%d,%d", &only_c, &only_e, &only_w);
-    else if (!std::strcmp(argv[i], "--profile") && i + 1 < argc) std::sscanf(argv[++i], "%d,%d,%d", &prof_c, &prof_e, &prof_w);
+    else if (!std::strcmp(argv[i], "--variant") && i + 1 < argc)
+      std::sscanf(argv[++i], "%d,%d,%d", &only_c, &only_e, &only_w);
+    else if (!std::strcmp(argv[i], "--profile") && i + 1 < argc)
+      std::sscanf(argv[++i], "%d,%d,%d", &prof_c, &prof_e, &prof_w);
   }
   std::printf("test_gate_gemm_sm90: seed %llu (rerun with --seed %llu)\n", (unsigned long long)g_seed,
               (unsigned long long)g_seed);
 
-  int dev_count = 0;
-  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
-  }
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (cc %d.%d, %d SMs), sm90 kernel compiled: %s, default variant %s\n",
-              prop.name, prop.major, prop.minor, prop.multiProcessorCount,
-              twell::gate_pack_sm90_compiled() ? "yes" : "no", default_var().name.c_str());
+  if (!harness::first_device(&prop)) return harness::kExitSkip;
+  std::printf("device: %s (cc %d.%d, %d SMs), sm90 kernel compiled: %s, default variant %s\n", prop.name, prop.major,
+              prop.minor, prop.multiProcessorCount, twell::gate_pack_sm90_compiled() ? "yes" : "no",
+              default_var().name.c_str());
   if (prop.major != 9 || prop.minor != 0 || !twell::gate_pack_sm90_compiled()) {
     std::printf("SKIP: needs an sm_90 device and the sm_90a build\n");
-    return 77;
+    return harness::kExitSkip;
   }
   g_num_sms = prop.multiProcessorCount;
-  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
 
   // ---- argument checks (host only, no launch)
   {
@@ -694,22 +525,49 @@ int main(int argc, char** argv) {
     uint32_t* pk;
     uint8_t* fl;
     unsigned long long* st;
-    CK(cudaMalloc(&x, 1 << 20));
-    CK(cudaMalloc(&pk, 1 << 20));
-    CK(cudaMalloc(&fl, 1 << 10));
-    CK(cudaMalloc(&st, 64));
-    a.x = x; a.w = x; a.ldx = 64; a.ldw = 64; a.M = 16; a.D = 64; a.H = 256; a.slots = 32;
-    a.packed = pk; a.row_flags = fl; a.stats = st;
+    CUDA_CHECK(cudaMalloc(&x, 1 << 20));
+    CUDA_CHECK(cudaMalloc(&pk, 1 << 20));
+    CUDA_CHECK(cudaMalloc(&fl, 1 << 10));
+    CUDA_CHECK(cudaMalloc(&st, 64));
+    a.x = x;
+    a.w = x;
+    a.ldx = 64;
+    a.ldw = 64;
+    a.M = 16;
+    a.D = 64;
+    a.H = 256;
+    a.slots = 32;
+    a.packed = pk;
+    a.row_flags = fl;
+    a.stats = st;
     bad += !twell::gate_pack_sm90_can_run(a);
-    twell::GatePackArgs b2 = a; b2.x = x + 1; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.w = x + 4; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.ldx = 68; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.ldw = 60; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.slots = 48; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.D = 60; b2.ldx = 64; b2.ldw = 64; bad += twell::gate_pack_sm90_can_run(b2);
-    b2 = a; b2.x = x + 1;
+    twell::GatePackArgs b2 = a;
+    b2.x = x + 1;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.w = x + 4;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.ldx = 68;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.ldw = 60;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.slots = 48;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.D = 60;
+    b2.ldx = 64;
+    b2.ldw = 64;
+    bad += twell::gate_pack_sm90_can_run(b2);
+    b2 = a;
+    b2.x = x + 1;
     bad += twell::gate_pack_sm90(b2, g_num_sms, g_stream) != cudaErrorInvalidValue;
-    CK(cudaFree(x)); CK(cudaFree(pk)); CK(cudaFree(fl)); CK(cudaFree(st));
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(pk));
+    CUDA_CHECK(cudaFree(fl));
+    CUDA_CHECK(cudaFree(st));
     ++g_checks;
     if (bad) {
       ++g_failures;
@@ -719,22 +577,21 @@ int main(int argc, char** argv) {
     }
   }
 
-  struct Shape { int64_t D, H, pad_x, pad_w; };
-  std::vector<Shape> shapes = {{2048, 5632, 0, 0}, {4096, 14336, 0, 0}, {896, 4864, 24, 8},
-                               {1024, 2816, 0, 0}, {64, 264, 0, 0},     {200, 520, 24, 8},
-                               {24, 8, 8, 0}};
+  struct Shape {
+    int64_t D, H, pad_x, pad_w;
+  };
+  std::vector<Shape> shapes = {{2048, 5632, 0, 0}, {4096, 14336, 0, 0}, {896, 4864, 24, 8}, {1024, 2816, 0, 0},
+                               {64, 264, 0, 0},    {200, 520, 24, 8},   {24, 8, 8, 0}};
   std::vector<int64_t> Ms = {1, 7, 129, 300, 4096};
   const float t_uniform = 2.5758f;  // Phi^-1(0.995): ~0.5% active
   std::vector<float> ts = {t_uniform, 0.0f, 1000.0f};
   std::vector<Var> vars = {default_var(),     make_var(1, 0, 1), make_var(2, 0, 1),
                            make_var(1, 1, 1), make_var(2, 1, 1), make_var(1, 3, 1),
                            make_var(2, 3, 1), make_var(1, 3, 0), make_var(2, 3, 0)};
-  std::vector<Var> tvars = {make_var(1, 0, 1),     make_var(2, 0, 1),     make_var(1, 1, 1),
-                            make_var(2, 1, 1),     make_var(1, 3, 1),     make_var(2, 3, 1),
-                            make_var(1, 3, 0),     make_var(2, 3, 0),     make_var(1, 2, 1),
-                            make_var(2, 2, 1),     make_var(1, 2, 0),     make_var(2, 2, 0),
-                            make_var(1, 3, 1, 4),  make_var(2, 3, 1, 4),  make_var(2, 3, 1, 16),
-                            make_var(2, 3, 0, 4)};
+  std::vector<Var> tvars = {make_var(1, 0, 1),    make_var(2, 0, 1),    make_var(1, 1, 1),     make_var(2, 1, 1),
+                            make_var(1, 3, 1),    make_var(2, 3, 1),    make_var(1, 3, 0),     make_var(2, 3, 0),
+                            make_var(1, 2, 1),    make_var(2, 2, 1),    make_var(1, 2, 0),     make_var(2, 2, 0),
+                            make_var(1, 3, 1, 4), make_var(2, 3, 1, 4), make_var(2, 3, 1, 16), make_var(2, 3, 0, 4)};
   if (only_c) {
     vars = {make_var(only_c, only_e, only_w)};
     tvars = vars;
@@ -748,34 +605,43 @@ int main(int argc, char** argv) {
     uint32_t* packed;
     uint8_t* flags;
     unsigned long long* stats;
-    CK(cudaMalloc(&packed, pb.M * 22 * 32 * 4));
-    CK(cudaMalloc(&flags, pb.M));
-    CK(cudaMalloc(&stats, 64));
+    CUDA_CHECK(cudaMalloc(&packed, pb.M * 22 * 32 * 4));
+    CUDA_CHECK(cudaMalloc(&flags, pb.M));
+    CUDA_CHECK(cudaMalloc(&stats, 64));
     twell::GatePackArgs a;
-    a.x = b.x; a.ldx = pb.D; a.w = b.w; a.ldw = pb.D; a.M = pb.M; a.D = pb.D; a.H = pb.H;
-    a.slots = 32; a.packed = packed; a.row_flags = flags; a.stats = stats;
+    a.x = b.x;
+    a.ldx = pb.D;
+    a.w = b.w;
+    a.ldw = pb.D;
+    a.M = pb.M;
+    a.D = pb.D;
+    a.H = pb.H;
+    a.slots = 32;
+    a.packed = packed;
+    a.row_flags = flags;
+    a.stats = stats;
     if (prof_c == 9) {
 #if TEST_HAVE_CUBLAS
       // --profile 9,0: the cuBLAS GEMM of the same shape, for comparison.
       cublasHandle_t h;
-      if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return 2;
+      CUBLAS_CHECK(cublasCreate(&h));
       cublasSetStream(h, g_stream);
       bf16* c;
-      CK(cudaMalloc(&c, pb.M * pb.H * sizeof(bf16)));
+      CUDA_CHECK(cudaMalloc(&c, pb.M * pb.H * sizeof(bf16)));
       const float alpha = 1.0f, beta = 0.0f;
       for (int i = 0; i < 2; ++i)
         cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(pb.H), static_cast<int>(pb.M),
-                     static_cast<int>(pb.D), &alpha, b.w, CUDA_R_16BF, static_cast<int>(pb.D), b.x,
-                     CUDA_R_16BF, static_cast<int>(pb.D), &beta, c, CUDA_R_16BF,
-                     static_cast<int>(pb.H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-      sync_or_die(g_stream, "profile runs", 120.0);
+                     static_cast<int>(pb.D), &alpha, b.w, CUDA_R_16BF, static_cast<int>(pb.D), b.x, CUDA_R_16BF,
+                     static_cast<int>(pb.D), &beta, c, CUDA_R_16BF, static_cast<int>(pb.H), CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT);
+      harness::wait_for(g_stream, "profile runs", 120.0);
       std::printf("profile runs of cuBLAS done\n");
 #endif
       return 0;
     }
     const Var v = make_var(prof_c, prof_e, prof_w);
-    for (int i = 0; i < 2; ++i) CK(launch_var(a, v));
-    sync_or_die(g_stream, "profile runs", 120.0);
+    for (int i = 0; i < 2; ++i) CUDA_CHECK(launch_var(a, v));
+    harness::wait_for(g_stream, "profile runs", 120.0);
     std::printf("profile runs of %s done\n", v.name.c_str());
     return 0;
   }
@@ -784,7 +650,11 @@ int main(int argc, char** argv) {
     Ms = {7, 300};
   }
 
-  struct Summary { std::string name; int runs = 0, fails = 0; unsigned long long tol = 0; };
+  struct Summary {
+    std::string name;
+    int runs = 0, fails = 0;
+    unsigned long long tol = 0;
+  };
   std::vector<Summary> summary;
   const auto t_start = std::chrono::steady_clock::now();
 
@@ -793,8 +663,8 @@ int main(int argc, char** argv) {
     for (const Shape& sh : shapes) {
       Summary sm;
       char nm[96];
-      std::snprintf(nm, sizeof nm, "%s D=%lld H=%lld%s", var.name.c_str(), (long long)sh.D,
-                    (long long)sh.H, sh.pad_x ? " (strided)" : "");
+      std::snprintf(nm, sizeof nm, "%s D=%lld H=%lld%s", var.name.c_str(), (long long)sh.D, (long long)sh.H,
+                    sh.pad_x ? " (strided)" : "");
       sm.name = nm;
       std::vector<int64_t> mlist = Ms;
       if (!quick && sh.D == 2048 && sh.H == 5632) mlist.push_back(65536);
@@ -802,8 +672,8 @@ int main(int argc, char** argv) {
         for (float t : ts) {
           Problem pb{M, sh.D, sh.H, sh.D + sh.pad_x, sh.D + sh.pad_w, t};
           Buffers b;
-          make_problem(pb, b, g_seed + static_cast<uint64_t>(M * 131 + sh.D * 7 + sh.H) +
-                                  static_cast<uint64_t>(t * 1000));
+          make_problem(pb, b,
+                       g_seed + static_cast<uint64_t>(M * 131 + sh.D * 7 + sh.H) + static_cast<uint64_t>(t * 1000));
           std::string line;
           bool all_ok = true;
           for (int slots : {32, 64, 128}) {
@@ -814,14 +684,12 @@ int main(int argc, char** argv) {
             sm.tol += r.tolerated;
             all_ok &= r.ok;
             char buf[128];
-            std::snprintf(buf, sizeof buf, " s%d:%s act=%.2f/row ovf=%llu rows=%llu max=%llu tol=%llu",
-                          slots, r.ok ? "ok" : "FAIL",
-                          static_cast<double>(r.sum_k) / static_cast<double>(M), r.ovf_k, r.flagged,
-                          r.max_k, r.tolerated);
+            std::snprintf(buf, sizeof buf, " s%d:%s act=%.2f/row ovf=%llu rows=%llu max=%llu tol=%llu", slots,
+                          r.ok ? "ok" : "FAIL", static_cast<double>(r.sum_k) / static_cast<double>(M), r.ovf_k,
+                          r.flagged, r.max_k, r.tolerated);
             line += buf;
           }
-          std::printf("%s %-34s M=%-6lld t=%-6.3f%s\n", all_ok ? "ok  " : "FAIL", nm, (long long)M, t,
-                      line.c_str());
+          std::printf("%s %-34s M=%-6lld t=%-6.3f%s\n", all_ok ? "ok  " : "FAIL", nm, (long long)M, t, line.c_str());
           std::fflush(stdout);
           free_problem(b);
         }
@@ -829,19 +697,19 @@ int main(int argc, char** argv) {
       summary.push_back(sm);
     }
   }
-  const double check_s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  const double check_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
 
   // ---- timing: M=65536, D=2048, H=5632
   std::vector<TimingRow> trows;
   if (timing && !quick) {
+    harness::Timer timer;
     const int64_t M = 65536, D = 2048, H = 5632;
     const double flop = 2.0 * M * D * H;
     for (float t : {t_uniform, 0.0f}) {
       Problem pb{M, D, H, D, D, t};
       Buffers b;
       make_problem(pb, b, g_seed + 99);
-      CK(cudaFree(b.acc));  // not needed
+      CUDA_CHECK(cudaFree(b.acc));  // not needed
       b.acc = nullptr;
       for (int slots : {32, 64, 128}) {
         if (t == 0.0f && slots != 32) continue;
@@ -849,27 +717,36 @@ int main(int argc, char** argv) {
         uint32_t* packed;
         uint8_t* flags;
         unsigned long long* stats;
-        CK(cudaMalloc(&packed, M * row_words * 4));
-        CK(cudaMalloc(&flags, M));
-        CK(cudaMalloc(&stats, 64));
-        CK(cudaMemsetAsync(flags, 0, M, g_stream));
-        CK(cudaMemsetAsync(stats, 0, 64, g_stream));
+        CUDA_CHECK(cudaMalloc(&packed, M * row_words * 4));
+        CUDA_CHECK(cudaMalloc(&flags, M));
+        CUDA_CHECK(cudaMalloc(&stats, 64));
+        CUDA_CHECK(cudaMemsetAsync(flags, 0, M, g_stream));
+        CUDA_CHECK(cudaMemsetAsync(stats, 0, 64, g_stream));
         twell::GatePackArgs a;
-        a.x = b.x; a.ldx = D; a.w = b.w; a.ldw = D; a.M = M; a.D = D; a.H = H; a.slots = slots;
-        a.packed = packed; a.row_flags = flags; a.stats = stats;
+        a.x = b.x;
+        a.ldx = D;
+        a.w = b.w;
+        a.ldw = D;
+        a.M = M;
+        a.D = D;
+        a.H = H;
+        a.slots = slots;
+        a.packed = packed;
+        a.row_flags = flags;
+        a.stats = stats;
         for (const Var& var : tvars) {
           if (var.v.epilogue == 2 && slots != 32) continue;
           int grid = 0;
-          CK(launch_var(a, var, &grid));
-          const double ms = time_ms([&] { CK(launch_var(a, var)); });
+          CUDA_CHECK(launch_var(a, var, &grid));
+          const double ms = timer.time([&](int, int) { CUDA_CHECK(launch_var(a, var)); }, kTiming, g_stream).med;
           char nm[96];
           std::snprintf(nm, sizeof nm, "twell %s slots=%d %s grid=%d", var.name.c_str(), slots,
                         t == 0.0f ? "~50%" : "~0.5%", grid);
           trows.push_back({nm, ms, flop / (ms * 1e-3) / 1e12});
         }
-        CK(cudaFree(packed));
-        CK(cudaFree(flags));
-        CK(cudaFree(stats));
+        CUDA_CHECK(cudaFree(packed));
+        CUDA_CHECK(cudaFree(flags));
+        CUDA_CHECK(cudaFree(stats));
       }
 #if TEST_HAVE_CUBLAS
       if (t == t_uniform) {
@@ -877,23 +754,23 @@ int main(int argc, char** argv) {
         if (cublasCreate(&h) == CUBLAS_STATUS_SUCCESS) {
           cublasSetStream(h, g_stream);
           bf16* c;
-          CK(cudaMalloc(&c, M * H * sizeof(bf16)));
+          CUDA_CHECK(cudaMalloc(&c, M * H * sizeof(bf16)));
           const float alpha = 1.0f, beta = 0.0f;
           cublasStatus_t cst = CUBLAS_STATUS_SUCCESS;
           // Column-major view: C^T [H, M] = W [H, D] (as D x H, transposed) * x^T [D, M].
-          auto gemm = [&] {
-            cst = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(M),
-                               static_cast<int>(D), &alpha, b.w, CUDA_R_16BF, static_cast<int>(D),
-                               b.x, CUDA_R_16BF, static_cast<int>(D), &beta, c, CUDA_R_16BF,
-                               static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          auto gemm = [&](int, int) {
+            cst =
+                cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(M), static_cast<int>(D),
+                             &alpha, b.w, CUDA_R_16BF, static_cast<int>(D), b.x, CUDA_R_16BF, static_cast<int>(D),
+                             &beta, c, CUDA_R_16BF, static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
           };
-          const double ms = time_ms(gemm);
+          const double ms = timer.time(gemm, kTiming, g_stream).med;
           if (cst == CUBLAS_STATUS_SUCCESS) {
             trows.push_back({"cuBLAS bf16 GEMM (fp32 acc, bf16 out)", ms, flop / (ms * 1e-3) / 1e12});
           } else {
             std::printf("cuBLAS GEMM failed: status %d\n", static_cast<int>(cst));
           }
-          CK(cudaFree(c));
+          CUDA_CHECK(cudaFree(c));
           cublasDestroy(h);
         }
       }
@@ -903,11 +780,9 @@ int main(int argc, char** argv) {
   }
 
   // ---- summary
-  std::printf("\n==== summary (seed %llu, %d checks in %.1f s) ====\n", (unsigned long long)g_seed,
-              g_checks, check_s);
+  std::printf("\n==== summary (seed %llu, %d checks in %.1f s) ====\n", (unsigned long long)g_seed, g_checks, check_s);
   std::printf("%-44s %6s %6s %10s\n", "cases", "runs", "fails", "tolerated");
-  for (const Summary& s : summary)
-    std::printf("%-44s %6d %6d %10llu\n", s.name.c_str(), s.runs, s.fails, s.tol);
+  for (const Summary& s : summary) std::printf("%-44s %6d %6d %10llu\n", s.name.c_str(), s.runs, s.fails, s.tol);
   if (!trows.empty()) {
     double cublas_tf = 0;
     for (const TimingRow& r : trows)
@@ -915,14 +790,12 @@ int main(int argc, char** argv) {
     std::printf("\ntiming M=65536 D=2048 H=5632 (median of 20 after warm-up)\n");
     for (const TimingRow& r : trows) {
       if (cublas_tf > 0)
-        std::printf("  %-48s %8.3f ms %7.1f TFLOP/s  %5.1f%% of cuBLAS\n", r.name.c_str(), r.ms,
-                    r.tflops, 100.0 * r.tflops / cublas_tf);
-      else
-        std::printf("  %-48s %8.3f ms %7.1f TFLOP/s\n", r.name.c_str(), r.ms, r.tflops);
+        std::printf("  %-48s %8.3f ms %7.1f TFLOP/s  %5.1f%% of cuBLAS\n", r.name.c_str(), r.ms, r.tflops,
+                    100.0 * r.tflops / cublas_tf);
+      else std::printf("  %-48s %8.3f ms %7.1f TFLOP/s\n", r.name.c_str(), r.ms, r.tflops);
     }
   }
-  std::printf("RESULT: %s (%d of %d checks failed)\n", g_failures ? "FAIL" : "PASS", g_failures,
-              g_checks);
-  CK(cudaStreamDestroy(g_stream));
-  return g_failures ? 1 : 0;
+  std::printf("RESULT: %s (%d of %d checks failed)\n", g_failures ? "FAIL" : "PASS", g_failures, g_checks);
+  CUDA_CHECK(cudaStreamDestroy(g_stream));
+  return g_failures ? harness::kExitFail : harness::kExitPass;
 }

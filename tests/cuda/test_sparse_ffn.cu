@@ -35,15 +35,15 @@
 // too, with its own launcher's cluster size and with clusters of 1, 2 and 8: it
 // treats every row with a count word over the capacity as overflowed (the
 // producer flags such rows), so its expected flags come from the count words; it
-// writes every stats word and the overflow-row list, checked against host values. (The tensor-core up phase accumulates the exact bf16 products in
-// fp32 inside the MMA unit; its rounding differs from FFMA's by ~1e-7 relative.)
+// writes every stats word and the overflow-row list, checked against host values. (The tensor-core up phase accumulates
+// the exact bf16 products in fp32 inside the MMA unit; its rounding differs from FFMA's by ~1e-7 relative.)
 //
-// Timing: CUDA events, median of 20 calls after 3 warm-up calls, 4 copies of the
+// Timing: harness::Timer, median of 20 calls after 3 warm-up calls, 4 copies of the
 // weights (4 x 46 MB > L2) and of x / packed / y rotated call to call, so every
 // call starts with the weights it needs out of L2 unless it brings them in itself.
-// Each timed call is queued behind a short spin kernel, so the events measure GPU
-// time (as in a stream of layers); for M <= 1024 the time on an idle GPU, host
-// launch overhead included, is printed too ("cold").
+// Calls under 1 ms are queued in batches behind a blocking kernel, so the events
+// measure GPU time (as in a stream of layers); for M <= 1024 the time of a lone
+// call on an idle GPU, host launch overhead included, is printed too ("cold").
 // GB/s counts the weight bytes the entries touch: 2 * D * 2 bytes per active entry
 // (rows of neurons shared by tokens of a block are read once, so this can exceed
 // the DRAM bandwidth when neurons are shared).
@@ -67,61 +67,25 @@
 #include "sparse_ffn/sparse_ffn.h"
 #include "sparse_ffn/sparse_ffn_decode.h"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
+#include "harness.cuh"
 
 using twell::bf16;
 using twell::u64;
 namespace sfd = twell::sparse_ffn_detail;
 
-#define CK(expr)                                                                           \
-  do {                                                                                     \
-    cudaError_t e_ = (expr);                                                               \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, \
-                   __LINE__, #expr);                                                       \
-      std::exit(2);                                                                        \
-    }                                                                                      \
-  } while (0)
-
 namespace {
 
 // ---------------------------------------------------------------- utilities
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uni() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }
-  double normal() {
-    double u1 = uni();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * uni());
-  }
-  uint64_t below(uint64_t n) { return next() % n; }
-};
+using harness::bf16_bits_to_float;
+using harness::float_to_bf16_bits;
+using harness::kPoisonBf16;
+using harness::Rng;
 
 inline uint64_t hash2(uint64_t a, uint64_t b) {
   Rng r(a * 0xD6E8FEB86659FD93ull ^ (b + 0x632BE59BD9B4E019ull));
   r.next();
   return r.next();
 }
-
-inline uint16_t f2bf(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float bf2f(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline bool bf_isnan(uint16_t b) { return (b & 0x7F80u) == 0x7F80u && (b & 0x7Fu) != 0; }
 
 unsigned n_threads() {
   const unsigned n = std::thread::hardware_concurrency();
@@ -146,25 +110,16 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
 
 // rows x cols bf16 values uniform in [-scale, scale), row stride ld; padding
 // columns get a NaN so that a kernel reading them shows it.
-void fill_bf16(std::vector<uint16_t>& v, int64_t rows, int64_t cols, int64_t ld, uint64_t seed,
-               float scale) {
+void fill_bf16(std::vector<uint16_t>& v, int64_t rows, int64_t cols, int64_t ld, uint64_t seed, float scale) {
   v.assign(static_cast<size_t>(rows * ld), 0x7FC1u);
   parallel_for(rows, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r)
       for (int64_t c = 0; c < cols; ++c) {
         const uint64_t h = hash2(seed, static_cast<uint64_t>(r * cols + c));
         const double u = static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);
-        v[r * ld + c] = f2bf(static_cast<float>((2.0 * u - 1.0) * scale));
+        v[r * ld + c] = float_to_bf16_bits(static_cast<float>((2.0 * u - 1.0) * scale));
       }
   });
-}
-
-template <typename T>
-T* dev_upload(const std::vector<T>& h) {
-  T* d = nullptr;
-  CK(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)));
-  if (!h.empty()) CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
 }
 
 // ---------------------------------------------------------------- patterns
@@ -182,14 +137,14 @@ struct Entry {
   uint16_t g;  // bf16 bits, > 0
 };
 
-uint16_t rand_gate(Rng& r) { return f2bf(static_cast<float>(0.05 + 1.95 * r.uni())); }
+uint16_t rand_gate(Rng& r) { return float_to_bf16_bits(static_cast<float>(0.05 + 1.95 * r.uniform())); }
 
 // Columns with independent probability p (geometric skips), appended sorted.
 void add_uniform(std::vector<Entry>& e, int64_t H, double p, Rng& r) {
   const double lq = std::log1p(-p);
   int64_t c = -1;
   for (;;) {
-    const double u = std::max(r.uni(), 1e-300);
+    const double u = std::max(r.uniform(), 1e-300);
     c += 1 + static_cast<int64_t>(std::floor(std::log(u) / lq));
     if (c >= H) break;
     e.push_back({static_cast<uint32_t>(c), rand_gate(r)});
@@ -198,14 +153,12 @@ void add_uniform(std::vector<Entry>& e, int64_t H, double p, Rng& r) {
 
 void sort_unique(std::vector<Entry>& e) {
   std::sort(e.begin(), e.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
-  e.erase(std::unique(e.begin(), e.end(),
-                      [](const Entry& a, const Entry& b) { return a.col == b.col; }),
-          e.end());
+  e.erase(std::unique(e.begin(), e.end(), [](const Entry& a, const Entry& b) { return a.col == b.col; }), e.end());
 }
 
 struct PatternState {
-  std::vector<uint32_t> hot;    // hot neurons
-  std::vector<uint32_t> live;   // zipf: live neurons, most popular first
+  std::vector<uint32_t> hot;  // hot neurons
+  std::vector<uint32_t> live;  // zipf: live neurons, most popular first
   std::vector<double> live_p;
 };
 
@@ -232,16 +185,11 @@ PatternState make_pattern_state(int pat, int64_t H, Rng& r) {
 }
 
 // The active entries of one row (sorted, unique) and its kind.
-RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r,
-                std::vector<Entry>& e) {
+RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r, std::vector<Entry>& e) {
   e.clear();
   switch (pat) {
-    case kU05:
-      add_uniform(e, H, 0.005, r);
-      break;
-    case kU2:
-      add_uniform(e, H, 0.02, r);
-      break;
+    case kU05: add_uniform(e, H, 0.005, r); break;
+    case kU2: add_uniform(e, H, 0.02, r); break;
     case kSkew: {
       // log-normal active count, median ~20, mean ~33, a heavy tail
       const double n = std::exp(std::log(20.0) + 1.0 * r.normal());
@@ -256,8 +204,7 @@ RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r,
         for (int64_t c = 0; c < H; ++c)
           if (!off[c]) e.push_back({static_cast<uint32_t>(c), rand_gate(r)});
       } else {
-        for (int64_t i = 0; i < cnt; ++i)
-          e.push_back({static_cast<uint32_t>(r.below(H)), rand_gate(r)});
+        for (int64_t i = 0; i < cnt; ++i) e.push_back({static_cast<uint32_t>(r.below(H)), rand_gate(r)});
         sort_unique(e);
       }
       break;
@@ -265,12 +212,12 @@ RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r,
     case kHot:
       add_uniform(e, H, 0.005, r);
       for (uint32_t c : ps.hot)
-        if (r.uni() < 0.8) e.push_back({c, rand_gate(r)});
+        if (r.uniform() < 0.8) e.push_back({c, rand_gate(r)});
       sort_unique(e);
       break;
     case kZipf:
       for (size_t k = 0; k < ps.live.size(); ++k)
-        if (r.uni() < ps.live_p[k]) e.push_back({ps.live[k], rand_gate(r)});
+        if (r.uniform() < ps.live_p[k]) e.push_back({ps.live[k], rand_gate(r)});
       sort_unique(e);
       break;
     case kEdge: {
@@ -286,8 +233,7 @@ RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r,
       if (kind == 4) return kBadColumns;
       return kNormal;
     }
-    default:
-      break;
+    default: break;
   }
   return kNormal;
 }
@@ -299,11 +245,11 @@ struct Sparse {
   int64_t tiles = 0, row_words = 0;
   std::vector<uint32_t> packed;
   std::vector<uint8_t> flags;
-  std::vector<u64> count_sum;       // per row: sum of the count words
+  std::vector<u64> count_sum;  // per row: sum of the count words
   std::vector<uint32_t> stored_valid;  // per row: stored entries a consumer uses
   int64_t n_flagged = 0;
   u64 max_row_count = 0;
-  u64 active_unflagged = 0;          // stored valid entries of unflagged rows
+  u64 active_unflagged = 0;  // stored valid entries of unflagged rows
   double avg_active = 0;
 };
 
@@ -319,8 +265,7 @@ uint8_t encode_row(Sparse& s, int64_t m, const std::vector<Entry>& e, RowKind ki
     const uint32_t lo = static_cast<uint32_t>(t * 256), hi = lo + 256;
     uint32_t n = 0;
     while (i < e.size() && e[i].col < hi) {
-      if (static_cast<int>(n) < cap)
-        tw[1 + n] = (static_cast<uint32_t>(e[i].g) << 16) | (e[i].col - lo);
+      if (static_cast<int>(n) < cap) tw[1 + n] = (static_cast<uint32_t>(e[i].g) << 16) | (e[i].col - lo);
       ++n;
       ++i;
     }
@@ -393,7 +338,7 @@ void stored_entries(const Sparse& s, int64_t m, std::vector<std::pair<uint32_t, 
       const uint32_t col = w & 0xFFFFu;
       const int64_t j = t * 256 + col;
       if (col >= 256 || j >= s.H) continue;
-      out.push_back({static_cast<uint32_t>(j), bf2f(static_cast<uint16_t>(w >> 16))});
+      out.push_back({static_cast<uint32_t>(j), bf16_bits_to_float(static_cast<uint16_t>(w >> 16))});
     }
   }
 }
@@ -462,8 +407,8 @@ struct Inputs {
 };
 
 // float64 reference for the listed rows (each row's D outputs).
-void reference(const Weights& W, const Inputs& X, const Sparse& s, bool gated,
-               const std::vector<int64_t>& rows, std::vector<double>& ref) {
+void reference(const Weights& W, const Inputs& X, const Sparse& s, bool gated, const std::vector<int64_t>& rows,
+               std::vector<double>& ref) {
   const int64_t D = W.D;
   ref.assign(rows.size() * D, 0.0);
   parallel_for(static_cast<int64_t>(rows.size()), [&](int64_t a, int64_t b) {
@@ -472,18 +417,18 @@ void reference(const Weights& W, const Inputs& X, const Sparse& s, bool gated,
     for (int64_t i = a; i < b; ++i) {
       const int64_t m = rows[i];
       stored_entries(s, m, st);
-      for (int64_t k = 0; k < D; ++k) xr[k] = bf2f(X.x[m * X.ldx + k]);
+      for (int64_t k = 0; k < D; ++k) xr[k] = bf16_bits_to_float(X.x[m * X.ldx + k]);
       double* yr = ref.data() + i * D;
       for (const auto& en : st) {
         double h = en.second;
         if (gated) {
           const uint16_t* wu = W.wu.data() + static_cast<int64_t>(en.first) * W.ldw;
           double u = 0;
-          for (int64_t k = 0; k < D; ++k) u += xr[k] * static_cast<double>(bf2f(wu[k]));
+          for (int64_t k = 0; k < D; ++k) u += xr[k] * static_cast<double>(bf16_bits_to_float(wu[k]));
           h *= u;
         }
         const uint16_t* wd = W.wd.data() + static_cast<int64_t>(en.first) * W.ldw;
-        for (int64_t k = 0; k < D; ++k) yr[k] += h * static_cast<double>(bf2f(wd[k]));
+        for (int64_t k = 0; k < D; ++k) yr[k] += h * static_cast<double>(bf16_bits_to_float(wd[k]));
       }
     }
   });
@@ -514,10 +459,10 @@ struct VariantResult {
 
 // The decode-sized consumer's expectations (see the header comment).
 struct DecodeCase {
-  int cluster = 0;                 // 0 = the launcher's choice
-  std::vector<uint8_t> flags;      // rows with a count word > slots-1
-  std::vector<u64> stats;          // every word
-  std::vector<int32_t> rows;       // ascending overflowed rows
+  int cluster = 0;  // 0 = the launcher's choice
+  std::vector<uint8_t> flags;  // rows with a count word > slots-1
+  std::vector<u64> stats;  // every word
+  std::vector<int32_t> rows;  // ascending overflowed rows
   int32_t* d_rows = nullptr;
 };
 
@@ -546,11 +491,9 @@ DecodeCase decode_case(const Sparse& s) {
 }
 
 // Runs one configuration twice on `stream` and checks everything.
-VariantResult run_and_check(const std::string& label, const Weights& W, const Inputs& X,
-                            const Sparse& s, bool gated, int tb, int cs, int mma,
-                            const uint32_t* d_packed,
-                            const uint8_t* d_flags, bf16* d_y, u64* d_stats,
-                            const std::vector<int64_t>& rows, const std::vector<double>& ref,
+VariantResult run_and_check(const std::string& label, const Weights& W, const Inputs& X, const Sparse& s, bool gated,
+                            int tb, int cs, int mma, const uint32_t* d_packed, const uint8_t* d_flags, bf16* d_y,
+                            u64* d_stats, const std::vector<int64_t>& rows, const std::vector<double>& ref,
                             cudaStream_t stream, bool use_default, int sm_count, Failures& F,
                             const DecodeCase* dc = nullptr) {
   VariantResult vr;
@@ -594,24 +537,24 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
   }
   std::vector<int32_t> got_rows(static_cast<size_t>(M));
   for (int rep = 0; rep < 2; ++rep) {
-    CK(cudaMemsetAsync(d_y, 0xFF, y1.size() * 2, stream));
-    CK(cudaMemsetAsync(d_stats, dc ? 0xAB : 0, TWELL_STATS_WORDS * sizeof(u64), stream));
-    if (dc) CK(cudaMemsetAsync(dc->d_rows, 0xFF, static_cast<size_t>(M) * 4, stream));
+    harness::poison_bf16(d_y, y1.size(), stream);
+    CUDA_CHECK(cudaMemsetAsync(d_stats, dc ? 0xAB : 0, TWELL_STATS_WORDS * sizeof(u64), stream));
+    if (dc) CUDA_CHECK(cudaMemsetAsync(dc->d_rows, 0xFF, static_cast<size_t>(M) * 4, stream));
     const cudaError_t err = dc ? (dc->cluster == 0 ? twell::sparse_ffn_decode(da, sm_count, stream)
                                                    : twell::sparse_ffn_decode_cluster(da, dc->cluster, stream))
-                               : use_default ? twell::sparse_ffn(a, sm_count, stream)
-                                             : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
+                            : use_default ? twell::sparse_ffn(a, sm_count, stream)
+                                          : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
     if (err != cudaSuccess) {
       F.fail(fmt("%s: launch returned %s", label.c_str(), cudaGetErrorName(err)));
       vr.ok = false;
       return vr;
     }
-    CK(cudaMemcpyAsync(rep == 0 ? y1.data() : y2.data(), d_y, y1.size() * 2,
-                       cudaMemcpyDeviceToHost, stream));
-    CK(cudaMemcpyAsync(st.data(), d_stats, TWELL_STATS_WORDS * sizeof(u64),
-                       cudaMemcpyDeviceToHost, stream));
-    if (dc) CK(cudaMemcpyAsync(got_rows.data(), dc->d_rows, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToHost, stream));
-    CK(cudaStreamSynchronize(stream));
+    CUDA_CHECK(cudaMemcpyAsync(rep == 0 ? y1.data() : y2.data(), d_y, y1.size() * 2, cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaMemcpyAsync(st.data(), d_stats, TWELL_STATS_WORDS * sizeof(u64), cudaMemcpyDeviceToHost, stream));
+    if (dc)
+      CUDA_CHECK(
+          cudaMemcpyAsync(got_rows.data(), dc->d_rows, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
     if (dc && !std::equal(dc->rows.begin(), dc->rows.end(), got_rows.begin())) {
       F.fail(fmt("%s: overflow-row list differs from the count words'", label.c_str()));
       vr.ok = false;
@@ -619,8 +562,8 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
     for (int w = 0; w < TWELL_STATS_WORDS; ++w) {
       const u64 want = dc ? dc->stats[w] : (w == TWELL_STAT_MAX_ROW_COUNT ? s.max_row_count : 0);
       if (st[w] != want) {
-        F.fail(fmt("%s: stats[%d] = %llu, expected %llu", label.c_str(), w,
-                   static_cast<unsigned long long>(st[w]), static_cast<unsigned long long>(want)));
+        F.fail(fmt("%s: stats[%d] = %llu, expected %llu", label.c_str(), w, static_cast<unsigned long long>(st[w]),
+                   static_cast<unsigned long long>(want)));
         vr.ok = false;
       }
     }
@@ -638,8 +581,8 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
       for (int64_t k = 0; k < ldy; ++k) {
         const bool must_poison = flags[m] || k >= D;
         if (must_poison) {
-          if (yr[k] != 0xFFFFu) bp = true;
-        } else if (bf_isnan(yr[k])) {
+          if (yr[k] != kPoisonBf16) bp = true;
+        } else if (harness::bf16_is_nan(yr[k])) {
           bn = true;
         }
       }
@@ -648,14 +591,13 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
     }
   });
   if (bad_poison > 0) {
-    F.fail(fmt("%s: %lld rows wrote where they must not (flagged row or padding), e.g. row %lld",
-               label.c_str(), static_cast<long long>(bad_poison.load()),
-               static_cast<long long>(first_bad.load())));
+    F.fail(fmt("%s: %lld rows wrote where they must not (flagged row or padding), e.g. row %lld", label.c_str(),
+               static_cast<long long>(bad_poison.load()), static_cast<long long>(first_bad.load())));
     vr.ok = false;
   }
   if (bad_nan > 0) {
-    F.fail(fmt("%s: %lld unflagged rows hold NaN, e.g. row %lld", label.c_str(),
-               static_cast<long long>(bad_nan.load()), static_cast<long long>(first_bad.load())));
+    F.fail(fmt("%s: %lld unflagged rows hold NaN, e.g. row %lld", label.c_str(), static_cast<long long>(bad_nan.load()),
+               static_cast<long long>(first_bad.load())));
     vr.ok = false;
   }
   // Checked rows against the reference.
@@ -668,7 +610,7 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
     const double* rr = ref.data() + i * D;
     const uint16_t* yr = y1.data() + m * ldy;
     for (int64_t k = 0; k < D; ++k) {
-      const double dv = static_cast<double>(bf2f(yr[k])) - rr[k];
+      const double dv = static_cast<double>(bf16_bits_to_float(yr[k])) - rr[k];
       rn += dv * dv;
       rd += rr[k] * rr[k];
     }
@@ -685,8 +627,8 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
   vr.rel_fro = den > 0 ? std::sqrt(num / den) : (num == 0 ? 0 : INFINITY);
   vr.max_row_rel = worst;
   if (!(vr.rel_fro < 1e-2) || !(vr.max_row_rel < 1e-2)) {
-    F.fail(fmt("%s: rel Frobenius error %.3e, worst row %lld: %.3e (tolerance 1e-2)",
-               label.c_str(), vr.rel_fro, static_cast<long long>(worst_row), vr.max_row_rel));
+    F.fail(fmt("%s: rel Frobenius error %.3e, worst row %lld: %.3e (tolerance 1e-2)", label.c_str(), vr.rel_fro,
+               static_cast<long long>(worst_row), vr.max_row_rel));
     vr.ok = false;
   }
   return vr;
@@ -703,8 +645,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     int64_t D, H;
     bool padded;
   };
-  std::vector<Shape> shapes = {{2048, 5632, false}, {4096, 14336, false}, {896, 4864, true},
-                               {1024, 2816, false}, {64, 264, true}};
+  std::vector<Shape> shapes = {
+      {2048, 5632, false}, {4096, 14336, false}, {896, 4864, true}, {1024, 2816, false}, {64, 264, true}};
   std::vector<int64_t> Ms = {1, 7, 64, 129, 300, 4096};
   std::vector<int> pats = {kU05, kU2, kSkew, kHot, kEdge};
   if (opt.small) {
@@ -718,7 +660,7 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
   }
   const int slot_opts[3] = {32, 64, 128};
   cudaStream_t stream;
-  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   int case_no = 0, n_runs = 0;
   double worst_fro = 0, worst_row = 0;
   const auto t_start = std::chrono::steady_clock::now();
@@ -730,17 +672,17 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     W.ldw = sh.padded ? sh.D + 8 : sh.D;
     fill_bf16(W.wu, W.H, W.D, W.ldw, hash2(opt.seed, 11 + si), 1.0f / std::sqrt(static_cast<float>(W.D)) * 1.7f);
     fill_bf16(W.wd, W.H, W.D, W.ldw, hash2(opt.seed, 23 + si), 1.0f);
-    W.d_wu = reinterpret_cast<bf16*>(dev_upload(W.wu));
-    W.d_wd = reinterpret_cast<bf16*>(dev_upload(W.wd));
+    W.d_wu = reinterpret_cast<bf16*>(harness::upload(W.wu));
+    W.d_wd = reinterpret_cast<bf16*>(harness::upload(W.wd));
     const int64_t maxM = *std::max_element(Ms.begin(), Ms.end());
     Inputs X;
     X.M = maxM;
     X.ldx = sh.padded ? sh.D + 16 : sh.D;
     X.ldy = sh.padded ? sh.D + 8 : sh.D;
     fill_bf16(X.x, maxM, W.D, X.ldx, hash2(opt.seed, 37 + si), 1.0f);
-    X.d_x = reinterpret_cast<bf16*>(dev_upload(X.x));
-    std::printf("shape D=%lld H=%lld%s\n", static_cast<long long>(W.D),
-                static_cast<long long>(W.H), sh.padded ? " (padded leading dimensions)" : "");
+    X.d_x = reinterpret_cast<bf16*>(harness::upload(X.x));
+    std::printf("shape D=%lld H=%lld%s\n", static_cast<long long>(W.D), static_cast<long long>(W.H),
+                sh.padded ? " (padded leading dimensions)" : "");
     for (int64_t M : Ms) {
       for (int pat : pats) {
         for (int gated = 1; gated >= 0; --gated) {
@@ -759,12 +701,12 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
           }
           std::vector<double> ref;
           reference(W, X, s, gated != 0, rows, ref);
-          uint32_t* d_packed = dev_upload(s.packed);
-          uint8_t* d_flags = dev_upload(s.flags);
+          uint32_t* d_packed = harness::upload(s.packed);
+          uint8_t* d_flags = harness::upload(s.flags);
           bf16* d_y = nullptr;
           u64* d_stats = nullptr;
-          CK(cudaMalloc(&d_y, static_cast<size_t>(M * X.ldy) * 2));
-          CK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * sizeof(u64)));
+          CUDA_CHECK(cudaMalloc(&d_y, static_cast<size_t>(M * X.ldy) * 2));
+          CUDA_CHECK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * sizeof(u64)));
           Inputs XM = X;
           XM.M = M;
           // Variants: the launcher's choice, then every tokens-per-CTA option, then
@@ -791,9 +733,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             }
           }
           const std::string base =
-              fmt("D=%lld H=%lld M=%lld slots=%d %s %s", static_cast<long long>(W.D),
-                  static_cast<long long>(W.H), static_cast<long long>(M), slots,
-                  pattern_name(pat), gated ? "gated" : "non-gated");
+              fmt("D=%lld H=%lld M=%lld slots=%d %s %s", static_cast<long long>(W.D), static_cast<long long>(W.H),
+                  static_cast<long long>(M), slots, pattern_name(pat), gated ? "gated" : "non-gated");
           double cf = 0, cr = 0;
           bool all_ok = true;
           std::string vlist;
@@ -804,12 +745,10 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             probe.D = W.D;
             if (v.def) sfd::default_config(probe, sm_count, &tb, &cs, &mma);
             if (!gated) mma = 0;
-            const std::string label = base + fmt(" [%s tb=%d cluster=%d up=%s]",
-                                                 v.def ? "default" : "forced", tb, cs,
-                                                 mma ? "mma" : "ffma");
-            const VariantResult vr =
-                run_and_check(label, W, XM, s, gated != 0, tb, cs, mma, d_packed, d_flags, d_y,
-                              d_stats, rows, ref, stream, v.def, sm_count, F);
+            const std::string label =
+                base + fmt(" [%s tb=%d cluster=%d up=%s]", v.def ? "default" : "forced", tb, cs, mma ? "mma" : "ffma");
+            const VariantResult vr = run_and_check(label, W, XM, s, gated != 0, tb, cs, mma, d_packed, d_flags, d_y,
+                                                   d_stats, rows, ref, stream, v.def, sm_count, F);
             ++n_runs;
             all_ok = all_ok && vr.ok;
             cf = std::max(cf, vr.rel_fro);
@@ -834,7 +773,7 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             probe.ldy = X.ldy;
             probe.stats = d_stats;
             DecodeCase dc = decode_case(s);
-            CK(cudaMalloc(&dc.d_rows, static_cast<size_t>(M) * 4));
+            CUDA_CHECK(cudaMalloc(&dc.d_rows, static_cast<size_t>(M) * 4));
             probe.overflow_rows = dc.d_rows;
             if (twell::sparse_ffn_decode_can_run(probe)) {
               for (int dcs : {0, 1, 2, 8}) {
@@ -849,23 +788,25 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
                 vlist += fmt(" dec%d", dcs);
               }
             }
-            CK(cudaFree(dc.d_rows));
+            CUDA_CHECK(cudaFree(dc.d_rows));
           }
           worst_fro = std::max(worst_fro, cf);
           worst_row = std::max(worst_row, cr);
-          std::printf("  %-4s %-62s avg %.1f active, %lld flagged; variants tb/cluster[m=mma,f=ffma]:%s; err fro %.2e row %.2e\n",
-                      all_ok ? "ok" : "FAIL", base.c_str(), s.avg_active,
-                      static_cast<long long>(s.n_flagged), vlist.c_str(), cf, cr);
-          CK(cudaFree(d_packed));
-          CK(cudaFree(d_flags));
-          CK(cudaFree(d_y));
-          CK(cudaFree(d_stats));
+          std::printf(
+              "  %-4s %-62s avg %.1f active, %lld flagged; variants tb/cluster[m=mma,f=ffma]:%s; err fro %.2e row "
+              "%.2e\n",
+              all_ok ? "ok" : "FAIL", base.c_str(), s.avg_active, static_cast<long long>(s.n_flagged), vlist.c_str(),
+              cf, cr);
+          CUDA_CHECK(cudaFree(d_packed));
+          CUDA_CHECK(cudaFree(d_flags));
+          CUDA_CHECK(cudaFree(d_y));
+          CUDA_CHECK(cudaFree(d_stats));
         }
       }
     }
-    CK(cudaFree(W.d_wu));
-    CK(cudaFree(W.d_wd));
-    CK(cudaFree(X.d_x));
+    CUDA_CHECK(cudaFree(W.d_wu));
+    CUDA_CHECK(cudaFree(W.d_wd));
+    CUDA_CHECK(cudaFree(X.d_x));
   }
 
   // M = 65536 at the published shape, sampled rows.
@@ -876,13 +817,13 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     W.ldw = W.D;
     fill_bf16(W.wu, W.H, W.D, W.ldw, hash2(opt.seed, 71), 1.7f / std::sqrt(2048.0f));
     fill_bf16(W.wd, W.H, W.D, W.ldw, hash2(opt.seed, 73), 1.0f);
-    W.d_wu = reinterpret_cast<bf16*>(dev_upload(W.wu));
-    W.d_wd = reinterpret_cast<bf16*>(dev_upload(W.wd));
+    W.d_wu = reinterpret_cast<bf16*>(harness::upload(W.wu));
+    W.d_wd = reinterpret_cast<bf16*>(harness::upload(W.wd));
     Inputs X;
     X.M = 65536;
     X.ldx = X.ldy = W.D;
     fill_bf16(X.x, X.M, W.D, X.ldx, hash2(opt.seed, 79), 1.0f);
-    X.d_x = reinterpret_cast<bf16*>(dev_upload(X.x));
+    X.d_x = reinterpret_cast<bf16*>(harness::upload(X.x));
     for (int pat : {static_cast<int>(kU05), static_cast<int>(kHot), static_cast<int>(kSkew)}) {
       ++case_no;
       const Sparse s = make_sparse(pat, X.M, W.H, 32, hash2(opt.seed, 9000 + pat));
@@ -894,12 +835,12 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
       rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
       std::vector<double> ref;
       reference(W, X, s, true, rows, ref);
-      uint32_t* d_packed = dev_upload(s.packed);
-      uint8_t* d_flags = dev_upload(s.flags);
+      uint32_t* d_packed = harness::upload(s.packed);
+      uint8_t* d_flags = harness::upload(s.flags);
       bf16* d_y = nullptr;
       u64* d_stats = nullptr;
-      CK(cudaMalloc(&d_y, static_cast<size_t>(X.M * X.ldy) * 2));
-      CK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * sizeof(u64)));
+      CUDA_CHECK(cudaMalloc(&d_y, static_cast<size_t>(X.M * X.ldy) * 2));
+      CUDA_CHECK(cudaMalloc(&d_stats, TWELL_STATS_WORDS * sizeof(u64)));
       const std::string base = fmt("D=2048 H=5632 M=65536 slots=32 %s gated", pattern_name(pat));
       double cf = 0, cr = 0;
       bool ok = true;
@@ -916,10 +857,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
         const bool def = tb == 0;
         if (def) sfd::default_config(probe, sm_count, &tb, &cs, &mma);
         const VariantResult vr = run_and_check(
-            base + fmt(" [%s tb=%d cluster=%d up=%s]", def ? "default" : "forced", tb, cs,
-                       mma ? "mma" : "ffma"),
-            W, X, s, true, tb, cs, mma, d_packed, d_flags, d_y, d_stats, rows, ref, stream, def,
-            sm_count, F);
+            base + fmt(" [%s tb=%d cluster=%d up=%s]", def ? "default" : "forced", tb, cs, mma ? "mma" : "ffma"), W, X,
+            s, true, tb, cs, mma, d_packed, d_flags, d_y, d_stats, rows, ref, stream, def, sm_count, F);
         ++n_runs;
         ok = ok && vr.ok;
         cf = std::max(cf, vr.rel_fro);
@@ -928,17 +867,19 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
       }
       worst_fro = std::max(worst_fro, cf);
       worst_row = std::max(worst_row, cr);
-      std::printf("  %-4s %-62s avg %.1f active, %lld flagged; variants tb/cluster[m=mma,f=ffma]:%s; err fro %.2e row %.2e (%zu rows checked)\n",
-                  ok ? "ok" : "FAIL", base.c_str(), s.avg_active,
-                  static_cast<long long>(s.n_flagged), vlist.c_str(), cf, cr, rows.size());
-      CK(cudaFree(d_packed));
-      CK(cudaFree(d_flags));
-      CK(cudaFree(d_y));
-      CK(cudaFree(d_stats));
+      std::printf(
+          "  %-4s %-62s avg %.1f active, %lld flagged; variants tb/cluster[m=mma,f=ffma]:%s; err fro %.2e row %.2e "
+          "(%zu rows checked)\n",
+          ok ? "ok" : "FAIL", base.c_str(), s.avg_active, static_cast<long long>(s.n_flagged), vlist.c_str(), cf, cr,
+          rows.size());
+      CUDA_CHECK(cudaFree(d_packed));
+      CUDA_CHECK(cudaFree(d_flags));
+      CUDA_CHECK(cudaFree(d_y));
+      CUDA_CHECK(cudaFree(d_stats));
     }
-    CK(cudaFree(W.d_wu));
-    CK(cudaFree(W.d_wd));
-    CK(cudaFree(X.d_x));
+    CUDA_CHECK(cudaFree(W.d_wu));
+    CUDA_CHECK(cudaFree(W.d_wd));
+    CUDA_CHECK(cudaFree(X.d_x));
   }
 
   // Argument validation: the launcher refuses what it cannot run.
@@ -950,8 +891,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     a.slots = 32;
     uint32_t* dp = nullptr;
     bf16* dw = nullptr;
-    CK(cudaMalloc(&dp, 4096));
-    CK(cudaMalloc(&dw, 4096));
+    CUDA_CHECK(cudaMalloc(&dp, 4096));
+    CUDA_CHECK(cudaMalloc(&dw, 4096));
     a.packed = dp;
     a.w_down = dw;
     a.ldw_down = a.D;
@@ -960,8 +901,7 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     auto expect_invalid = [&](const char* what, const twell::SparseFfnArgs& b) {
       const cudaError_t e = twell::sparse_ffn(b, sm_count, stream);
       if (e != cudaErrorInvalidValue)
-        F.fail(fmt("argument check (%s): got %s, expected cudaErrorInvalidValue", what,
-                   cudaGetErrorName(e)));
+        F.fail(fmt("argument check (%s): got %s, expected cudaErrorInvalidValue", what, cudaGetErrorName(e)));
       (void)cudaGetLastError();
     };
     expect_invalid("D > 16384", a);
@@ -979,27 +919,18 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     a.w_up = nullptr;
     a.ldy = 60;
     expect_invalid("ldy < D", a);
-    CK(cudaFree(dp));
-    CK(cudaFree(dw));
+    CUDA_CHECK(cudaFree(dp));
+    CUDA_CHECK(cudaFree(dw));
   }
-  CK(cudaStreamDestroy(stream));
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  std::printf("correctness: %d cases, %d checked runs (each called twice), worst rel Frobenius %.2e, worst row %.2e, %.1f s\n",
-              case_no, n_runs, worst_fro, worst_row, secs);
+  CUDA_CHECK(cudaStreamDestroy(stream));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  std::printf(
+      "correctness: %d cases, %d checked runs (each called twice), worst rel Frobenius %.2e, worst row %.2e, %.1f s\n",
+      case_no, n_runs, worst_fro, worst_row, secs);
   return 0;
 }
 
 // ---------------------------------------------------------------- benchmark
-// Keeps the GPU busy while the host queues the timed call, so that the events
-// measure GPU time only (the steady state of a stream of kernels), not the
-// host's launch overhead.
-__global__ void spin_kernel(long long cycles) {
-  const long long t0 = clock64();
-  while (clock64() - t0 < cycles) {
-  }
-}
-
 struct BenchRow {
   std::string pattern, config;
   int64_t M;
@@ -1012,34 +943,32 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
   const int kCopies = 4;
   const int slots = 32;
   cudaStream_t stream;
-  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   // 4 copies of the weights (random content; the benchmark does not check values).
   std::vector<uint16_t> wu, wd;
   fill_bf16(wu, H, D, D, hash2(opt.seed, 201), 0.04f);
   fill_bf16(wd, H, D, D, hash2(opt.seed, 203), 0.02f);
   bf16 *d_wu[kCopies], *d_wd[kCopies];
   for (int c = 0; c < kCopies; ++c) {
-    d_wu[c] = reinterpret_cast<bf16*>(dev_upload(wu));
-    d_wd[c] = reinterpret_cast<bf16*>(dev_upload(wd));
+    d_wu[c] = reinterpret_cast<bf16*>(harness::upload(wu));
+    d_wd[c] = reinterpret_cast<bf16*>(harness::upload(wd));
   }
   const std::vector<int64_t> Ms = {1, 16, 64, 256, 1024, 4096, 16384, 65536};
   const int64_t maxM = 65536;
   std::vector<uint16_t> xh;
   fill_bf16(xh, maxM, D, D, hash2(opt.seed, 207), 1.0f);
   bf16* d_x[kCopies];
-  for (int c = 0; c < kCopies; ++c) d_x[c] = reinterpret_cast<bf16*>(dev_upload(xh));
+  for (int c = 0; c < kCopies; ++c) d_x[c] = reinterpret_cast<bf16*>(harness::upload(xh));
   bf16* d_y[kCopies];
-  for (int c = 0; c < kCopies; ++c) CK(cudaMalloc(&d_y[c], static_cast<size_t>(maxM * D) * 2));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  for (int c = 0; c < kCopies; ++c) CUDA_CHECK(cudaMalloc(&d_y[c], static_cast<size_t>(maxM * D) * 2));
+  harness::Timer timer;
   twell::SparseFfnArgs probe;
   probe.D = D;
   const bool clusters = sfd::usable_cluster(probe, 8) > 1;
   for (int pat : {static_cast<int>(kU05), static_cast<int>(kHot), static_cast<int>(kZipf)}) {
     const Sparse sfull = make_sparse(pat, maxM, H, slots, hash2(opt.seed, 300 + pat));
     uint32_t* d_packed[kCopies];
-    for (int c = 0; c < kCopies; ++c) d_packed[c] = dev_upload(sfull.packed);
+    for (int c = 0; c < kCopies; ++c) d_packed[c] = harness::upload(sfull.packed);
     for (int64_t M : Ms) {
       // Active entries of the first M rows (no row of these patterns overflows
       // at slots = 32 in practice; flagged rows would simply be skipped).
@@ -1070,61 +999,47 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         a.stats = nullptr;
         a.row_flags = nullptr;
         if (v.def) sfd::default_config(a, sm_count, &tb, &cs, &mma);
-        // queued: GPU time; cold: an idle GPU, so host launch overhead included
-        std::vector<float> tq, tc;
-        const int modes = M <= 1024 ? 2 : 1;
-        for (int mode = 0; mode < modes; ++mode) {
-          for (int it = 0; it < 23; ++it) {
-            const int c = it % kCopies;
-            a.packed = d_packed[c];
-            a.x = d_x[c];
-            a.w_up = d_wu[c];
-            a.w_down = d_wd[c];
-            a.y = d_y[c];
-            if (mode == 0) spin_kernel<<<1, 1, 0, stream>>>(60000);
-            CK(cudaEventRecord(e0, stream));
-            const cudaError_t err = v.def ? twell::sparse_ffn(a, sm_count, stream)
-                                          : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
-            CK(err);
-            CK(cudaEventRecord(e1, stream));
-            CK(cudaEventSynchronize(e1));
-            float ms = 0;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (it >= 3) (mode == 0 ? tq : tc).push_back(ms);
-          }
-        }
-        std::sort(tq.begin(), tq.end());
-        std::sort(tc.begin(), tc.end());
-        const double us = 1000.0 * tq[tq.size() / 2];
+        auto call = [&](int, int c) {
+          a.packed = d_packed[c];
+          a.x = d_x[c];
+          a.w_up = d_wu[c];
+          a.w_down = d_wd[c];
+          a.y = d_y[c];
+          CUDA_CHECK(v.def ? twell::sparse_ffn(a, sm_count, stream) : sfd::sparse_ffn_config(a, tb, cs, mma, stream));
+        };
+        // held: GPU time; idle ("cold"): a lone call, host launch overhead included
+        harness::TimeOptions o{.warmup = 3, .reps = 20, .sets = kCopies, .queue = harness::Queue::kHeld};
+        const double us = 1000.0 * timer.time(call, o, stream).med;
+        o.queue = harness::Queue::kIdle;
+        const double us_cold = M <= 1024 ? 1000.0 * timer.time(call, o, stream).med : -1.0;
         BenchRow br;
         br.pattern = pattern_name(pat);
-        br.config = fmt("%s tb=%d cl=%d %s", v.def ? "default" : "forced ", tb, cs,
-                        mma ? "mma" : "ffma");
+        br.config = fmt("%s tb=%d cl=%d %s", v.def ? "default" : "forced ", tb, cs, mma ? "mma" : "ffma");
         br.M = M;
         br.us = us;
-        br.us_cold = tc.empty() ? -1.0 : 1000.0 * tc[tc.size() / 2];
+        br.us_cold = us_cold;
         br.gbs = bytes / (us * 1e-6) / 1e9;
         br.ns_tok = us * 1000.0 / static_cast<double>(M);
         br.avg_active = static_cast<double>(active) / static_cast<double>(M);
         br.is_default = v.def;
         out.push_back(br);
-        std::printf("  bench %-12s M=%-6lld %-26s %10.2f us (cold launch %8.2f)  %8.1f GB/s  %9.2f ns/token  (%.1f active/token)\n",
-                    br.pattern.c_str(), static_cast<long long>(M), br.config.c_str(), br.us,
-                    br.us_cold, br.gbs, br.ns_tok, br.avg_active);
+        std::printf(
+            "  bench %-12s M=%-6lld %-26s %10.2f us (cold launch %8.2f)  %8.1f GB/s  %9.2f ns/token  (%.1f "
+            "active/token)\n",
+            br.pattern.c_str(), static_cast<long long>(M), br.config.c_str(), br.us, br.us_cold, br.gbs, br.ns_tok,
+            br.avg_active);
         std::fflush(stdout);
       }
     }
-    for (int c = 0; c < kCopies; ++c) CK(cudaFree(d_packed[c]));
+    for (int c = 0; c < kCopies; ++c) CUDA_CHECK(cudaFree(d_packed[c]));
   }
   for (int c = 0; c < kCopies; ++c) {
-    CK(cudaFree(d_wu[c]));
-    CK(cudaFree(d_wd[c]));
-    CK(cudaFree(d_x[c]));
-    CK(cudaFree(d_y[c]));
+    CUDA_CHECK(cudaFree(d_wu[c]));
+    CUDA_CHECK(cudaFree(d_wd[c]));
+    CUDA_CHECK(cudaFree(d_x[c]));
+    CUDA_CHECK(cudaFree(d_y[c]));
   }
-  CK(cudaEventDestroy(e0));
-  CK(cudaEventDestroy(e1));
-  CK(cudaStreamDestroy(stream));
+  CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 }  // namespace
@@ -1149,20 +1064,16 @@ int main(int argc, char** argv) {
     } else if (a == "--seed" && i + 1 < argc) {
       opt.seed = std::strtoull(argv[++i], nullptr, 10);
     } else {
-      std::fprintf(stderr, "usage: %s [--small] [--tiny] [--seed N] [--no-bench] [--bench-only] [--no-variants]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--small] [--tiny] [--seed N] [--no-bench] [--bench-only] [--no-variants]\n",
+                   argv[0]);
       return 2;
     }
   }
-  int ndev = 0;
-  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
-  }
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+  if (!harness::first_device(&prop)) return harness::kExitSkip;
   std::printf("test_sparse_ffn: seed %llu, device %s (sm_%d%d, %d SMs, L2 %d MB), %u host threads\n",
-              static_cast<unsigned long long>(opt.seed), prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, n_threads());
+              static_cast<unsigned long long>(opt.seed), prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, n_threads());
   {
     twell::SparseFfnArgs probe;
     probe.D = 2048;
@@ -1174,17 +1085,17 @@ int main(int argc, char** argv) {
   std::vector<BenchRow> bench;
   if (opt.bench) run_bench(opt, prop.multiProcessorCount, bench);
   if (!bench.empty()) {
-    std::printf("\nsummary (D=2048 H=5632 gated, slots=32, %s, median of 20, weights/x/packed/y rotated over 4 copies;\n"
-                "         us = GPU time with the call queued behind other work, cold = idle GPU incl. host launch;\n"
-                "         GB/s = weight bytes touched (2*D*2 per active entry) / us)\n",
-                prop.name);
-    std::printf("  %-12s %8s %-26s %10s %10s %9s %11s %8s\n", "pattern", "M", "config", "us",
-                "cold us", "GB/s", "ns/token", "active");
+    std::printf(
+        "\nsummary (D=2048 H=5632 gated, slots=32, %s, median of 20, weights/x/packed/y rotated over 4 copies;\n"
+        "         us = GPU time with the call queued behind other work, cold = idle GPU incl. host launch;\n"
+        "         GB/s = weight bytes touched (2*D*2 per active entry) / us)\n",
+        prop.name);
+    std::printf("  %-12s %8s %-26s %10s %10s %9s %11s %8s\n", "pattern", "M", "config", "us", "cold us", "GB/s",
+                "ns/token", "active");
     for (const BenchRow& b : bench) {
       if (!b.is_default) continue;
       std::printf("  %-12s %8lld %-26s %10.2f %10.2f %9.1f %11.2f %8.1f\n", b.pattern.c_str(),
-                  static_cast<long long>(b.M), b.config.c_str(), b.us, b.us_cold, b.gbs,
-                  b.ns_tok, b.avg_active);
+                  static_cast<long long>(b.M), b.config.c_str(), b.us, b.us_cold, b.gbs, b.ns_tok, b.avg_active);
     }
     // Best forced variant per (pattern, M), for tuning the launcher.
     std::printf("  best variant per (pattern, M):\n");
@@ -1195,16 +1106,15 @@ int main(int argc, char** argv) {
         if (bench[j].us < best->us) best = &bench[j];
         ++j;
       }
-      std::printf("  %-12s %8lld %-26s %10.2f %10.2f %9.1f\n", best->pattern.c_str(),
-                  static_cast<long long>(best->M), best->config.c_str(), best->us, best->us_cold,
-                  best->gbs);
+      std::printf("  %-12s %8lld %-26s %10.2f %10.2f %9.1f\n", best->pattern.c_str(), static_cast<long long>(best->M),
+                  best->config.c_str(), best->us, best->us_cold, best->gbs);
       i = j;
     }
   }
   if (F.count == 0) {
     std::printf("ALL CHECKS PASSED (seed %llu)\n", static_cast<unsigned long long>(opt.seed));
-    return 0;
+    return harness::kExitPass;
   }
   std::printf("%d CHECK(S) FAILED (seed %llu)\n", F.count, static_cast<unsigned long long>(opt.seed));
-  return 1;
+  return harness::kExitFail;
 }

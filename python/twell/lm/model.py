@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from twell import reference as ref
+from .. import reference as ref
 
 __all__ = [
     "ModelConfig", "TransformerLM", "init_params",
@@ -85,7 +85,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,4 +1,6 @@
 // Status plumbing for the C ABI: a thread-local message per failed call.
+// It lives in common/ because every layer reports failures this way: the
+// launchers below the C ABI return a twell_status with its message set.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,9 +24,9 @@ twell_status fail_cuda(cudaError_t err, const char* what);
   } while (0)
 
 // Returns a recorded TWELL_ERROR_CUDA-family status when a CUDA call or launch fails.
-#define TWELL_CUDA_STEP(expr, what)                                   \
-  do {                                                                \
-    cudaError_t twell_e_ = (expr);                                    \
+#define TWELL_CUDA_STEP(expr, what)                                         \
+  do {                                                                      \
+    cudaError_t twell_e_ = (expr);                                          \
     if (twell_e_ != cudaSuccess) return ::twell::fail_cuda(twell_e_, what); \
   } while (0)
 

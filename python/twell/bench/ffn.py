@@ -14,7 +14,7 @@ line. This driver finds and runs it, then writes under ``--out``:
 
 ``--from-json FILE`` redraws the table and plots from an earlier
 bench_ffn.json (or bench_ffn.jsonl) without a GPU. The module also runs as a
-plain script (``python python/twell/bench.py``), which needs nothing but the
+plain script (``python python/twell/bench/ffn.py``), which needs nothing but the
 standard library (and matplotlib for the plots). Field meanings and methodology: bench/README.md.
 
 Exit status: 0 ok; 1 the program reported failures (a twell call failed, or a
@@ -36,9 +36,10 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["add_bench_args", "main_bench", "find_executable", "gpu_available", "write_markdown", "write_plots"]
+__all__ = ["add_bench_args", "main_bench", "find_executable", "gpu_available", "write_markdown", "write_plots",
+           "git_commit", "fmt_cell"]
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 _EXE_NAME = "bench_ffn"
 
 
@@ -58,7 +59,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="more arguments for bench_ffn, one string (e.g. \"--D 2048 --H 5632 --M 1,65536 "
                         "--pattern skewed\"); with --D/--H/--M the suite is not passed")
     p.add_argument("--from-json", default=None, metavar="FILE",
-                   help="do not run anything: redraw the table and plots from an earlier bench_ffn.json or bench_ffn.jsonl")
+                   help="do not run anything: redraw the table and plots from an earlier bench_ffn.json or "
+                        "bench_ffn.jsonl")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before bench_ffn is stopped (default 3600)")
     return p
@@ -91,7 +93,7 @@ def find_executable(explicit: str | None = None) -> tuple[str | None, str]:
 def gpu_available() -> tuple[bool, str]:
     """Whether a CUDA GPU is visible, and why not (the library's word first, then nvidia-smi)."""
     try:
-        from . import _ffi
+        from .. import _ffi  # ImportError when run as a plain script
     except Exception as e:  # cffi missing, broken header, ...
         _ffi = None
         lib_reason = f"twell's bindings did not load ({e})"
@@ -115,7 +117,8 @@ def gpu_available() -> tuple[bool, str]:
     return False, "no CUDA driver or GPU found (no nvidia-smi" + (f"; {lib_reason}" if lib_reason else "") + ")"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The source commit for a record: $TWELL_COMMIT, else `git rev-parse HEAD`, else "unknown"."""
     env = os.environ.get("TWELL_COMMIT")  # set by bench/run_gpu.sh callers where the copy has no .git
     if env:
         return env
@@ -131,7 +134,8 @@ def _git_commit() -> str:
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
-def _fmt(v, spec: str) -> str:
+def fmt_cell(v, spec: str) -> str:
+    """A table cell: ``format(v, spec)``, "-" for a missing value, str(v) when spec does not apply."""
     if v is None:
         return "-"
     try:
@@ -151,8 +155,8 @@ def write_markdown(doc: dict, path: Path) -> None:
     ]
     env = doc.get("environment") or {}
     if env:
-        lines.append(f"- ceilings: device copy {_fmt(env.get('copy_gbps'), '.0f')} GB/s (read+write), "
-                     f"cuBLASLt bf16 8192^3 {_fmt(env.get('gemm_peak_tflops'), '.0f')} TFLOP/s")
+        lines.append(f"- ceilings: device copy {fmt_cell(env.get('copy_gbps'), '.0f')} GB/s (read+write), "
+                     f"cuBLASLt bf16 8192^3 {fmt_cell(env.get('gemm_peak_tflops'), '.0f')} TFLOP/s")
     lines += [
         "- speedup = baseline ms / ms (baseline: the cuBLASLt dense FFN; for gate_pack the cuBLASLt gate GEMM); "
         "floor % = floor_ms / ms; mem = twell workspace / dense intermediates",
@@ -166,19 +170,20 @@ def write_markdown(doc: dict, path: Path) -> None:
             continue
         if r.get("error") and r.get("ms") is None:
             lines.append(f"| {r.get('bench')} | {r.get('D')} | {r.get('H')} | {r.get('M')} | {r.get('pattern')} "
-                         f"| {_fmt(r.get('p'), 'g')} | {r.get('kernels')} | {r.get('slots')} | FAILED: "
+                         f"| {fmt_cell(r.get('p'), 'g')} | {r.get('kernels')} | {r.get('slots')} | FAILED: "
                          f"{str(r['error']).replace('|', '/')} ||||||||||")
             continue
         ff = r.get("floor_fraction")
         lines.append(
             "| " + " | ".join([
                 str(r.get("bench")), str(r.get("D")), str(r.get("H")), str(r.get("M")), str(r.get("pattern")),
-                _fmt(r.get("p"), "g"), str(r.get("kernels")), str(r.get("slots")),
-                _fmt(r.get("active_per_token"), ".2f"), _fmt(r.get("overflow_rows"), ".0f"), str(r.get("path", "-")),
-                _fmt(r.get("ms"), ".4f"), _fmt(r.get("dense_ms"), ".4f"), _fmt(r.get("speedup_vs_dense"), ".2f"),
-                _fmt(r.get("tflops"), ".1f"), _fmt(None if ff is None else 100 * ff, ".1f"),
-                _fmt(r.get("peak_mem_ratio"), ".3f"),
-                _fmt(r.get("relerr"), ".2e") + ("" if r.get("relerr_ok", True) else " (FAIL)"),
+                fmt_cell(r.get("p"), "g"), str(r.get("kernels")), str(r.get("slots")),
+                fmt_cell(r.get("active_per_token"), ".2f"), fmt_cell(r.get("overflow_rows"), ".0f"),
+                str(r.get("path", "-")), fmt_cell(r.get("ms"), ".4f"), fmt_cell(r.get("dense_ms"), ".4f"),
+                fmt_cell(r.get("speedup_vs_dense"), ".2f"),
+                fmt_cell(r.get("tflops"), ".1f"), fmt_cell(None if ff is None else 100 * ff, ".1f"),
+                fmt_cell(r.get("peak_mem_ratio"), ".3f"),
+                fmt_cell(r.get("relerr"), ".2e") + ("" if r.get("relerr_ok", True) else " (FAIL)"),
             ]) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -404,7 +409,7 @@ def main_bench(args) -> int:
     doc = {
         "device": env.get("device") or next((r.get("device") for r in records if r.get("device")), "unknown"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "suite": None if any(a in ("--D", "--H", "--M") for a in extra) else args.suite,
         "command": cmd,
         "exit_status": rc,
@@ -425,7 +430,7 @@ def main_bench(args) -> int:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twell.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m twell.bench.ffn", description=__doc__.split("\n\n")[0])
     add_bench_args(p)
     return main_bench(p.parse_args(argv))
 

@@ -145,9 +145,9 @@ def run(args) -> dict:
                          "speedup_vs_dense": dense_ms / ms, "relerr": relerr, "path_ran": path})
             if M <= 16384:
                 recs.append({"bench": "host_time", "api": "torch", "op": "ffn", "D": D, "H": H, "M": M,
-                             "host_us": _host_us(torch, twell_call, min(calls, 100))})
+                             "host_us": _host_us(torch, twell_call, 100 if M <= 2048 else 40)})
                 recs.append({"bench": "host_time", "api": "torch", "op": "dense_ffn", "D": D, "H": H, "M": M,
-                             "host_us": _host_us(torch, dense_call, min(calls, 100))})
+                             "host_us": _host_us(torch, dense_call, 100 if M <= 2048 else 40)})
             tg = _graph(torch, twell_call)
             dg = _graph(torch, dense_call)
             ms_g = _wall_ms(torch, lambda i: tg[i % 2][0].replay(), calls)
@@ -287,11 +287,12 @@ def main_bench_torch(args) -> int:
     import twell
 
     if not torch.cuda.is_available() or not twell.available():
-        print(f"twell bench-torch: no GPU ({twell.why_unavailable() or 'PyTorch sees no CUDA device'})", file=sys.stderr)
+        why = twell.why_unavailable() or "PyTorch sees no CUDA device"
+        print(f"twell bench-torch: no GPU ({why})", file=sys.stderr)
         return 2
-    from .bench import _git_commit
+    from .ffn import git_commit
 
-    doc = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(),
+    doc = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
            "torch": torch.__version__, "command": " ".join(sys.argv)}
     doc.update(run(args))
     if args.profile:
@@ -304,9 +305,9 @@ def main_bench_torch(args) -> int:
     md = ["| M | mode | twell ms | dense ms | speedup | path | relerr |", "|---:|---|---:|---:|---:|---|---:|"]
     for r in doc["records"]:
         if r["bench"] == "ffn_torch":
+            path = {1: "sparse", 2: "dense"}.get(r["path_ran"], r["path_ran"])
             md.append(f"| {r['M']} | {'graph' if r['graph'] else 'eager'} | {r['ms']:.4f} | {r['dense_ms']:.4f} | "
-                      f"{r['speedup_vs_dense']:.2f}x | {({1: 'sparse', 2: 'dense'}).get(r['path_ran'], r['path_ran'])} | "
-                      f"{r['relerr']:.1e} |")
+                      f"{r['speedup_vs_dense']:.2f}x | {path} | {r['relerr']:.1e} |")
     md += ["", "| op | M | host us |", "|---|---:|---:|"]
     for r in doc["records"]:
         if r["bench"] == "host_time":
@@ -318,7 +319,7 @@ def main_bench_torch(args) -> int:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twell.bench_torch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m twell.bench.pytorch", description=__doc__.split("\n\n")[0])
     add_bench_torch_args(p)
     return main_bench_torch(p.parse_args(argv))
 

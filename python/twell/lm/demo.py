@@ -1,6 +1,6 @@
 """``twell demo``: see activation sparsity appear on your own CPU in a few minutes.
 
-Trains the NumPy reference LM (twell.model) twice on the built-in corpus (standard-library source,
+Trains the NumPy reference LM (twell.lm.model) twice on the built-in corpus (standard-library source,
 no download), with the same seed, batches and schedule: once with λ = 0 (dense baseline, ReLU
 gates) and once with the L1 recipe (loss = CE + λ · mean over layers of mean over tokens of
 Σ_j |h_j|). It prints a comparison table (validation loss, zeros, active neurons per token, dead
@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from twell import reference as ref
-from twell import train as T
-from twell._argtypes import existing_file, nonneg_float, output_dir, positive_float, positive_int
-from twell.corpus import load_corpus
-from twell.model import ModelConfig, TransformerLM
+from .. import reference as ref
+from .._argtypes import existing_file, nonneg_float, output_dir, positive_float, positive_int
+from . import train as T
+from .corpus import load_corpus
+from .model import ModelConfig, TransformerLM
 
 __all__ = ["DEMO_L1", "demo_configs", "run_demo", "gpu_check", "format_table",
            "add_demo_args", "main_demo"]
@@ -134,8 +134,9 @@ def gpu_check(model: TransformerLM, inputs: np.ndarray, slots: int = 32, rtol: f
             return {"ran": False, "reason": twell.why_unavailable() or "kernels unavailable"}
         import cupy
         import ml_dtypes
-        from twell import format as fmt
-        from twell import ops
+
+        from .. import format as fmt
+        from .. import ops
     except ImportError as exc:
         return {"ran": False, "reason": f"missing module: {exc.name}"}
     arrays = T.export_ffn(model, inputs)

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from twell import reference as ref
-
-try:  # the executable spec of the format, if present: its tile counts are the ones kernels use
-    from twell import format as _fmt
-except ImportError:  # pragma: no cover - format.py ships with the package
-    _fmt = None
+from .. import format as fmt
+from .. import reference as ref
 
 __all__ = [
     "TILE_COLS", "DEFAULT_SLOTS", "DEFAULT_ELL_WIDTHS",
@@ -32,7 +28,7 @@ __all__ = [
     "hybrid_overflow_rate", "layer_stats", "NeuronActivity",
 ]
 
-TILE_COLS = 256
+TILE_COLS = fmt.TILE_COLS  # the format's tiles: the counts here are the ones the kernels see
 DEFAULT_SLOTS = 32
 DEFAULT_ELL_WIDTHS = (8, 16, 32, 64, 128)
 
@@ -55,8 +51,8 @@ def active_histogram(counts: np.ndarray, hidden: int) -> np.ndarray:
 def tile_counts(h: np.ndarray, tile_cols: int = TILE_COLS) -> np.ndarray:
     """[M, ceil(H / tile_cols)] active entries per tile (the last tile may be partial)."""
     mask = active_mask(h)
-    if _fmt is not None and tile_cols == getattr(_fmt, "TILE_COLS", None):
-        return np.asarray(_fmt.tile_counts(mask.astype(np.float32)), dtype=np.int64)
+    if tile_cols == fmt.TILE_COLS:
+        return np.asarray(fmt.tile_counts(mask.astype(np.float32)), dtype=np.int64)
     m, hidden = mask.shape
     n_tiles = -(-hidden // tile_cols)
     padded = np.zeros((m, n_tiles * tile_cols), dtype=bool)

@@ -3,7 +3,7 @@
 #include <cstdarg>
 #include <cstdio>
 
-#include "capi/errors.h"
+#include "common/errors.h"
 
 namespace twell {
 namespace {
@@ -31,8 +31,10 @@ twell_status fail_cuda(cudaError_t err, const char* what) {
   // The CUDA runtime says "driver version is insufficient" also when there is no driver at all:
   // the runtime loads libcuda.so.1 itself, so if it is not loaded now there is none.
   if (err == cudaErrorInsufficientDriver && dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD) == nullptr) {
-    return fail(status, "%s: no NVIDIA driver found (libcuda.so.1 cannot be loaded; %s): twell's kernels need an "
-                "NVIDIA GPU and its driver", what, cudaGetErrorName(err));
+    return fail(status,
+                "%s: no NVIDIA driver found (libcuda.so.1 cannot be loaded; %s): twell's kernels need an "
+                "NVIDIA GPU and its driver",
+                what, cudaGetErrorName(err));
   }
   return fail(status, "%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
 }

@@ -25,7 +25,7 @@ so ``twell.reference.ffn_forward(x_l, w_gate_l, w_up_l, w_down_l)`` reproduces `
 (up to the rounding of BLAS, which may sum in another order for another number of rows).
 
 Checkpoint layout (``save_checkpoint``): ``config`` (0-d str array, JSON with "model" and
-"meta") and one array ``param/<name>`` per parameter (names in twell.model).
+"meta") and one array ``param/<name>`` per parameter (names in twell.lm.model).
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from twell import sparsity as sp
-from twell._argtypes import (CliError, existing_file, nonneg_float, nonneg_int, output_dir, positive_float,
-                             positive_int)
-from twell.corpus import Corpus, load_corpus
-from twell.model import ModelConfig, TransformerLM
+from .._argtypes import CliError, existing_file, nonneg_float, nonneg_int, output_dir, positive_float, positive_int
+from . import sparsity as sp
+from .corpus import Corpus, load_corpus
+from .model import ModelConfig, TransformerLM
 
 __all__ = [
     "TrainConfig", "AdamW", "clip_grad_norm", "lr_at", "l1_at", "get_batch", "val_windows",
@@ -83,7 +82,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -520,7 +519,8 @@ def add_optim_args(p: argparse.ArgumentParser, d=TrainConfig()) -> None:
                    help="ramp λ linearly from 0 over this many steps (0: constant λ; "
                         "default: half of --steps)")
     g.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="steps between evaluations")
-    g.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per evaluation")
+    g.add_argument("--eval-batches", type=positive_int, default=d.eval_batches,
+                   help="validation batches per evaluation")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--slots", type=int, default=d.slots, choices=(32, 64, 128),
                    help="TwELL slots per 256-column tile for the overflow instrument")

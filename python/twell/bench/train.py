@@ -64,11 +64,9 @@ import zlib
 from pathlib import Path
 from statistics import NormalDist
 
-from twell.bench import _fmt, _git_commit  # shared with the inference benchmark
+from .ffn import fmt_cell, git_commit  # shared with the inference benchmark
 
 __all__ = ["add_bench_train_args", "main_bench_train", "suite_configs", "write_markdown", "write_plot"]
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # (D, H, M, pattern, p, ell_width, path); path "auto" is what a plan does by default (the route it
 # settles on after the warm-up steps is recorded), "sparse" forces the hybrid route for comparison.
@@ -412,7 +410,8 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
     c = float(args.l1_coeff)
     reps, warmup = max(int(args.reps), 10), int(args.warmup)
     rec = {"bench": "train_step", "D": d, "H": h, "M": m, "pattern": pattern, "p": p, "ell_width": width,
-           "path_option": path, "l1_coeff": c, "reps": reps, "warmup": warmup, "seed": args.seed, "dense": "torch bf16 autograd"}
+           "path_option": path, "l1_coeff": c, "reps": reps, "warmup": warmup, "seed": args.seed,
+           "dense": "torch bf16 autograd"}
     sp_target, mem_target = _targets(pattern, p)
     rec["target_speedup"], rec["target_mem_ratio"] = sp_target, mem_target
     seed = args.seed * 1000003 + (zlib.crc32(repr((d, h, m, pattern, p)).encode()) & 0xFFFF)
@@ -573,19 +572,19 @@ def write_markdown(doc: dict, path: Path) -> None:
             continue
         tgt = r.get("target_speedup")
         tgt_s = "-" if tgt is None else f"≥{tgt:g}× " + ("met" if r.get("meets_speedup") else "**not met**")
-        mem = _fmt(r.get("peak_mem_ratio"), ".3f")
+        mem = fmt_cell(r.get("peak_mem_ratio"), ".3f")
         if r.get("target_mem_ratio") is not None:
-            mem += " (≤%g %s)" % (r["target_mem_ratio"], "met" if r.get("meets_memory") else "**not met**")
-        errs = " / ".join(_fmt(r.get("relerr_" + k), ".1e") for k in ("y", "dx", "dw_gate", "dw_up", "dw_down"))
+            mem += f" (≤{r['target_mem_ratio']:g} {'met' if r.get('meets_memory') else '**not met**'})"
+        errs = " / ".join(fmt_cell(r.get("relerr_" + k), ".1e") for k in ("y", "dx", "dw_gate", "dw_up", "dw_down"))
         if r.get("relerr_ok") is False:
             errs += " (FAIL)"
         lines.append("| " + " | ".join(head + [
-            _fmt(r.get("active_per_token"), ".1f"), _fmt(r.get("tail_rows"), "d"),
-            _fmt(r.get("ms"), ".3f"), _fmt(r.get("fwd_ms"), ".3f"), _fmt(r.get("dense_ms"), ".3f"),
-            _fmt(r.get("dense_fwd_ms"), ".3f"), _fmt(r.get("dense_tflops"), ".0f"),
-            _fmt(r.get("speedup_vs_dense"), ".2f") + "×", _fmt(r.get("fwd_speedup"), ".2f") + "×", tgt_s, mem,
-            _fmt(None if r.get("twell_bytes") is None else r["twell_bytes"] / mib, ".0f"),
-            _fmt(None if r.get("dense_bytes") is None else r["dense_bytes"] / mib, ".0f"), errs]) + " |")
+            fmt_cell(r.get("active_per_token"), ".1f"), fmt_cell(r.get("tail_rows"), "d"),
+            fmt_cell(r.get("ms"), ".3f"), fmt_cell(r.get("fwd_ms"), ".3f"), fmt_cell(r.get("dense_ms"), ".3f"),
+            fmt_cell(r.get("dense_fwd_ms"), ".3f"), fmt_cell(r.get("dense_tflops"), ".0f"),
+            fmt_cell(r.get("speedup_vs_dense"), ".2f") + "×", fmt_cell(r.get("fwd_speedup"), ".2f") + "×", tgt_s, mem,
+            fmt_cell(None if r.get("twell_bytes") is None else r["twell_bytes"] / mib, ".0f"),
+            fmt_cell(None if r.get("dense_bytes") is None else r["dense_bytes"] / mib, ".0f"), errs]) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -672,7 +671,7 @@ def main_bench_train(args) -> int:
               "results without one.", file=sys.stderr)
         return 2
     try:
-        from . import _ffi, train_ops
+        from .. import _ffi, train_ops
     except Exception as e:  # cffi missing, broken header
         print(f"twell bench-train: twell's bindings did not load: {e}", file=sys.stderr)
         return 2
@@ -685,7 +684,7 @@ def main_bench_train(args) -> int:
     doc = {
         "device": torch.cuda.get_device_name(0),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "suite": None if args.M else args.suite,
         "command": sys.argv,
         "environment": {"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -721,7 +720,7 @@ def main_bench_train(args) -> int:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twell.bench_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m twell.bench.train", description=__doc__.split("\n\n")[0])
     add_bench_train_args(p)
     return main_bench_train(p.parse_args(argv))
 

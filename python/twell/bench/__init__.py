@@ -1,0 +1,9 @@
+"""Benchmark drivers (each times twell against a dense baseline on the same shapes and keeps JSON,
+Markdown and plots):
+
+* ``twell.bench.ffn``     ``twell bench``: runs the CUDA program bench_ffn (inference vs cuBLASLt)
+* ``twell.bench.train``   ``twell bench-train``: training steps vs PyTorch bf16 autograd
+* ``twell.bench.pytorch`` ``twell bench-torch``: ``twell.torch`` as PyTorch users call it
+
+Methodology and field meanings: bench/README.md.
+"""
