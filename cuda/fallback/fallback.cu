@@ -527,43 +527,46 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   const int64_t rows_cap = a.max_rows < chunk ? a.max_rows : chunk;  // rows one chunk can hold
   const int64_t m_tiles_cap = (rows_cap + kBM - 1) / kBM;
 
-  GemmParams dual{};
-  dual.a = a.x;
-  dual.lda = a.ldx;
-  dual.b0 = gated ? a.w_gate : a.w_up;
-  dual.ldb0 = gated ? a.ldw_gate : a.ldw_up;
-  dual.b1 = a.w_up;
-  dual.ldb1 = a.ldw_up;
-  dual.c = a.h_workspace;
-  dual.ldc = a.H;
-  dual.n = a.H;
-  dual.k = a.D;
+  // Both GEMMs walk the same row list in chunks of `chunk` rows (chunk_start set per launch).
+  // M fastest when the chunk's gathered x is no bigger than the weights it meets.
+  GemmParams dual{.a = a.x,
+                  .lda = a.ldx,
+                  .b0 = gated ? a.w_gate : a.w_up,
+                  .b1 = a.w_up,
+                  .ldb0 = gated ? a.ldw_gate : a.ldw_up,
+                  .ldb1 = a.ldw_up,
+                  .c = a.h_workspace,
+                  .ldc = a.H,
+                  .n = a.H,
+                  .k = a.D,
+                  .m_total = a.M,
+                  .rows = a.rows,
+                  .count = a.count,
+                  .chunk_start = 0,
+                  .chunk_rows = chunk,
+                  .max_rows = a.max_rows,
+                  .m_fastest = rows_cap <= (gated ? 2 : 1) * a.H};
   const int64_t dual_tile_n = gated ? kHalfN : 2 * kHalfN;
   const int64_t dual_tiles = m_tiles_cap * ((a.H + dual_tile_n - 1) / dual_tile_n);
-  // M fastest when the chunk's gathered x is no bigger than the weights it meets.
-  dual.m_fastest = rows_cap <= (gated ? 2 : 1) * a.H;
 
-  GemmParams down{};
-  down.a = a.h_workspace;
-  down.lda = a.H;
-  down.b0 = a.w_down;
-  down.b1 = a.w_down;
-  down.ldb0 = a.ldw_down;
-  down.ldb1 = a.ldw_down;
-  down.c = a.y;
-  down.ldc = a.ldy;
-  down.n = a.D;
-  down.k = a.H;
+  GemmParams down{.a = a.h_workspace,
+                  .lda = a.H,
+                  .b0 = a.w_down,
+                  .b1 = a.w_down,
+                  .ldb0 = a.ldw_down,
+                  .ldb1 = a.ldw_down,
+                  .c = a.y,
+                  .ldc = a.ldy,
+                  .n = a.D,
+                  .k = a.H,
+                  .m_total = a.M,
+                  .rows = a.rows,
+                  .count = a.count,
+                  .chunk_start = 0,
+                  .chunk_rows = chunk,
+                  .max_rows = a.max_rows,
+                  .m_fastest = rows_cap <= a.D};
   const int64_t down_tiles = m_tiles_cap * ((a.D + 2 * kHalfN - 1) / (2 * kHalfN));
-  down.m_fastest = rows_cap <= a.D;
-
-  for (GemmParams* g : {&dual, &down}) {
-    g->m_total = a.M;
-    g->rows = a.rows;
-    g->count = a.count;
-    g->chunk_rows = chunk;
-    g->max_rows = a.max_rows;
-  }
 
   if (path == fallback_detail::kPathCooperative) {
     const FusedFn k = select_fused(gated, stages);

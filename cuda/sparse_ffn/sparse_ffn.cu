@@ -960,25 +960,24 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
 
-  KParams kp;
-  kp.packed = a.packed;
-  kp.row_words = tiles * a.slots;
-  kp.slots = a.slots;
-  kp.tiles = static_cast<int>(tiles);
-  kp.M = a.M;
-  kp.D = a.D;
-  kp.H = a.H;
-  kp.x = a.x;
-  kp.ldx = a.ldx;
-  kp.wu = a.w_up;
-  kp.ldwu = a.ldw_up;
-  kp.wd = a.w_down;
-  kp.ldwd = a.ldw_down;
-  kp.y = a.y;
-  kp.ldy = a.ldy;
-  kp.flags = a.row_flags;
-  kp.stats = a.stats;
-  kp.csize = 1;
+  const KParams kp{.packed = a.packed,
+                   .row_words = tiles * a.slots,
+                   .slots = a.slots,
+                   .tiles = static_cast<int>(tiles),
+                   .M = a.M,
+                   .D = a.D,
+                   .H = a.H,
+                   .x = a.x,
+                   .ldx = a.ldx,
+                   .wu = a.w_up,
+                   .ldwu = a.ldw_up,
+                   .wd = a.w_down,
+                   .ldwd = a.ldw_down,
+                   .y = a.y,
+                   .ldy = a.ldy,
+                   .flags = a.row_flags,
+                   .stats = a.stats,
+                   .csize = 1};
   return gated ? launch_bucket<true>(bucket, tokens_per_cta, up_mma != 0, kp, cluster, stream)
                : launch_bucket<false>(bucket, tokens_per_cta, false, kp, cluster, stream);
 }

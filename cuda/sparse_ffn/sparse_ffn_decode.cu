@@ -442,25 +442,26 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
   if (!sparse_ffn_decode_can_run(a)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   const bool gated = a.w_up != nullptr;
-  Params p;
-  p.packed = a.packed;
-  p.tiles = static_cast<int>(tiles_for(a.H));
-  p.slots = a.slots;
-  p.log2_slots = log2_of(a.slots);
-  p.row_words = p.tiles * a.slots;
-  p.M = a.M;
-  p.D = a.D;
-  p.H = a.H;
-  p.x = a.x;
-  p.ldx = a.ldx;
-  p.wu = a.w_up;
-  p.ldwu = a.ldw_up;
-  p.wd = a.w_down;
-  p.ldwd = a.ldw_down;
-  p.y = a.y;
-  p.ldy = a.ldy;
-  p.stats = a.stats;
-  p.rows = a.overflow_rows;
+  const int tiles = static_cast<int>(tiles_for(a.H));
+  Params p{.packed = a.packed,
+           .row_words = tiles * a.slots,
+           .slots = a.slots,
+           .log2_slots = log2_of(a.slots),
+           .tiles = tiles,
+           .M = a.M,
+           .D = a.D,
+           .H = a.H,
+           .x = a.x,
+           .ldx = a.ldx,
+           .wu = a.w_up,
+           .ldwu = a.ldw_up,
+           .wd = a.w_down,
+           .ldwd = a.ldw_down,
+           .y = a.y,
+           .ldy = a.ldy,
+           .stats = a.stats,
+           .rows = a.overflow_rows,
+           .csize = 1};
   const Layout L = make_layout(p.row_words, p.tiles, p.slots, p.D, gated);
   auto kern = gated ? sparse_decode_kernel<true> : sparse_decode_kernel<false>;
   // At most 16 + 32 + 2 * 16 + 8 KiB (kSparseDecodeMaxRowWords, D <= 16384).
