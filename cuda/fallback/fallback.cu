@@ -80,13 +80,11 @@ enum class Epi : int {
 };
 
 struct GemmParams {
-  const bf16* a;  // GATHER_A: x (row = list entry); else h_workspace (row = chunk-local i)
-  int64_t lda;
+  MatRef<const bf16> a;  // GATHER_A: x (row = list entry); else h_workspace (row = chunk-local i)
   const bf16* b0;  // half 0 operand
   const bf16* b1;  // half 1 operand (== b0 unless gated)
   int64_t ldb0, ldb1;
-  bf16* c;  // GATHER_A: h_workspace (chunk-local rows); else y (row = list entry)
-  int64_t ldc;
+  MatRef<bf16> c;  // GATHER_A: h_workspace (chunk-local rows); else y (row = list entry)
   int64_t n, k;    // GEMM N and K
   int64_t m_total; // rows of x and y: list entries outside [0, m_total) are ignored
   const int32_t* rows;
@@ -197,7 +195,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid, u
       const int32_t row = s_rows[r];
       const int64_t src_row = GATHER_A ? static_cast<int64_t>(row) : m0 + r;
       a_ok |= (row >= 0 ? 1u : 0u) << j;
-      a_src[j] = row >= 0 ? p.a + src_row * p.lda + a_c * 8 : p.a;
+      a_src[j] = row >= 0 ? p.a.ptr + src_row * p.a.ld + a_c * 8 : p.a.ptr;
     }
     // B, K-major [128 n][64 k] halves: rows (tid>>3) + 32j, chunk tid&7.
     // B, N-major [64 k][128 n] halves: k-rows (tid>>4) + 16j, chunk tid&15.
@@ -232,7 +230,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid, u
         for (int j = 0; j < 4; ++j) {
           const int r = (tid >> 3) + 32 * j;
           const bool ok = kok && ((a_ok >> j) & 1u);
-          sm80::cp_async_16_zfill(sbase + swz_k(r, a_c), ok ? a_src[j] + k0 : p.a, ok ? 16 : 0);
+          sm80::cp_async_16_zfill(sbase + swz_k(r, a_c), ok ? a_src[j] + k0 : p.a.ptr, ok ? 16 : 0);
         }
       }
 #pragma unroll
@@ -335,7 +333,7 @@ __device__ __forceinline__ void gemm_tiles(const GemmParams& p, int64_t valid, u
         const int32_t row = s_rows[r];
         if (row < 0) continue;
         const int64_t out_row = GATHER_A ? m0 + r : static_cast<int64_t>(row);
-        bf16* out = p.c + out_row * p.ldc;
+        bf16* out = p.c.ptr + out_row * p.c.ld;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           const int col = wn * 32 + ni * 8 + 2 * (lane & 3);
@@ -447,17 +445,18 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 cudaError_t validate(const FallbackArgs& a) {
   if (a.M < 0 || a.max_rows < 0 || a.chunk_rows <= 0) return cudaErrorInvalidValue;
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0) return cudaErrorInvalidValue;
-  if (!a.x || !a.w_up || !a.w_down || !a.y || !a.rows || !a.count || !a.h_workspace) return cudaErrorInvalidValue;
-  // 16-byte cp.async sources: 16-byte aligned bases, leading dimensions multiples of 8.
-  if (!aligned16(a.x) || !aligned16(a.w_up) || !aligned16(a.w_down) || !aligned16(a.h_workspace))
+  if (!a.x.ptr || !a.w_up.ptr || !a.w_down.ptr || !a.y.ptr || !a.rows || !a.count || !a.h_workspace)
     return cudaErrorInvalidValue;
-  if (a.w_gate && !aligned16(a.w_gate)) return cudaErrorInvalidValue;
-  if (a.ldx < a.D || a.ldx % 8 != 0) return cudaErrorInvalidValue;
-  if (a.ldw_up < a.D || a.ldw_up % 8 != 0) return cudaErrorInvalidValue;
-  if (a.ldw_down < a.D || a.ldw_down % 8 != 0) return cudaErrorInvalidValue;
-  if (a.w_gate && (a.ldw_gate < a.D || a.ldw_gate % 8 != 0)) return cudaErrorInvalidValue;
+  // 16-byte cp.async sources: 16-byte aligned bases, leading dimensions multiples of 8.
+  if (!aligned16(a.x.ptr) || !aligned16(a.w_up.ptr) || !aligned16(a.w_down.ptr) || !aligned16(a.h_workspace))
+    return cudaErrorInvalidValue;
+  if (a.w_gate.ptr && !aligned16(a.w_gate.ptr)) return cudaErrorInvalidValue;
+  if (a.x.ld < a.D || a.x.ld % 8 != 0) return cudaErrorInvalidValue;
+  if (a.w_up.ld < a.D || a.w_up.ld % 8 != 0) return cudaErrorInvalidValue;
+  if (a.w_down.ld < a.D || a.w_down.ld % 8 != 0) return cudaErrorInvalidValue;
+  if (a.w_gate.ptr && (a.w_gate.ld < a.D || a.w_gate.ld % 8 != 0)) return cudaErrorInvalidValue;
   // bf16x2 stores into y.
-  if ((reinterpret_cast<uintptr_t>(a.y) & 3u) != 0 || a.ldy < a.D || a.ldy % 2 != 0) return cudaErrorInvalidValue;
+  if ((reinterpret_cast<uintptr_t>(a.y.ptr) & 3u) != 0 || a.y.ld < a.D || a.y.ld % 2 != 0) return cudaErrorInvalidValue;
   if (a.M > INT32_MAX) return cudaErrorInvalidValue;  // row ids are int32
   return cudaSuccess;
 }
@@ -514,7 +513,7 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   const size_t smem = smem_bytes(stages);
   if (smem + kStaticSmemSlack > static_cast<size_t>(info.smem_optin)) return cudaErrorInvalidValue;
 
-  const bool gated = a.w_gate != nullptr;
+  const bool gated = a.w_gate.ptr != nullptr;
   if (path == fallback_detail::kPathAuto && a.pdl) path = fallback_detail::kPathLaunches;
   if (path == fallback_detail::kPathAuto)
     path = info.cooperative && mask == fallback_detail::kBoth ? fallback_detail::kPathCooperative
@@ -529,14 +528,13 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
 
   // Both GEMMs walk the same row list in chunks of `chunk` rows (chunk_start set per launch).
   // M fastest when the chunk's gathered x is no bigger than the weights it meets.
+  const MatRef<const bf16> b0 = gated ? a.w_gate : a.w_up;
   GemmParams dual{.a = a.x,
-                  .lda = a.ldx,
-                  .b0 = gated ? a.w_gate : a.w_up,
-                  .b1 = a.w_up,
-                  .ldb0 = gated ? a.ldw_gate : a.ldw_up,
-                  .ldb1 = a.ldw_up,
-                  .c = a.h_workspace,
-                  .ldc = a.H,
+                  .b0 = b0.ptr,
+                  .b1 = a.w_up.ptr,
+                  .ldb0 = b0.ld,
+                  .ldb1 = a.w_up.ld,
+                  .c = {a.h_workspace, a.H},
                   .n = a.H,
                   .k = a.D,
                   .m_total = a.M,
@@ -549,14 +547,12 @@ cudaError_t run(const FallbackArgs& a, cudaStream_t stream, int stages, unsigned
   const int64_t dual_tile_n = gated ? kHalfN : 2 * kHalfN;
   const int64_t dual_tiles = m_tiles_cap * ((a.H + dual_tile_n - 1) / dual_tile_n);
 
-  GemmParams down{.a = a.h_workspace,
-                  .lda = a.H,
-                  .b0 = a.w_down,
-                  .b1 = a.w_down,
-                  .ldb0 = a.ldw_down,
-                  .ldb1 = a.ldw_down,
+  GemmParams down{.a = {a.h_workspace, a.H},
+                  .b0 = a.w_down.ptr,
+                  .b1 = a.w_down.ptr,
+                  .ldb0 = a.w_down.ld,
+                  .ldb1 = a.w_down.ld,
                   .c = a.y,
-                  .ldc = a.ldy,
                   .n = a.D,
                   .k = a.H,
                   .m_total = a.M,

@@ -10,21 +10,17 @@
 // c*chunk_rows >= *count, so an empty list costs only the (tiny) launches.
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
 
 struct FallbackArgs {
-  const bf16* x = nullptr;  // [M, D], row stride ldx
-  int64_t ldx = 0;
-  const bf16* w_gate = nullptr;  // [H, D] row stride ldw_gate; nullptr = non-gated
-  int64_t ldw_gate = 0;
-  const bf16* w_up = nullptr;    // [H, D] row stride ldw_up
-  int64_t ldw_up = 0;
-  const bf16* w_down = nullptr;  // [H, D] row stride ldw_down (neuron-major)
-  int64_t ldw_down = 0;
-  bf16* y = nullptr;             // [M, D] row stride ldy
-  int64_t ldy = 0;
+  MatRef<const bf16> x;       // [M, D]
+  MatRef<const bf16> w_gate;  // [H, D]; w_gate.ptr = nullptr = non-gated
+  MatRef<const bf16> w_up;    // [H, D]
+  MatRef<const bf16> w_down;  // [H, D] (neuron-major)
+  MatRef<bf16> y;             // [M, D]
   int64_t M = 0, D = 0, H = 0;
   const int32_t* rows = nullptr; // device list of row indices (< M)
   const u64* count = nullptr;    // device: number of valid entries in rows

@@ -34,10 +34,8 @@ constexpr int kMaxCluster = 8;     // portable cluster size
 constexpr size_t kXBudget = 112 * 1024;
 
 struct DecodeParams {
-  const bf16* x;
-  int64_t ldx;
-  const bf16* w;
-  int64_t ldw;
+  MatRef<const bf16> x;
+  MatRef<const bf16> w;
   int64_t M, D, H;
   int slots;
   uint32_t* packed;
@@ -120,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
   const int64_t row_b = row_a + 8;
   const bool va = row_a < p.H, vb = row_b < p.H;
   const bool warp_live = tile * kTileCols + warp * 16 < p.H;  // warp-uniform
-  const bf16* pa = p.w + (va ? row_a : 0) * p.ldw;
-  const bf16* pb = p.w + (vb ? row_b : 0) * p.ldw;
+  const bf16* pa = p.w.ptr + (va ? row_a : 0) * p.w.ld;
+  const bf16* pb = p.w.ptr + (vb ? row_b : 0) * p.w.ld;
 
   float acc[NB][4];
 #pragma unroll
@@ -138,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1) gate_decode_kernel(const DecodePa
       for (int idx = threadIdx.x; idx < kMpad * vecs; idx += kThreads) {
         const int m = idx / vecs, c = idx - m * vecs;
         const bool ok = m < p.M && c * 8 < len;
-        const bf16* src = ok ? p.x + m * p.ldx + k0 + c * 8 : p.x;
+        const bf16* src = ok ? p.x.ptr + m * p.x.ld + k0 + c * 8 : p.x.ptr;
         const uint32_t dst = sm80::smem_u32(xs + m * xrow + c * 8);
         sm80::cp_async_16_zfill(dst, src, ok ? 16 : 0);
       }
@@ -338,11 +336,11 @@ cudaError_t max_clusters(int dev, int k, int* out) {
 bool gate_pack_decode_can_run(const GatePackArgs& a) {
   if (a.M < 1 || a.M > kGateDecodeMaxRows) return false;
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0) return false;
-  if (a.ldx < a.D || a.ldw < a.D || a.ldx % 8 != 0 || a.ldw % 8 != 0) return false;
+  if (a.x.ld < a.D || a.w.ld < a.D || a.x.ld % 8 != 0 || a.w.ld % 8 != 0) return false;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return false;
-  if (a.x == nullptr || a.w == nullptr || a.packed == nullptr || a.row_flags == nullptr || a.stats == nullptr)
+  if (a.x.ptr == nullptr || a.w.ptr == nullptr || a.packed == nullptr || a.row_flags == nullptr || a.stats == nullptr)
     return false;
-  if ((reinterpret_cast<uintptr_t>(a.x) | reinterpret_cast<uintptr_t>(a.w)) % 16 != 0) return false;
+  if ((reinterpret_cast<uintptr_t>(a.x.ptr) | reinterpret_cast<uintptr_t>(a.w.ptr)) % 16 != 0) return false;
   if (tiles_for(a.H) * kMaxCluster > 0x7fffffffLL) return false;
   return device_ok(nullptr);
 }
@@ -377,9 +375,7 @@ cudaError_t launch_decode(const GatePackArgs& a, int sm_count, cudaStream_t stre
 
   DecodeParams p;
   p.x = a.x;
-  p.ldx = a.ldx;
   p.w = a.w;
-  p.ldw = a.ldw;
   p.M = a.M;
   p.D = a.D;
   p.H = a.H;

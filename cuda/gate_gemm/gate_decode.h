@@ -27,7 +27,7 @@
 //    the consumer's statistics moved to an extra cluster: within noise (+-1 us).
 //
 // Requirements (gate_pack_decode_can_run): 1 <= M <= kGateDecodeMaxRows, D and H
-// multiples of 8 (> 0), ldx and ldw multiples of 8, x and w 16-byte aligned,
+// multiples of 8 (> 0), x.ld and w.ld multiples of 8, x and w 16-byte aligned,
 // slots in {32, 64, 128}, a device of compute capability >= 9.0 and a build
 // that carries sm_90 (or newer) code for the kernel. Elsewhere can_run is
 // false and callers use the other gate paths.

@@ -13,15 +13,14 @@
 // every row < M is written (no pre-zeroing needed).
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
 
 struct GatePackArgs {
-  const bf16* x = nullptr;  // [M, D] row-major, row stride ldx (elements)
-  int64_t ldx = 0;
-  const bf16* w = nullptr;  // [H, D] row-major (nn.Linear weight), row stride ldw
-  int64_t ldw = 0;
+  MatRef<const bf16> x;  // [M, D]
+  MatRef<const bf16> w;  // [H, D] (nn.Linear weight)
   int64_t M = 0, D = 0, H = 0;
   int slots = 32;               // 32, 64 or 128
   uint32_t* packed = nullptr;   // [M, tiles_for(H) * slots], compact

@@ -114,16 +114,16 @@ bool gate_pack_sm90_compiled() { return TWELL_HAS_SM90A == 1; }
 bool gate_pack_sm90_can_run(const GatePackArgs& a) {
   if (!gate_pack_sm90_compiled()) return false;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return false;
-  if (a.x == nullptr || a.w == nullptr || a.packed == nullptr || a.row_flags == nullptr || a.stats == nullptr)
+  if (a.x.ptr == nullptr || a.w.ptr == nullptr || a.packed == nullptr || a.row_flags == nullptr || a.stats == nullptr)
     return false;
   // TMA: 16-byte aligned bases and row strides, strides below 2^40 bytes,
   // int32 coordinates (rows and columns, plus one cluster tile of slack).
-  if (!aligned16(a.x) || !aligned16(a.w) || !aligned16(a.packed)) return false;
+  if (!aligned16(a.x.ptr) || !aligned16(a.w.ptr) || !aligned16(a.packed)) return false;
   if (a.M < 0 || a.M > (int64_t{1} << 31) - 1024) return false;
   if (a.D < 8 || a.D % 8 != 0 || a.D > (int64_t{1} << 30)) return false;
   if (a.H < 8 || a.H % 8 != 0 || a.H > (int64_t{1} << 30)) return false;
-  if (a.ldx < a.D || a.ldx % 8 != 0 || a.ldx > (int64_t{1} << 38)) return false;
-  if (a.ldw < a.D || a.ldw % 8 != 0 || a.ldw > (int64_t{1} << 38)) return false;
+  if (a.x.ld < a.D || a.x.ld % 8 != 0 || a.x.ld > (int64_t{1} << 38)) return false;
+  if (a.w.ld < a.D || a.w.ld % 8 != 0 || a.w.ld > (int64_t{1} << 38)) return false;
   const int64_t row_words = tiles_for(a.H) * a.slots;
   if (row_words * 4 >= (int64_t{1} << 40)) return false;
   return true;

@@ -24,8 +24,8 @@ twell_status gate_pack_portable(const GatePackArgs& a, void* chunk, void* lt_ws,
   const int64_t words = tiles_for(a.H) * a.slots;
   for (int64_t r0 = 0; r0 < a.M; r0 += rows) {
     const int64_t n = a.M - r0 < rows ? a.M - r0 : rows;
-    twell_status st = lt_linear(a.x + r0 * a.ldx, a.ldx, a.w, a.ldw, chunk, a.H, /*c_is_f32=*/true, n, a.H, a.D, lt_ws,
-                                lt_ws_bytes, stream);
+    twell_status st = lt_linear(a.x.ptr + r0 * a.x.ld, a.x.ld, a.w.ptr, a.w.ld, chunk, a.H, /*c_is_f32=*/true, n, a.H,
+                                a.D, lt_ws, lt_ws_bytes, stream);
     if (st != TWELL_SUCCESS) return st;
     cudaError_t err = pack_rows(chunk, /*is_f32=*/true, a.H, n, a.H, a.slots, a.packed + r0 * words, a.row_flags + r0,
                                 a.stats, stream);

@@ -762,9 +762,9 @@ cudaError_t launch(const GatePackArgs& a, int num_sms, int device, cudaStream_t 
 
   const int64_t tiles = tiles_for(a.H);
   CUtensorMap tm_x, tm_w, tm_out;
-  TWELL_CUDA_TRY(encode_2d(encode, &tm_x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.x, a.D, a.M, a.ldx * 2, kBK, C::kBM,
+  TWELL_CUDA_TRY(encode_2d(encode, &tm_x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.x.ptr, a.D, a.M, a.x.ld * 2, kBK, C::kBM,
                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B));
-  TWELL_CUDA_TRY(encode_2d(encode, &tm_w, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.w, a.D, a.H, a.ldw * 2, kBK,
+  TWELL_CUDA_TRY(encode_2d(encode, &tm_w, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.w.ptr, a.D, a.H, a.w.ld * 2, kBK,
                            kBN / kCluster, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B));
   if constexpr (kEpi == kEpiTmaStore) {
     TWELL_CUDA_TRY(encode_2d(encode, &tm_out, CU_TENSOR_MAP_DATA_TYPE_UINT32, a.packed,

@@ -72,14 +72,10 @@ struct KParams {
   int slots;
   int tiles;
   int64_t M, D, H;
-  const bf16* x;
-  int64_t ldx;
-  const bf16* wu;
-  int64_t ldwu;
-  const bf16* wd;
-  int64_t ldwd;
-  bf16* y;
-  int64_t ldy;
+  MatRef<const bf16> x;
+  MatRef<const bf16> wu;
+  MatRef<const bf16> wd;
+  MatRef<bf16> y;
   const uint8_t* flags;
   u64* stats;
   int csize;  // CTAs per token (cluster size), 1 = no cluster
@@ -313,7 +309,7 @@ __device__ __forceinline__ void stage_x_rows(const KParams& p, const SmemArrays&
     for (int k = 0; k < CH; ++k) {
       if (ok[k]) {
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (s.s_act[t]) v = __ldcs(reinterpret_cast<const uint4*>(p.x + (at.m0 + t) * p.ldx) + ck[k]);
+        if (s.s_act[t]) v = __ldcs(reinterpret_cast<const uint4*>(p.x.ptr + (at.m0 + t) * p.x.ld) + ck[k]);
         s.xs[t * at.nch + ck[k]] = v;
       }
     }
@@ -465,10 +461,10 @@ __device__ __forceinline__ void up_partials_mma(float (&cfrag)[4], uint4 (&w)[mm
   for (int g0 = 0; g0 < nb; g0 += 8) {
     const uint32_t mypw = g0 + n < nb ? s.s_pw[g0 + n] : kPairSentinel;
     const bool myvalid = mypw != kPairSentinel;
-    const uint4* wrow = reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(mypw >> 4) * p.ldwu);
+    const uint4* wrow = reinterpret_cast<const uint4*>(p.wu.ptr + static_cast<int64_t>(mypw >> 4) * p.wu.ld);
     if constexpr (TB == 1) {
       // Latency-bound (small M): start W_d's rows on their way to L2.
-      const uint4* drow = reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(mypw >> 4) * p.ldwd);
+      const uint4* drow = reinterpret_cast<const uint4*>(p.wd.ptr + static_cast<int64_t>(mypw >> 4) * p.wd.ld);
       for (int i = 0; i < my_blocks; ++i) {
         const int c = (warp + i * NW) * 4 + q;
         if (myvalid && c < nch) sm80::prefetch_l2(drow + c);
@@ -575,7 +571,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[TB][CH][8], const 
 #pragma unroll
   for (int t = 0; t < TB; ++t) {
     if (s.s_act[t]) {
-      uint4* yr = reinterpret_cast<uint4*>(p.y + (at.m0 + t) * p.ldy);
+      uint4* yr = reinterpret_cast<uint4*>(p.y.ptr + (at.m0 + t) * p.y.ld);
 #pragma unroll
       for (int k = 0; k < CH; ++k)
         if (ok[k]) __stcs(yr + ck[k], pack8(acc[t][k]));
@@ -607,7 +603,7 @@ __device__ __forceinline__ void store_row_cluster(const float (&acc)[CH][8], flo
   if (s.s_act[0]) {
     const int lo = static_cast<int>((static_cast<int64_t>(at.nch) * at.rank) / cs);
     const int hi = static_cast<int>((static_cast<int64_t>(at.nch) * (at.rank + 1)) / cs);
-    uint4* yr = reinterpret_cast<uint4*>(p.y + at.m0 * p.ldy);
+    uint4* yr = reinterpret_cast<uint4*>(p.y.ptr + at.m0 * p.y.ld);
     for (int c = lo + at.tid; c < hi; c += NT) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) sum[e] = 0.f;
@@ -745,10 +741,10 @@ __global__ void __launch_bounds__(NT, 65536 / (NT * 128)) sparse_ffn_kernel(cons
             uint32_t pw[G];
             const uint32_t prevj = read_group<G>(pw, s.s_pw, g0, nb);
             uint4 w[G][CH];
-            load_rows<G, CH>(w, pw, prevj, p.wu, p.ldwu, ck, ok);
+            load_rows<G, CH>(w, pw, prevj, p.wu.ptr, p.wu.ld, ck, ok);
             if constexpr (TB == 1) {
               // Latency-bound (small M): start W_d's rows on their way to L2.
-              prefetch_rows<G, CH>(pw, prevj, p.wd, p.ldwd, ck, ok);
+              prefetch_rows<G, CH>(pw, prevj, p.wd.ptr, p.wd.ld, ck, ok);
             }
             float part[G];
             dot_group<G, CH>(part, v, w, pw, prevj, s.xs, at.nch, ck, ok);
@@ -771,7 +767,7 @@ __global__ void __launch_bounds__(NT, 65536 / (NT * 128)) sparse_ffn_kernel(cons
           uint32_t pw[G];
           const uint32_t prevj = read_group<G>(pw, s.s_pw, g0, nb);
           uint4 w[G][CH];
-          load_rows<G, CH>(w, pw, prevj, p.wd, p.ldwd, ck, ok);
+          load_rows<G, CH>(w, pw, prevj, p.wd.ptr, p.wd.ld, ck, ok);
           axpy_group<G, CH, TB>(acc, v, w, pw, prevj, hv + g0);
         }
       }
@@ -953,10 +949,10 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return cudaErrorInvalidValue;
   const int64_t tiles = tiles_for(a.H);
   if (tiles > kMaxTiles) return cudaErrorInvalidValue;
-  const bool gated = a.w_up != nullptr;
-  if (a.packed == nullptr || a.w_down == nullptr || a.y == nullptr) return cudaErrorInvalidValue;
-  if (gated && (a.x == nullptr || !ld_ok(a.ldx, a.D) || !ld_ok(a.ldw_up, a.D))) return cudaErrorInvalidValue;
-  if (!ld_ok(a.ldw_down, a.D) || !ld_ok(a.ldy, a.D)) return cudaErrorInvalidValue;
+  const bool gated = a.w_up.ptr != nullptr;
+  if (a.packed == nullptr || a.w_down.ptr == nullptr || a.y.ptr == nullptr) return cudaErrorInvalidValue;
+  if (gated && (a.x.ptr == nullptr || !ld_ok(a.x.ld, a.D) || !ld_ok(a.w_up.ld, a.D))) return cudaErrorInvalidValue;
+  if (!ld_ok(a.w_down.ld, a.D) || !ld_ok(a.y.ld, a.D)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
 
@@ -968,13 +964,9 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
                    .D = a.D,
                    .H = a.H,
                    .x = a.x,
-                   .ldx = a.ldx,
                    .wu = a.w_up,
-                   .ldwu = a.ldw_up,
                    .wd = a.w_down,
-                   .ldwd = a.ldw_down,
                    .y = a.y,
-                   .ldy = a.ldy,
                    .flags = a.row_flags,
                    .stats = a.stats,
                    .csize = 1};

@@ -10,6 +10,7 @@
 // for every row (flagged or not), when stats != nullptr.
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
@@ -18,14 +19,10 @@ struct SparseFfnArgs {
   const uint32_t* packed = nullptr;  // [M, tiles_for(H) * slots]
   int slots = 32;
   int64_t M = 0, D = 0, H = 0;
-  const bf16* x = nullptr;      // [M, D], row stride ldx (gated only; nullptr for non-gated)
-  int64_t ldx = 0;
-  const bf16* w_up = nullptr;   // [H, D] compact rows of stride ldw_up (gated only)
-  int64_t ldw_up = 0;
-  const bf16* w_down = nullptr; // [H, D], row stride ldw_down
-  int64_t ldw_down = 0;
-  bf16* y = nullptr;            // [M, D], row stride ldy
-  int64_t ldy = 0;
+  MatRef<const bf16> x;       // [M, D] (gated only; x.ptr = nullptr for non-gated)
+  MatRef<const bf16> w_up;    // [H, D] (gated only)
+  MatRef<const bf16> w_down;  // [H, D]
+  MatRef<bf16> y;             // [M, D]
   const uint8_t* row_flags = nullptr;  // [M] or nullptr (no row skipped)
   u64* stats = nullptr;                // or nullptr
 };

@@ -36,14 +36,10 @@ struct Params {
   const uint32_t* packed;
   int row_words, slots, log2_slots, tiles;
   int64_t M, D, H;
-  const bf16* x;
-  int64_t ldx;
-  const bf16* wu;
-  int64_t ldwu;
-  const bf16* wd;
-  int64_t ldwd;
-  bf16* y;
-  int64_t ldy;
+  MatRef<const bf16> x;
+  MatRef<const bf16> wu;
+  MatRef<const bf16> wd;
+  MatRef<bf16> y;
   u64* stats;
   int32_t* rows;
   int csize;
@@ -199,7 +195,7 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     const uint32_t* prow = p.packed + m * p.row_words;
     for (int i = tid; i < (p.row_words >> 2); i += kNT) sm80::cp_async_16(sm80::smem_u32(s_row + 4 * i), prow + 4 * i);
     if (GATED) {
-      const bf16* xr = p.x + m * p.ldx;
+      const bf16* xr = p.x.ptr + m * p.x.ld;
       for (int i = tid; i < nch; i += kNT) sm80::cp_async_16(sm80::smem_u32(s_x + 8 * i), xr + 8 * i);
     }
     sm80::cp_async_commit();
@@ -264,10 +260,10 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     for (int u = 0; u < kPreload; ++u) {
       const int qq = grp + u * groups;
       const uint32_t j = grp < groups && qq < total ? s_j[qq] : kNoNeuron;
-      pre[u] =
-          j != kNoNeuron
-              ? sm80::ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ca + cl)
-              : make_uint4(0u, 0u, 0u, 0u);
+      pre[u] = j != kNoNeuron
+                   ? sm80::ld_stream16(reinterpret_cast<const uint4*>(p.wd.ptr + static_cast<int64_t>(j) * p.wd.ld) +
+                                       ca + cl)
+                   : make_uint4(0u, 0u, 0u, 0u);
     }
   }
 
@@ -284,15 +280,15 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     const uint32_t j0 = s_j[q0];
     const uint32_t j1 = q1 < qb ? s_j[q1] : kNoNeuron;
     const bool v0 = j0 != kNoNeuron, v1 = j1 != kNoNeuron;
-    const bf16* d0 = p.wd + static_cast<int64_t>(v0 ? j0 : 0) * p.ldwd;
-    const bf16* d1 = p.wd + static_cast<int64_t>(v1 ? j1 : 0) * p.ldwd;
+    const bf16* d0 = p.wd.ptr + static_cast<int64_t>(v0 ? j0 : 0) * p.wd.ld;
+    const bf16* d1 = p.wd.ptr + static_cast<int64_t>(v1 ? j1 : 0) * p.wd.ld;
     for (int64_t e = static_cast<int64_t>(lane) * 64; e < p.D; e += 32 * 64) {  // 128-byte lines
       if (v0) sm80::prefetch_l2(d0 + e);
       if (v1) sm80::prefetch_l2(d1 + e);
     }
     if constexpr (GATED) {
-      const uint4* a0 = reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(v0 ? j0 : 0) * p.ldwu);
-      const uint4* a1 = reinterpret_cast<const uint4*>(p.wu + static_cast<int64_t>(v1 ? j1 : 0) * p.ldwu);
+      const uint4* a0 = reinterpret_cast<const uint4*>(p.wu.ptr + static_cast<int64_t>(v0 ? j0 : 0) * p.wu.ld);
+      const uint4* a1 = reinterpret_cast<const uint4*>(p.wu.ptr + static_cast<int64_t>(v1 ? j1 : 0) * p.wu.ld);
       const uint4* xs = reinterpret_cast<const uint4*>(s_x);
       // Four partial sums (load slot u feeds sum u % 4: dependent FMA chains
       // a quarter as long), added in a fixed tree order at the end.
@@ -352,7 +348,7 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
   //    partial sums are then added in group order.
   if (flagged) return;  // CTA-uniform, after the last cluster barrier
   const float* hv = GATED ? s_h : s_g;
-  uint4* yrow = reinterpret_cast<uint4*>(p.y + m * p.ldy);
+  uint4* yrow = reinterpret_cast<uint4*>(p.y.ptr + m * p.y.ld);
   for (int c0 = ca; c0 < cz; c0 += kNT) {
     const int n = cz - c0 < kNT ? cz - c0 : kNT;
     const int groups = kNT / n;
@@ -374,9 +370,9 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
           if (u < kPreload && first) {
             v[u] = pre[u < kPreload ? u : 0];
           } else {
-            v[u] = ok[u]
-                       ? sm80::ld_stream16(reinterpret_cast<const uint4*>(p.wd + static_cast<int64_t>(j) * p.ldwd) + ch)
-                       : make_uint4(0u, 0u, 0u, 0u);
+            v[u] = ok[u] ? sm80::ld_stream16(
+                               reinterpret_cast<const uint4*>(p.wd.ptr + static_cast<int64_t>(j) * p.wd.ld) + ch)
+                         : make_uint4(0u, 0u, 0u, 0u);
           }
         }
 #pragma unroll
@@ -441,7 +437,7 @@ int log2_of(int v) {
 cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t stream) {
   if (!sparse_ffn_decode_can_run(a)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
-  const bool gated = a.w_up != nullptr;
+  const bool gated = a.w_up.ptr != nullptr;
   const int tiles = static_cast<int>(tiles_for(a.H));
   Params p{.packed = a.packed,
            .row_words = tiles * a.slots,
@@ -452,13 +448,9 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
            .D = a.D,
            .H = a.H,
            .x = a.x,
-           .ldx = a.ldx,
            .wu = a.w_up,
-           .ldwu = a.ldw_up,
            .wd = a.w_down,
-           .ldwd = a.ldw_down,
            .y = a.y,
-           .ldy = a.ldy,
            .stats = a.stats,
            .rows = a.overflow_rows,
            .csize = 1};
@@ -517,12 +509,15 @@ bool sparse_ffn_decode_can_run(const SparseFfnDecodeArgs& a) {
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0 || a.D > 16384) return false;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return false;
   if (tiles_for(a.H) * a.slots > kSparseDecodeMaxRowWords) return false;
-  if (a.packed == nullptr || a.w_down == nullptr || a.y == nullptr || a.stats == nullptr || a.overflow_rows == nullptr)
+  if (a.packed == nullptr || a.w_down.ptr == nullptr || a.y.ptr == nullptr || a.stats == nullptr ||
+      a.overflow_rows == nullptr)
     return false;
-  const bool gated = a.w_up != nullptr;
-  if (gated && (a.x == nullptr || !ld_ok(a.ldx, a.D) || !ld_ok(a.ldw_up, a.D) || !al16(a.x) || !al16(a.w_up)))
+  const bool gated = a.w_up.ptr != nullptr;
+  if (gated &&
+      (a.x.ptr == nullptr || !ld_ok(a.x.ld, a.D) || !ld_ok(a.w_up.ld, a.D) || !al16(a.x.ptr) || !al16(a.w_up.ptr)))
     return false;
-  if (!ld_ok(a.ldw_down, a.D) || !ld_ok(a.ldy, a.D) || !al16(a.w_down) || !al16(a.y) || !al16(a.packed)) return false;
+  if (!ld_ok(a.w_down.ld, a.D) || !ld_ok(a.y.ld, a.D) || !al16(a.w_down.ptr) || !al16(a.y.ptr) || !al16(a.packed))
+    return false;
   return device_ok();
 }
 

@@ -36,6 +36,7 @@
 // running sm_90 code.
 #pragma once
 
+#include "common/matref.h"
 #include "common/twell_internal.h"
 
 namespace twell {
@@ -47,14 +48,10 @@ struct SparseFfnDecodeArgs {
   const uint32_t* packed = nullptr;  // [M, tiles_for(H) * slots]
   int slots = 32;
   int64_t M = 0, D = 0, H = 0;
-  const bf16* x = nullptr;  // [M, D] row stride ldx (gated only; nullptr for non-gated)
-  int64_t ldx = 0;
-  const bf16* w_up = nullptr;  // [H, D] (gated only)
-  int64_t ldw_up = 0;
-  const bf16* w_down = nullptr;  // [H, D]
-  int64_t ldw_down = 0;
-  bf16* y = nullptr;  // [M, D]
-  int64_t ldy = 0;
+  MatRef<const bf16> x;       // [M, D] (gated only; x.ptr = nullptr for non-gated)
+  MatRef<const bf16> w_up;    // [H, D] (gated only)
+  MatRef<const bf16> w_down;  // [H, D]
+  MatRef<bf16> y;             // [M, D]
   u64* stats = nullptr;            // [TWELL_STATS_WORDS], every word written
   int32_t* overflow_rows = nullptr;  // [M]
   bool pdl = false;  // launched as a programmatic dependent of the previous kernel (cuda/common/pdl.cuh)

@@ -131,10 +131,8 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     // Gate GEMM -> TwELL (+ overflowed-row flags, stats).
     TWELL_CUDA_STEP(cudaMemsetAsync(flags, 0, static_cast<size_t>(M), s), "clearing the row flags");
     auto* packed = reinterpret_cast<uint32_t*>(ws + L.packed);
-    const GatePackArgs a{.x = w.x.ptr,
-                         .ldx = w.x.ld,
-                         .w = w.w_gate.ptr,
-                         .ldw = w.w_gate.ld,
+    const GatePackArgs a{.x = w.x,
+                         .w = w.w_gate,
                          .M = M,
                          .D = D,
                          .H = H,

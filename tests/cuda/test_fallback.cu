@@ -158,16 +158,11 @@ static twell::FallbackArgs make_args(const DeviceBuffers& b, const bf16* wg, con
                                      int64_t ldx, int64_t ldy, int64_t M, int64_t D, int64_t H, int64_t max_rows,
                                      int64_t chunk) {
   twell::FallbackArgs a;
-  a.x = b.x;
-  a.ldx = ldx;
-  a.w_gate = wg;
-  a.ldw_gate = D;
-  a.w_up = wu;
-  a.ldw_up = D;
-  a.w_down = wd;
-  a.ldw_down = D;
-  a.y = b.y;
-  a.ldy = ldy;
+  a.x = {b.x, ldx};
+  a.w_gate = {wg, D};
+  a.w_up = {wu, D};
+  a.w_down = {wd, D};
+  a.y = {b.y, ldy};
   a.M = M;
   a.D = D;
   a.H = H;
@@ -425,7 +420,7 @@ static bool test_arguments(cudaStream_t st) {
   {
     auto a = good();
     a.D = 60;
-    a.ldx = a.ldw_gate = a.ldw_up = a.ldw_down = a.ldy = 64;
+    a.x.ld = a.w_gate.ld = a.w_up.ld = a.w_down.ld = a.y.ld = 64;
     bad.push_back({"D % 8 != 0", a});
   }
   {
@@ -435,7 +430,7 @@ static bool test_arguments(cudaStream_t st) {
   }
   {
     auto a = good();
-    a.x = nullptr;
+    a.x.ptr = nullptr;
     bad.push_back({"x null", a});
   }
   {
@@ -455,22 +450,22 @@ static bool test_arguments(cudaStream_t st) {
   }
   {
     auto a = good();
-    a.x = b.x + 1;
+    a.x.ptr = b.x + 1;
     bad.push_back({"x misaligned", a});
   }
   {
     auto a = good();
-    a.ldx = 65;
+    a.x.ld = 65;
     bad.push_back({"ldx odd", a});
   }
   {
     auto a = good();
-    a.ldw_down = 32;
+    a.w_down.ld = 32;
     bad.push_back({"ldw_down < D", a});
   }
   {
     auto a = good();
-    a.ldy = 63;
+    a.y.ld = 63;
     bad.push_back({"ldy < D", a});
   }
   {

@@ -179,10 +179,8 @@ RunOut run_decode(const Problem& pr, int slots, const bf16* x, const bf16* w, ui
   CUDA_CHECK(cudaMemsetAsync(d_flags + pr.M, kGuardByte, kGuardRows, s));
   CUDA_CHECK(cudaMemsetAsync(d_stats, 0, TWELL_STATS_WORDS * sizeof(u64), s));
   twell::GatePackArgs a;
-  a.x = x;
-  a.ldx = pr.ldx;
-  a.w = w;
-  a.ldw = pr.ldw;
+  a.x = {x, pr.ldx};
+  a.w = {w, pr.ldw};
   a.M = pr.M;
   a.D = pr.D;
   a.H = pr.H;
@@ -252,9 +250,8 @@ void time_kernels(cudaStream_t s) {
     CUDA_CHECK(cudaMalloc(&chunk, twell::gate_portable_workspace_bytes(64, H)));
     for (int64_t M : {1, 4, 16, 32, 64}) {
       twell::GatePackArgs a;
-      a.x = x;
-      a.ldx = D;
-      a.ldw = D;
+      a.x = {x, D};
+      a.w.ld = D;
       a.M = M;
       a.D = D;
       a.H = H;
@@ -264,7 +261,7 @@ void time_kernels(cudaStream_t s) {
       a.stats = stats;
       float t[6] = {-1, -1, -1, -1, -1, -1};  // default, v0, v1, v2, sm90, portable
       for (int variant = 0; variant < 6; ++variant) {
-        a.w = ws[0];
+        a.w.ptr = ws[0];
         if (variant < 4 && !twell::gate_pack_decode_can_run(a)) continue;
         if (variant == 4 && !(twell::gate_pack_sm90_compiled() && twell::gate_pack_sm90_can_run(a))) continue;
         if (variant == 5 && twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS) {
@@ -272,7 +269,7 @@ void time_kernels(cudaStream_t s) {
           continue;
         }
         auto call = [&](int, int set) {
-          a.w = ws[set];
+          a.w.ptr = ws[set];
           if (variant < 4) CUDA_CHECK(twell::gate_pack_decode_variant(a, g_sm_count, s, variant - 1));
           else if (variant == 4) CUDA_CHECK(twell::gate_pack_sm90(a, g_sm_count, s));
           else if (twell::gate_pack_portable(a, chunk, lt_ws, twell::kLtWorkspaceBytes, s) != TWELL_SUCCESS)

@@ -505,14 +505,10 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
   a.M = M;
   a.D = D;
   a.H = W.H;
-  a.x = gated ? X.d_x : nullptr;
-  a.ldx = X.ldx;
-  a.w_up = gated ? W.d_wu : nullptr;
-  a.ldw_up = W.ldw;
-  a.w_down = W.d_wd;
-  a.ldw_down = W.ldw;
-  a.y = d_y;
-  a.ldy = ldy;
+  a.x = {gated ? X.d_x : nullptr, X.ldx};
+  a.w_up = {gated ? W.d_wu : nullptr, W.ldw};
+  a.w_down = {W.d_wd, W.ldw};
+  a.y = {d_y, ldy};
   a.row_flags = d_flags;
   a.stats = d_stats;
   std::vector<uint16_t> y1(static_cast<size_t>(M * ldy)), y2(y1.size());
@@ -525,13 +521,9 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
     da.D = D;
     da.H = W.H;
     da.x = a.x;
-    da.ldx = a.ldx;
     da.w_up = a.w_up;
-    da.ldw_up = a.ldw_up;
     da.w_down = a.w_down;
-    da.ldw_down = a.ldw_down;
-    da.y = d_y;
-    da.ldy = ldy;
+    da.y = {d_y, ldy};
     da.stats = d_stats;
     da.overflow_rows = dc->d_rows;
   }
@@ -763,14 +755,10 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             probe.M = M;
             probe.D = W.D;
             probe.H = W.H;
-            probe.x = gated ? X.d_x : nullptr;
-            probe.ldx = X.ldx;
-            probe.w_up = gated ? W.d_wu : nullptr;
-            probe.ldw_up = W.ldw;
-            probe.w_down = W.d_wd;
-            probe.ldw_down = W.ldw;
-            probe.y = d_y;
-            probe.ldy = X.ldy;
+            probe.x = {gated ? X.d_x : nullptr, X.ldx};
+            probe.w_up = {gated ? W.d_wu : nullptr, W.ldw};
+            probe.w_down = {W.d_wd, W.ldw};
+            probe.y = {d_y, X.ldy};
             probe.stats = d_stats;
             DecodeCase dc = decode_case(s);
             CUDA_CHECK(cudaMalloc(&dc.d_rows, static_cast<size_t>(M) * 4));
@@ -894,10 +882,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     CUDA_CHECK(cudaMalloc(&dp, 4096));
     CUDA_CHECK(cudaMalloc(&dw, 4096));
     a.packed = dp;
-    a.w_down = dw;
-    a.ldw_down = a.D;
-    a.y = dw;
-    a.ldy = a.D;
+    a.w_down = {dw, a.D};
+    a.y = {dw, a.D};
     auto expect_invalid = [&](const char* what, const twell::SparseFfnArgs& b) {
       const cudaError_t e = twell::sparse_ffn(b, sm_count, stream);
       if (e != cudaErrorInvalidValue)
@@ -906,18 +892,17 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
     };
     expect_invalid("D > 16384", a);
     a.D = 100;
-    a.ldw_down = a.ldy = 104;
+    a.w_down.ld = a.y.ld = 104;
     expect_invalid("D not a multiple of 8", a);
     a.D = 64;
-    a.ldw_down = a.ldy = 64;
+    a.w_down.ld = a.y.ld = 64;
     a.slots = 48;
     expect_invalid("slots = 48", a);
     a.slots = 32;
-    a.w_up = dw;  // gated without x
-    a.ldw_up = 64;
+    a.w_up = {dw, 64};  // gated without x
     expect_invalid("gated without x", a);
-    a.w_up = nullptr;
-    a.ldy = 60;
+    a.w_up.ptr = nullptr;
+    a.y.ld = 60;
     expect_invalid("ldy < D", a);
     CUDA_CHECK(cudaFree(dp));
     CUDA_CHECK(cudaFree(dw));
@@ -995,16 +980,16 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         a.M = M;
         a.D = D;
         a.H = H;
-        a.ldx = a.ldw_up = a.ldw_down = a.ldy = D;
+        a.x.ld = a.w_up.ld = a.w_down.ld = a.y.ld = D;
         a.stats = nullptr;
         a.row_flags = nullptr;
         if (v.def) sfd::default_config(a, sm_count, &tb, &cs, &mma);
         auto call = [&](int, int c) {
           a.packed = d_packed[c];
-          a.x = d_x[c];
-          a.w_up = d_wu[c];
-          a.w_down = d_wd[c];
-          a.y = d_y[c];
+          a.x.ptr = d_x[c];
+          a.w_up.ptr = d_wu[c];
+          a.w_down.ptr = d_wd[c];
+          a.y.ptr = d_y[c];
           CUDA_CHECK(v.def ? twell::sparse_ffn(a, sm_count, stream) : sfd::sparse_ffn_config(a, tb, cs, mma, stream));
         };
         // held: GPU time; idle ("cold"): a lone call, host launch overhead included
