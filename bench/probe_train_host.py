@@ -22,7 +22,7 @@ import time
 import torch
 
 import twell.torch as tt
-from twell.bench.pytorch import _inputs
+from twell.bench.pytorch import TimedLibrary, inputs, timed
 from twell.torch import _runtime as rt
 from twell.torch import ops
 
@@ -37,28 +37,6 @@ class _Id(torch.autograd.Function):
         return g
 
 
-def _timed(acc, slot, fn):
-    def call(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            acc[slot] = acc.get(slot, 0.0) + time.perf_counter() - t0
-
-    return call
-
-
-class _TimedLib:
-    """The runner's cffi library with every twell_train_* call timed."""
-
-    def __init__(self, lib, acc):
-        self._lib, self._acc = lib, acc
-
-    def __getattr__(self, name):
-        fn = getattr(self._lib, name)
-        return _timed(self._acc, "lib:" + name, fn) if name.startswith("twell_train_") else fn
-
-
 def _per_call_us(fn, n=200):
     t0 = time.perf_counter()
     for _ in range(n):
@@ -67,7 +45,7 @@ def _per_call_us(fn, n=200):
 
 
 def probe(M, D=2048, H=5632, steps=50):
-    x, sets = _inputs(torch, D, H, M, 0.005, seed=1)
+    x, sets = inputs(torch, D, H, M, 0.005, seed=1)
     leaves = [t.detach().clone().requires_grad_() for t in (x, *sets[0])]
     dy = torch.randn_like(x)
     dl1 = torch.full((1,), 1e-3, device="cuda")
@@ -88,11 +66,11 @@ def probe(M, D=2048, H=5632, steps=50):
         step()
     runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
     saved = (runner.lib, ops._train_forward_cuda, ops._train_backward_cuda)
-    runner.lib = _TimedLib(runner.lib, acc)
-    runner.forward = _timed(acc, "runner.forward", runner.forward)
-    runner.backward = _timed(acc, "runner.backward", runner.backward)
-    ops._train_forward_cuda = _timed(acc, "op_impl.forward", ops._train_forward_cuda)
-    ops._train_backward_cuda = _timed(acc, "op_impl.backward", ops._train_backward_cuda)
+    runner.lib = TimedLibrary(runner.lib, acc, lambda name: "lib:" + name)
+    runner.forward = timed(acc, "runner.forward", runner.forward)
+    runner.backward = timed(acc, "runner.backward", runner.backward)
+    ops._train_forward_cuda = timed(acc, "op_impl.forward", ops._train_forward_cuda)
+    ops._train_backward_cuda = timed(acc, "op_impl.backward", ops._train_backward_cuda)
     try:
         acc.clear()
         torch.cuda.synchronize()

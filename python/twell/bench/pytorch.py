@@ -45,7 +45,7 @@ def add_bench_torch_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _inputs(torch, D, H, M, p, seed):
+def inputs(torch, D, H, M, p, seed):
     from statistics import NormalDist
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -120,7 +120,7 @@ def run(args) -> dict:
     recs = []
     for M in [int(m) for m in str(args.M).split(",") if m]:
         calls = args.calls if M <= 64 else max(10, args.calls // (10 if M <= 4096 else 50))
-        x, sets = _inputs(torch, D, H, M, args.p, seed=M)
+        x, sets = inputs(torch, D, H, M, args.p, seed=M)
         key = tt.new_plan_key()
 
         def twell_call(i):
@@ -166,6 +166,29 @@ def run(args) -> dict:
     return {"records": recs}
 
 
+def timed(acc: dict, slot: str, fn):
+    """fn, adding the seconds each call takes to acc[slot]."""
+    def call(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[slot] = acc.get(slot, 0.0) + time.perf_counter() - t0
+
+    return call
+
+
+class TimedLibrary:
+    """A runner's cffi library whose twell_train_* calls add their seconds to acc[slot_of(name)]."""
+
+    def __init__(self, lib, acc: dict, slot_of):
+        self._lib, self._acc, self._slot_of = lib, acc, slot_of
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        return timed(self._acc, self._slot_of(name), fn) if name.startswith("twell_train_") else fn
+
+
 def _train_overhead(torch, tt, rt, x, weights, M, D, H):
     """Host time of one training forward + backward through autograd beyond the library's calls:
     ``ffn_with_l1`` and ``torch.autograd.backward((y, l1), (dy, dl1))`` timed on the host, minus
@@ -191,25 +214,8 @@ def _train_overhead(torch, tt, rt, x, weights, M, D, H):
         step()
     runner = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
 
-    class Timed:
-        def __init__(self, lib):
-            self._lib = lib
-
-        def __getattr__(self, name):
-            fn = getattr(self._lib, name)
-            if not name.startswith("twell_train_"):
-                return fn
-
-            def call(*a):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a)
-                finally:
-                    spent["lib"] += time.perf_counter() - t0
-            return call
-
     lib = runner.lib
-    runner.lib = Timed(lib)
+    runner.lib = TimedLibrary(lib, spent, lambda name: "lib")
     try:
         n, fwd, bwd = 50, 0.0, 0.0
         torch.cuda.synchronize()
@@ -252,7 +258,7 @@ def _profile(torch, tt, D, H):
     import pstats
 
     out = io.StringIO()
-    x, sets = _inputs(torch, D, H, 16, 0.005, seed=7)
+    x, sets = inputs(torch, D, H, 16, 0.005, seed=7)
     wg, wu, wd = sets[0]
     key = tt.new_plan_key()
     x1 = x[:1].contiguous()

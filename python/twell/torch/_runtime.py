@@ -354,13 +354,6 @@ class BoundFFN:
         return (rg() is w_gate and ru() is w_up and rd() is w_down
                 and self.state == _weight_state(w_gate, w_up, w_down))
 
-    def run_if_fresh(self, x, w_gate, w_up, w_down):
-        """self(x) if these are the weights this state was made for, unchanged since; else None."""
-        rg, ru, rd = self.refs
-        if rg() is w_gate and ru() is w_up and rd() is w_down and self.state == _weight_state(w_gate, w_up, w_down):
-            return self(x)
-        return None
-
     def __call__(self, x):
         """y = FFN(x) for a CUDA bf16 x [..., D] (named errors otherwise)."""
         r = self.runner
@@ -570,6 +563,9 @@ _MAX_CALLS = 256
 
 
 def remember_call(key, bound: BoundFFN) -> None:
+    """Memoise a call state for the eager fast path (never one that reads a graph's own copy)."""
+    if bound.graph_owned:
+        return
     if len(calls) >= _MAX_CALLS:
         calls.clear()
     calls[key] = bound

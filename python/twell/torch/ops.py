@@ -271,23 +271,22 @@ def ffn(x, w_gate, w_up, w_down, *, w_down_layout="hd", slots: int = 32, path="a
     the plans (and AUTO's history) of every caller with the same shapes and options; a layer passes a
     key of its own (``twell.torch.new_plan_key()``).
     """
-    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _dispatch_modes()  # _eager(x)
-    if eager and not (torch.is_grad_enabled() and _needs_grad(x, w_gate, w_up, w_down)):
+    eager = _eager(x)
+    grad = _needs_grad(x, w_gate, w_up, w_down)
+    key = (id(w_gate), id(w_up), id(w_down), w_down_layout, slots, path, kernels, plan)
+    if eager and not grad:
         # The steady state of an eager caller: the call state made for these weights and options
         # the last time, still fresh (same tensors, same storage, not written since).
-        key = (id(w_gate), id(w_up), id(w_down), w_down_layout, slots, path, kernels, plan)
         try:
             b = _calls.get(key)
         except TypeError:  # an unhashable option: the checks below name it
             b = None
-        if b is not None:
-            y = b.run_if_fresh(x, w_gate, w_up, w_down)
-            if y is not None:
-                return y
+        if b is not None and b.fresh(w_gate, w_up, w_down):
+            return b(x)
     _check_types(x, w_gate, w_up, w_down)
     layout = option_code(LAYOUTS, "w_down_layout", w_down_layout)
     k = option_code(KERNELS, "kernels", kernels)
-    if _needs_grad(x, w_gate, w_up, w_down):
+    if grad:
         if w_gate is None:
             raise _ffi.UnsupportedError("training (inputs that require grad) needs a gated FFN: w_gate is None")
         p = option_code(TRAIN_PATHS, "path", path)
@@ -299,8 +298,7 @@ def ffn(x, w_gate, w_up, w_down, *, w_down_layout="hd", slots: int = 32, path="a
         # The op's own implementation, without the dispatcher's round trip (about 5 us per call);
         # traced and compiled code goes through torch.ops.twell.ffn.
         b = _bind(x, w_gate, w_up, w_down, layout, slots, p, k, plan)
-        if not b.graph_owned:
-            rt.remember_call(key, b)
+        rt.remember_call(key, b)
         return b(x)
     return torch.ops.twell.ffn(x, w_gate, w_up, w_down, layout, slots, p, k, plan)
 
