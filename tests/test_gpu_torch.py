@@ -1,6 +1,7 @@
 """The PyTorch layer on the GPU: the custom ops against the float64 oracle (forward, the four
 gradients, the L1 term), torch.compile(fullgraph=True), CUDA graph capture and replay of every
-inference path with sparsity changing between replays (AUTO switching inside the graph), the
+inference path with sparsity changing between replays (AUTO switching inside the graph) and of
+whole training steps whose dense tail changes between replays, the
 caller's stream, determinism, graph replay of eager calls, W_d layouts, and the errors.
 
 Tolerances as in test_gpu_train.py / test_gpu_ffn.py: relative Frobenius < 1e-2 against float64
@@ -232,15 +233,95 @@ def test_cuda_graph_replays_stay_exact_and_auto_switches_inside_the_graph(rng, p
         assert ran[5] == 1 and ran[6] == 1, ran   # dense path saw sparse input -> back to sparse
 
 
-def test_training_refuses_graph_capture_with_the_reason(rng):
-    prob, _ = _problem(rng, 64, 256, 768, "uniform")
-    x, wg, wu, wd = (t.detach().requires_grad_() for t in (_t(prob.x), _t(prob.w_gate), _t(prob.w_up),
-                                                            _t(prob.w_down)))
-    tt.ffn_with_l1(x, wg, wu, wd)  # plan made eagerly
+def _with_dense_rows(prob, fraction, rng):
+    """prob with a fraction of its tokens made fully active (x = [0, ..., 0, -1]: every gate
+    pre-activation +2.58): those rows overflow any ELL width and go to the dense tail."""
+    x = prob.x.copy()
+    n = int(round(fraction * x.shape[0]))
+    rows = rng.choice(x.shape[0], n, replace=False)
+    x[rows, :-1] = 0.0
+    x[rows, -1] = -1.0
+    return gs.Problem(gs.round_bf16(x), prob.w_gate, prob.w_up, prob.w_down, f"dense rows {fraction}")
+
+
+@pytest.mark.parametrize("path,m", [("hybrid", 2500), ("dense", 2500), ("auto", 2500), ("hybrid", 9300)])
+def test_training_step_captures_in_a_cuda_graph_and_stays_exact_on_every_replay(rng, path, m):
+    """A whole step (forward, L1 term, backward) in one CUDA graph, replayed with inputs whose
+    dense tail takes none, some or all of the chunks of 1024 rows (and back; at M = 9300 the
+    chunks' nodes are grouped, 8 to a group): every replay matches the float64 oracle, and two
+    replays of one input are bitwise equal."""
+    d, h = 256, 768
+    base, dy = _problem(rng, m, d, h, "uniform")
+    inputs = [base] + [_with_dense_rows(base, f, rng) for f in (0.2, 0.5, 1.0)]
+    c = 0.5 * float(np.sqrt(d / h))  # the L1 term a visible share of the gradients (see above)
+    key = tt.new_plan_key()
+    xs = _t(base.x).requires_grad_()
+    wg, wu, wd = (_t(a).requires_grad_() for a in (base.w_gate, base.w_up, base.w_down))
+    r = _t(dy).float()
+
+    def step():
+        y, l1 = tt.ffn_with_l1(xs, wg, wu, wd, path=path, plan=key)
+        ((y.float() * r).sum() + c * l1.sum()).backward()
+        return y, l1
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: plan, workspace, cuBLASLt algorithms
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in (xs, wg, wu, wd):
+        t.grad = None
     g = torch.cuda.CUDAGraph()
-    with pytest.raises(twell.UnsupportedError, match="cannot be captured in a CUDA graph: the hybrid forward waits"):
-        with torch.cuda.graph(g):
-            tt.ffn_with_l1(x, wg, wu, wd)
+    with torch.cuda.graph(g):
+        y, l1 = step()
+    runner = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
+    seen = {}
+    for i in (0, 1, 2, 3, 2, 0, 3):
+        p = inputs[i]
+        with torch.no_grad():
+            xs.copy_(_t(p.x))
+        g.replay()
+        torch.cuda.synchronize()
+        yref, l1ref, dxr, dwr = _oracle_grads(p, gs.round_bf16(dy), c)
+        assert gs.rel_frobenius(_np(y), yref) < TOL, p.pattern
+        assert abs(float(l1.item()) - l1ref) <= 1e-2 * max(l1ref, 1e-6), p.pattern
+        for name, got, want in (("dx", xs.grad, dxr), ("dw_gate", wg.grad, dwr["w_gate"]),
+                                ("dw_up", wu.grad, dwr["w_up"]), ("dw_down", wd.grad, dwr["w_down"])):
+            got = _np(got)
+            assert np.isfinite(got).all(), (name, p.pattern)
+            assert gs.rel_frobenius(got, want) < TOL, (name, p.pattern)
+        st = runner.last_stats("forward"), runner.last_stats("backward")
+        assert st[0]["host_syncs"] == 0 and st[1]["host_syncs"] == 0, st
+        if path != "dense":  # the hybrid route (AUTO was captured on it): its tail is what the input asks for
+            want_tail = int(round([0, 0.2, 0.5, 1.0][i] * m))
+            assert st[0]["tail_rows"] == want_tail and st[1]["tail_rows"] == want_tail, (st, i)
+            assert st[0]["tail_chunks"] == -(-want_tail // 1024), st
+        bits = [t.detach().view(torch.int16).clone() for t in (y, xs.grad, wg.grad, wu.grad, wd.grad)]
+        if i in seen:
+            assert all(torch.equal(a, b) for a, b in zip(bits, seen[i])), f"replays of input {i} differ"
+        seen[i] = bits
+
+
+def test_captured_backward_marks_a_foreign_saved_state_with_nan(rng):
+    """A captured backward cannot return an error at replay time: fed a saved state its forward
+    did not write, it fills dx and the weight gradients with NaN instead of leaving them wrong."""
+    prob, dy = _problem(rng, 64, 256, 768, "uniform")
+    x, wg, wu, wd, r = (_t(a) for a in (prob.x, prob.w_gate, prob.w_up, prob.w_down, dy))
+    key = tt.new_plan_key()
+    _y, _l1, _active, saved = torch.ops.twell.train_forward(x, wg, wu, wd, 0, 64, 1, 0, key)
+    torch.ops.twell.train_backward(r, None, x, wg, wu, wd, saved, 0, 64, 1, 0, key)  # warm-up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = torch.ops.twell.train_backward(r, None, x, wg, wu, wd, saved, 0, 64, 1, 0, key)
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(o.float()).all() for o in outs)
+    saved[:8].zero_()  # the magic word
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isnan(o.float()).all() for o in outs)
 
 
 def test_runs_on_the_callers_stream(rng):

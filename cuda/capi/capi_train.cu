@@ -30,6 +30,8 @@ struct twell_train_plan {
   u64* readback_host = nullptr;  // [active, rows over W, rows]
   cudaEvent_t readback = nullptr;
   bool readback_pending = false;
+  // Captured calls: the streams their IF nodes' bodies are captured on.
+  CaptureStreams capture;
 };
 
 namespace {
@@ -188,14 +190,29 @@ twell_status check_weights(const twell_train_plan* plan, const DLTensor* w_gate,
   return check_w_down(w_down, /*gradient=*/false, plan->opt.w_down_layout == TWELL_LAYOUT_DH, D, H, md);
 }
 
-twell_status ensure_device(twell_train_plan* p) {
-  if (p->device_ready) return TWELL_SUCCESS;
+twell_status ensure_device_now(twell_train_plan* p) {
   TRY(probe_plan_device(p->device, p->opt.kernels, &p->dev));
   int l2 = 0;
   if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, p->device) != cudaSuccess) (void)cudaGetLastError();
   p->l2_bytes = l2;
+  for (cudaStream_t* st : {&p->capture.body, &p->capture.nested}) {
+    const cudaError_t err = cudaStreamCreateWithFlags(st, cudaStreamNonBlocking);
+    if (err != cudaSuccess) return fail_cuda(err, "creating the plan's capture streams");
+  }
   p->device_ready = true;
   return TWELL_SUCCESS;
+}
+
+// Device set-up at the first run, which may be inside a stream capture (its
+// stream creation is legal there in relaxed capture mode, for this thread).
+twell_status ensure_device(twell_train_plan* p) {
+  if (p->device_ready) return TWELL_SUCCESS;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaError_t err = cudaThreadExchangeStreamCaptureMode(&mode);
+  if (err != cudaSuccess) return fail_cuda(err, "entering relaxed capture mode");
+  const twell_status st = ensure_device_now(p);
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  return st;
 }
 
 TrainWeights weights_of(const Mat& x, const Mat& w_gate, const Mat& w_up, const Mat& w_down) {
@@ -207,30 +224,7 @@ TrainWeights weights_of(const Mat& x, const Mat& w_gate, const Mat& w_up, const 
 
 twell_status write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
   if (stats == nullptr) return TWELL_SUCCESS;
-  u64 v[TWELL_TRAIN_STATS_WORDS] = {};
-  v[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;
-  v[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
-  v[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
-  v[TWELL_TSTAT_PHASE] = static_cast<u64>(phase);
-  cudaError_t err = cudaMemcpyAsync(stats, v, sizeof(v), cudaMemcpyHostToDevice, s);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(s);  // v lives on this stack frame
-  return err == cudaSuccess ? TWELL_SUCCESS : fail_cuda(err, "writing the statistics");
-}
-
-// Training calls wait on the host (train.h, docs/training.md), which a CUDA
-// graph cannot hold: refuse a capture before it is broken, and say why.
-twell_status refuse_capture(cudaStream_t s, const char* call) {
-  bool capturing = false;
-  TWELL_TRY(stream_capture_state(s, &capturing));
-  if (capturing) {
-    return fail(TWELL_ERROR_UNSUPPORTED,
-                "%s cannot be captured in a CUDA graph: the hybrid forward waits on the host for the device-side "
-                "count of dense-tail rows (cuBLASLt takes the tail GEMMs' M from the host), and every backward "
-                "waits for the saved state's header (route, sizes) and, on the hybrid route, for the per-neuron "
-                "counts that schedule the weight-gradient work; run training steps eagerly (docs/training.md)",
-                call);
-  }
-  return TWELL_SUCCESS;
+  return train_write_empty_stats(stats, phase, W, s);
 }
 
 }  // namespace
@@ -263,6 +257,8 @@ TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan) {
   if (plan != nullptr) {
     if (plan->readback != nullptr) (void)cudaEventDestroy(plan->readback);
     if (plan->readback_host != nullptr) (void)cudaFreeHost(plan->readback_host);
+    if (plan->capture.body != nullptr) (void)cudaStreamDestroy(plan->capture.body);
+    if (plan->capture.nested != nullptr) (void)cudaStreamDestroy(plan->capture.nested);
   }
   delete plan;
   return ok();
@@ -328,7 +324,8 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
 
   DeviceGuard guard;
   TRY(enter_plan_device(&guard, plan->device));
-  TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_forward"));
+  bool capturing = false;
+  TRY(stream_capture_state(static_cast<cudaStream_t>(stream), &capturing));
   TRY(ensure_device(plan));
   const TrainProblem run = problem_of(plan, M);
   const TrainWeights w = weights_of(mx, mg, mu, md);
@@ -343,9 +340,10 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
     TRY(train_dense_forward_run(run, w, o, static_cast<char*>(saved), ws, workspace_bytes, s));
     info.stats = o.stats != nullptr ? o.stats : train_dense_stats(run, ws);
   } else {
-    TRY(train_forward_run(run, w, o, static_cast<char*>(saved), ws, s, &info));
+    TRY(train_forward_run(run, w, o, static_cast<char*>(saved), ws, s, capturing ? &plan->capture : nullptr, &info));
   }
-  update_preference(plan, route, run, info, ws, s);
+  // A captured forward replays the route it was captured with; AUTO learns from eager calls only.
+  if (!capturing) update_preference(plan, route, run, info, ws, s);
   return ok();
 }
 
@@ -410,7 +408,8 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
 
   DeviceGuard guard;
   TRY(enter_plan_device(&guard, plan->device));
-  TRY(refuse_capture(static_cast<cudaStream_t>(stream), "twell_train_backward"));
+  bool capturing = false;
+  TRY(stream_capture_state(static_cast<cudaStream_t>(stream), &capturing));
   TRY(ensure_device(plan));
   auto s = static_cast<cudaStream_t>(stream);
   if (M == 0) {
@@ -438,6 +437,23 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
                            .stats = reinterpret_cast<u64*>(ms.ptr)};
   const auto* sv = static_cast<const char*>(saved);
   auto* ws = static_cast<char*>(workspace);
+  if (capturing) {
+    // No host wait: the graph takes the route of the saved header at every
+    // replay, among the routes these buffers can hold.
+    const bool hybrid_ok = plan->opt.path != TWELL_PATH_DENSE && saved_bytes >= hybrid_saved;
+    const bool dense_ok = plan->opt.path != TWELL_PATH_SPARSE && saved_bytes >= dense_saved &&
+                          train_dense_chunk(run, workspace_bytes) > 0;
+    if (!hybrid_ok && !dense_ok) {
+      return fail(TWELL_ERROR_WORKSPACE,
+                  "workspace_bytes is %zu, too small for the dense route the saved state's "
+                  "size implies (twell_train_workspace_size)",
+                  workspace_bytes);
+    }
+    const size_t need = std::max(hybrid_ok ? hybrid_saved : 0, dense_ok ? dense_saved : 0);
+    for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
+    TRY(train_backward_captured(run, w, io, sv, hybrid_ok, dense_ok, ws, workspace_bytes, s, plan->capture));
+    return ok();
+  }
   SavedHeader hdr;
   TRY(train_read_saved_header(run, sv, s, &hdr));
   const Route route = hdr.route() == kRouteDense ? Route::kDense : Route::kHybrid;
@@ -449,7 +465,7 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
   // Outputs must not overlap the whole saved state either.
   for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
   if (route == Route::kDense) {
-    TRY(train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, s));
+    TRY(train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, /*host_syncs=*/1, s));
   } else {
     TRY(train_backward_run(run, w, io, sv, static_cast<int64_t>(hdr.tail_rows()), ws, s));
   }

@@ -1,5 +1,6 @@
 #include "common/errors.h"
 #include "common/cublaslt.h"
+#include "common/graph_cond.h"
 #include "common/transpose.h"
 #include "common/workspace.h"
 #include "fallback/fallback.h"
@@ -246,40 +247,17 @@ twell_status ffn_run_auto_captured(const FfnProblem& p, const FfnTensors& t, cha
                                    cudaStream_t side, AutoState* state, double threshold) {
   const FfnWorkspace w = ffn_workspace(p);
   const u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<const u64*>(ws + w.stats);
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaGraph_t graph = nullptr;
-  TWELL_CUDA_STEP(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph), "reading the stream's capture");
-  if (status != cudaStreamCaptureStatusActive) {
+  TWELL_TRY(capture_graph(stream, &graph));
+  if (graph == nullptr)
     return fail(TWELL_ERROR_INTERNAL, "ffn_run_auto_captured called on a stream that is not capturing");
-  }
   cudaGraphConditionalHandle condition;
-  TWELL_CUDA_STEP(cudaGraphConditionalHandleCreate(&condition, graph, 0, cudaGraphCondAssignDefault),
-                  "creating the AUTO condition of the captured graph");
+  TWELL_TRY(make_conditions(graph, 1, &condition));
   TWELL_CUDA_STEP(auto_decide(condition, state, threshold, p.H, stream), "AUTO decision kernel");
-
-  // The IF/ELSE node after the decision kernel (the current capture dependencies).
-  const cudaGraphNode_t* deps = nullptr;
-  const cudaGraphEdgeData* edges = nullptr;
-  size_t ndeps = 0;
-  TWELL_CUDA_STEP(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, &deps, &edges, &ndeps),
-                  "reading the capture dependencies");
-  cudaGraphNodeParams node_params = {cudaGraphNodeTypeConditional};
-  node_params.conditional.handle = condition;
-  node_params.conditional.type = cudaGraphCondTypeIf;
-  node_params.conditional.size = 2;  // body 0 when the condition is 1 (dense), body 1 otherwise (sparse)
-  cudaGraphNode_t node;
-  TWELL_CUDA_STEP(cudaGraphAddNode(&node, graph, deps, edges, ndeps, &node_params), "adding the AUTO IF/ELSE node");
-  TWELL_CUDA_STEP(cudaStreamUpdateCaptureDependencies(stream, &node, nullptr, 1, cudaStreamSetCaptureDependencies),
-                  "continuing the capture after the AUTO node");
-  for (int b = 0; b < 2; ++b) {
-    cudaGraph_t body = node_params.conditional.phGraph_out[b];
-    TWELL_CUDA_STEP(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeRelaxed),
-                    "capturing an AUTO body");
-    const twell_status st = b == 0 ? ffn_run_dense(p, t, ws, side) : ffn_run_sparse(p, t, ws, side);
-    const cudaError_t end = cudaStreamEndCapture(side, &body);
-    if (st != TWELL_SUCCESS) return st;
-    TWELL_CUDA_STEP(end, b == 0 ? "capturing the AUTO node's dense body" : "capturing the AUTO node's sparse body");
-  }
+  // IF/ELSE after the decision kernel: body 0 when the condition is 1 (dense), body 1 otherwise (sparse).
+  TWELL_TRY(capture_if(stream, side, condition, 2, "the AUTO IF/ELSE node", [&](int b, cudaStream_t on) {
+    return b == 0 ? ffn_run_dense(p, t, ws, on) : ffn_run_sparse(p, t, ws, on);
+  }));
   TWELL_CUDA_STEP(auto_record(stats, state, stream), "AUTO record kernel");
   return TWELL_SUCCESS;
 }

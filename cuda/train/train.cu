@@ -4,6 +4,7 @@
 
 #include "common/errors.h"
 #include "common/cublaslt.h"
+#include "common/graph_cond.h"
 #include "common/launch_cache.h"
 #include "common/transpose.h"
 #include "common/workspace.h"
@@ -20,10 +21,49 @@ namespace {
 using namespace train;
 
 constexpr int64_t kPartialSlots = 256;  // partial rows for neurons split over several items
-constexpr int64_t kMinSegment = 1024;   // entries per weight-gradient item (at least)
 
 unsigned grid1(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
+// Captured calls: IF nodes over the tail chunks the problem could need,
+// chunk c running when the saved header is a valid hybrid one with more than
+// c C tail rows; body(c, stream) is captured into chunk c's node. Up to
+// kChunksPerGroup chunks are nodes of the call's graph; more are grouped, a
+// group's node (run when its first chunk is) holding its chunks' nodes, so a
+// replay launches a few nodes from the host whatever M is.
+constexpr int64_t kChunksPerGroup = 8;
+
+template <class Body>
+twell_status capture_chunk_ifs(cudaStream_t s, cudaStream_t side, const u64* header, const HeaderCheck& chk,
+                               int64_t first, int64_t n, int64_t rows_per_node, Body&& body) {
+  cudaGraph_t graph = nullptr;
+  TWELL_TRY(capture_graph(s, &graph));
+  if (graph == nullptr) return fail(TWELL_ERROR_INTERNAL, "tail chunks: the stream is not capturing");
+  for (int64_t c0 = first; c0 < first + n; c0 += kCondsPerKernel) {
+    ChunkConds cc{};
+    cc.n = static_cast<int>(std::min<int64_t>(kCondsPerKernel, first + n - c0));
+    cc.first = c0;
+    TWELL_TRY(make_conditions(graph, cc.n, cc.h));
+    chunk_conditions_kernel<<<1, 1, 0, s>>>(cc, header, chk, rows_per_node);
+    TWELL_CUDA_STEP(cudaGetLastError(), "tail chunk conditions");
+    for (int i = 0; i < cc.n; ++i) {
+      TWELL_TRY(capture_if(s, side, cc.h[i], 1, "a tail chunk's IF node",
+                           [&](int, cudaStream_t on) { return body(c0 + i, on); }));
+    }
+  }
+  return TWELL_SUCCESS;
+}
+
+template <class Body>
+twell_status capture_tail_chunks(cudaStream_t s, const CaptureStreams& cs, const u64* header, const HeaderCheck& chk,
+                                 int64_t M, int64_t C, Body&& body) {
+  const int64_t chunks = (M + C - 1) / C;
+  if (chunks <= kChunksPerGroup) return capture_chunk_ifs(s, cs.body, header, chk, 0, chunks, C, body);
+  const int64_t groups = (chunks + kChunksPerGroup - 1) / kChunksPerGroup;
+  return capture_chunk_ifs(s, cs.body, header, chk, 0, groups, kChunksPerGroup * C, [&](int64_t g, cudaStream_t on) {
+    const int64_t c0 = g * kChunksPerGroup;
+    return capture_chunk_ifs(on, cs.nested, header, chk, c0, std::min(kChunksPerGroup, chunks - c0), C, body);
+  });
+}
 }  // namespace
 
 SavedLayout train_saved_layout(int64_t M, int W) {
@@ -78,6 +118,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.items = t.take(static_cast<size_t>(w.max_items) * sizeof(Item));
   w.fin = t.take(static_cast<size_t>(kPartialSlots) * sizeof(Fin));
   w.partials = t.take(static_cast<size_t>(kPartialSlots) * 3 * D * 4);
+  w.sched = t.take(sizeof(WgSchedule));
   w.b_xt = t.take(C * D * 2);
   w.b_dyt = t.take(C * D * 2);
   w.b_g = t.take(C * H * 4);
@@ -100,7 +141,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
 // Forward
 // ---------------------------------------------------------------------------
 twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o, char* saved,
-                               char* ws, cudaStream_t s, TrainForwardInfo* info) {
+                               char* ws, cudaStream_t s, const CaptureStreams* capture, TrainForwardInfo* info) {
   const TrainWorkspace L = train_workspace(p);
   const SavedLayout S = train_saved_layout(p.M, p.W);
   const int64_t M = p.M, D = p.D, H = p.H;
@@ -174,43 +215,60 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     TWELL_CUDA_STEP(cudaGetLastError(), "ELL forward kernel");
   }
 
-  // Host synchronisation #1: the tail-row count sizes the dense tail GEMMs.
-  // The active total comes along (for TWELL_PATH_AUTO's next choice).
-  u64 T = 0, active = 0;
-  TWELL_CUDA_STEP(cudaMemcpyAsync(&T, header + 2, sizeof(u64), cudaMemcpyDeviceToHost, s), "reading the tail count");
-  TWELL_CUDA_STEP(cudaMemcpyAsync(&active, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s),
-                  "reading the active count");
-  TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the tail count");
-  if (info != nullptr) {
-    info->rows = static_cast<u64>(M);
-    info->active = active;
-    info->tail_rows = T;
-  }
-  if (T > static_cast<u64>(M))
-    return fail(TWELL_ERROR_INTERNAL, "tail count %llu exceeds M", static_cast<unsigned long long>(T));
-
+  // Dense tail rows, chunk by chunk (chunk c: tail rows [c C, c C + n)).
   const int64_t C = std::min<int64_t>(p.chunk, M);
-  int64_t chunks = 0;
   auto* xt = reinterpret_cast<bf16*>(ws + L.f_xt);
   auto* G = reinterpret_cast<float*>(ws + L.f_g);
   auto* U = reinterpret_cast<float*>(ws + L.f_u);
   auto* hb = reinterpret_cast<bf16*>(ws + L.f_hb);
   auto* yt = reinterpret_cast<bf16*>(ws + L.f_yt);
-  for (int64_t r0 = 0; r0 < static_cast<int64_t>(T); r0 += C, ++chunks) {
-    const int64_t n = std::min<int64_t>(C, static_cast<int64_t>(T) - r0);
-    const int32_t* rows = tail + r0;
-    gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x.ptr, w.x.ld, rows, D, xt);
+  const u64* T_dev = header + 2;
+  const auto tail_chunk = [&](int64_t c, int64_t n, cudaStream_t on) -> twell_status {
+    const int64_t r0 = c * C;
+    gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, on>>>(w.x.ptr, w.x.ld, tail, T_dev, r0, D, xt);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
-    TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, H, rows, hb, row_l1, counts, stats, 0);
+    TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, on));
+    TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, on));
+    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, on>>>(G, U, H, tail, T_dev, r0, hb, row_l1, counts,
+                                                                      stats, 0);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail activation");
     // yt[n, D] = hb[n, H] W_d[H, D]
-    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {hb, H}, .b = wd, .c = {yt, D}}, lt, kLtWorkspaceBytes, s));
-    scatter_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(yt, rows, D, o.y.ptr, o.y.ld);
+    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {hb, H}, .b = wd, .c = {yt, D}}, lt, kLtWorkspaceBytes, on));
+    scatter_rows_kernel<<<static_cast<unsigned>(n), 128, 0, on>>>(yt, tail, T_dev, r0, D, o.y.ptr, o.y.ld);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail scatter");
+    return TWELL_SUCCESS;
+  };
+  int host_syncs = 0;
+  if (capture == nullptr) {
+    // Eager: one host synchronisation, for the tail-row count that sizes the
+    // tail GEMMs (cuBLASLt takes M from the host). The active total comes
+    // along, for TWELL_PATH_AUTO's next choice.
+    u64 T = 0, active = 0;
+    TWELL_CUDA_STEP(cudaMemcpyAsync(&T, T_dev, sizeof(u64), cudaMemcpyDeviceToHost, s), "reading the tail count");
+    TWELL_CUDA_STEP(cudaMemcpyAsync(&active, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s),
+                    "reading the active count");
+    TWELL_CUDA_STEP(cudaStreamSynchronize(s), "waiting for the tail count");
+    host_syncs = 1;
+    if (info != nullptr) {
+      info->rows = static_cast<u64>(M);
+      info->active = active;
+      info->tail_rows = T;
+    }
+    if (T > static_cast<u64>(M))
+      return fail(TWELL_ERROR_INTERNAL, "tail count %llu exceeds M", static_cast<unsigned long long>(T));
+    for (int64_t c = 0; c * C < static_cast<int64_t>(T); ++c) {
+      TWELL_TRY(tail_chunk(c, std::min<int64_t>(C, static_cast<int64_t>(T) - c * C), s));
+    }
+  } else {
+    // Captured: every chunk the tail could need, each an IF node on "T > c C"
+    // set on the device at every replay, at its full size (rows past T are
+    // padding: zeros in, nothing out).
+    const HeaderCheck chk{.M = M, .D = D, .H = H, .W = W};
+    TWELL_TRY(capture_tail_chunks(s, *capture, header, chk, M, C, [&](int64_t c, cudaStream_t on) {
+      return tail_chunk(c, std::min<int64_t>(C, M - c * C), on);
+    }));
   }
-  forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, 0, chunks);
+  forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, 0, C, host_syncs);
   TWELL_CUDA_STEP(cudaGetLastError(), "forward final kernel");
   if (o.active != nullptr) {
     TWELL_CUDA_STEP(cudaMemcpyAsync(o.active, counts, static_cast<size_t>(M) * 4, cudaMemcpyDeviceToDevice, s),
@@ -222,6 +280,17 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
+twell_status train_write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
+  StatsVals v{};
+  v.v[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;
+  v.v[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+  v.v[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+  v.v[TWELL_TSTAT_PHASE] = static_cast<u64>(phase);
+  write_stats_kernel<<<1, 32, 0, s>>>(stats, v);
+  TWELL_CUDA_STEP(cudaGetLastError(), "writing the statistics");
+  return TWELL_SUCCESS;
+}
+
 twell_status train_read_saved_header(const TrainProblem& p, const char* saved, cudaStream_t s, SavedHeader* out) {
   const int64_t M = p.M, D = p.D, H = p.H;
   const int W = p.W;
@@ -253,7 +322,8 @@ struct Backward {
   const TrainBackwardIO& io;
   const TrainWorkspace& L;
   MatRef<const bf16> wd;
-  int64_t T;  // tail rows, from the saved header (train_read_saved_header)
+  int64_t T;  // tail rows from the saved header (eager), or -1: known on the device only (captured)
+  const u64* header;
   const int32_t* counts;
   const uint8_t* flags;
   const int32_t* tail;
@@ -264,19 +334,41 @@ struct Backward {
   float* du;
   char* ws;
   void* lt;
-  cudaStream_t s;
+  int64_t chunk;  // tail rows per chunk
 };
 
-// The weight-gradient work list the host builds from the per-neuron counts.
-struct WgradSchedule {
-  std::vector<Item> items;
-  std::vector<Fin> fins;
-  long long entries = 0;    // ELL entries over all neurons
-  long long max_count = 0;  // entries of the busiest neuron
-};
+Backward backward_of(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io, const TrainWorkspace& L,
+                     const char* saved, int64_t T, char* ws) {
+  const SavedLayout S = train_saved_layout(p.M, p.W);
+  const MatRef<const bf16> wd = p.w_down_dh ? MatRef<const bf16>{reinterpret_cast<bf16*>(ws + L.wdt), p.D} : w.w_down;
+  return Backward{.p = p,
+                  .w = w,
+                  .io = io,
+                  .L = L,
+                  .wd = wd,
+                  .T = T,
+                  .header = reinterpret_cast<const u64*>(saved + S.header),
+                  .counts = reinterpret_cast<const int32_t*>(saved + S.counts),
+                  .flags = reinterpret_cast<const uint8_t*>(saved + S.flags),
+                  .tail = reinterpret_cast<const int32_t*>(saved + S.tail),
+                  .cols = reinterpret_cast<const int32_t*>(saved + S.cols),
+                  .gv = reinterpret_cast<const float*>(saved + S.g),
+                  .uv = reinterpret_cast<const float*>(saved + S.u),
+                  .dg = reinterpret_cast<float*>(ws + L.dg),
+                  .du = reinterpret_cast<float*>(ws + L.du),
+                  .ws = ws,
+                  .lt = ws + L.lt,
+                  .chunk = std::min<int64_t>(p.chunk, std::max<int64_t>(p.M, 1))};
+}
+
+// W_d as [H, D] (written to the workspace when given as [D, H]).
+twell_status backward_w_down(const Backward& b, cudaStream_t s) {
+  MatRef<const bf16> wd;
+  return w_down_rows_hd(b.w.w_down, b.p.w_down_dh, b.p.D, b.p.H, reinterpret_cast<bf16*>(b.ws + b.L.wdt), s, &wd);
+}
 
 // ELL rows: dg, du at the active positions and the dx rows.
-twell_status ell_backward(const Backward& b) {
+twell_status ell_backward(const Backward& b, cudaStream_t s) {
   const int64_t M = b.p.M, D = b.p.D;
   const int W = b.p.W;
   if (b.T >= M) return TWELL_SUCCESS;
@@ -296,15 +388,16 @@ twell_status ell_backward(const Backward& b) {
                      .coef_scale = b.io.l1_scale,
                      .D = D,
                      .W = W};
-  ell_dh_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(D) * 2, b.s>>>(e);
+  ell_dh_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(D) * 2, s>>>(e);
   TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel (dh)");
-  ell_dx_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(W) * 12, b.s>>>(e);
+  ell_dx_kernel<<<static_cast<unsigned>(M), kRowThreads, static_cast<size_t>(W) * 12, s>>>(e);
   TWELL_CUDA_STEP(cudaGetLastError(), "ELL backward kernel (dx)");
   return TWELL_SUCCESS;
 }
 
-// Neuron-major view of the ELL entries: counting sort (deterministic).
-twell_status sort_entries_by_neuron(const Backward& b) {
+// Neuron-major view of the ELL entries: counting sort (deterministic), then
+// the weight-gradient schedule from the per-neuron counts, on the device.
+twell_status sort_entries_by_neuron(const Backward& b, cudaStream_t s) {
   const TrainWorkspace& L = b.L;
   const int64_t M = b.p.M, H = b.p.H;
   const int W = b.p.W;
@@ -312,77 +405,26 @@ twell_status sort_entries_by_neuron(const Backward& b) {
   auto* bsum = reinterpret_cast<unsigned long long*>(b.ws + L.bsum);
   auto* nstart = reinterpret_cast<long long*>(b.ws + L.nstart);
   auto* trans = reinterpret_cast<WEntry*>(b.ws + L.trans);
-  TWELL_CUDA_STEP(cudaMemsetAsync(hist, 0, static_cast<size_t>(L.hist_len) * 8, b.s), "clearing the histogram");
+  TWELL_CUDA_STEP(cudaMemsetAsync(hist, 0, static_cast<size_t>(L.hist_len) * 8, s), "clearing the histogram");
   if (b.T < M) {
-    hist_kernel<<<grid1(M, 4), 128, 0, b.s>>>(b.flags, b.counts, b.cols, M, W, L.nchunks, hist);
+    hist_kernel<<<grid1(M, 4), 128, 0, s>>>(b.flags, b.counts, b.cols, M, W, L.nchunks, hist);
     TWELL_CUDA_STEP(cudaGetLastError(), "histogram kernel");
   }
-  scan_sums_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, b.s>>>(hist, L.hist_len, bsum);
-  scan_block_sums_kernel<<<1, 1024, 0, b.s>>>(bsum, L.scan_blocks);
-  scan_apply_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, b.s>>>(hist, L.hist_len, bsum);
+  scan_sums_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, s>>>(hist, L.hist_len, bsum);
+  scan_block_sums_kernel<<<1, 1024, 0, s>>>(bsum, L.scan_blocks);
+  scan_apply_kernel<<<static_cast<unsigned>(L.scan_blocks), 256, 0, s>>>(hist, L.hist_len, bsum);
   TWELL_CUDA_STEP(cudaGetLastError(), "scan kernels");
-  nstart_kernel<<<grid1(H + 1, 256), 256, 0, b.s>>>(hist, H, L.nchunks, nstart);
+  nstart_kernel<<<grid1(H + 1, 256), 256, 0, s>>>(hist, H, L.nchunks, nstart);
   TWELL_CUDA_STEP(cudaGetLastError(), "neuron offsets");
   if (b.T < M) {
-    sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, b.s>>>(b.flags, b.counts, b.cols, M, W, L.nchunks,
-                                                                           hist, b.dg, b.du, b.gv, b.uv, trans);
+    sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, s>>>(b.flags, b.counts, b.cols, M, W, L.nchunks,
+                                                                         hist, b.dg, b.du, b.gv, b.uv, trans);
     TWELL_CUDA_STEP(cudaGetLastError(), "counting-sort scatter");
   }
-  return TWELL_SUCCESS;
-}
-
-// Host synchronisation #2: per-neuron counts -> the weight-gradient schedule
-// (neurons with more entries than one segment are split over several items
-// whose partial sums a finalize kernel adds), uploaded to the workspace.
-twell_status schedule_weight_gradients(const Backward& b, WgradSchedule* out) {
-  const int64_t H = b.p.H;
-  const auto* nstart = reinterpret_cast<const long long*>(b.ws + b.L.nstart);
-  std::vector<long long> ns(static_cast<size_t>(H + 1));
-  TWELL_CUDA_STEP(cudaMemcpyAsync(ns.data(), nstart, ns.size() * 8, cudaMemcpyDeviceToHost, b.s),
-                  "reading neuron offsets");
-  TWELL_CUDA_STEP(cudaStreamSynchronize(b.s), "waiting for neuron offsets");
-  int64_t seg = kMinSegment;
-  long long max_count = 0;
-  for (int64_t j = 0; j < H; ++j) max_count = std::max(max_count, ns[j + 1] - ns[j]);
-  for (;; seg *= 2) {
-    int64_t slots = 0;
-    for (int64_t j = 0; j < H; ++j) {
-      const int64_t n = ns[j + 1] - ns[j];
-      const int64_t k = n == 0 ? 1 : (n + seg - 1) / seg;
-      if (k > 1) slots += k;
-    }
-    if (slots <= kPartialSlots) break;
-  }
-  std::vector<Item>& items = out->items;
-  std::vector<Fin>& fins = out->fins;
-  items.reserve(static_cast<size_t>(H) + kPartialSlots);
-  int64_t slot = 0;
-  for (int64_t j = 0; j < H; ++j) {
-    const int64_t e0 = ns[j], n = ns[j + 1] - ns[j];
-    const int64_t k = n == 0 ? 1 : (n + seg - 1) / seg;
-    if (k == 1) {
-      items.push_back(Item{j, e0, e0 + n, -1});
-    } else {
-      fins.push_back(Fin{j, slot, k, 0});
-      for (int64_t q = 0; q < k; ++q)
-        items.push_back(Item{j, e0 + q * seg, std::min(e0 + n, e0 + (q + 1) * seg), slot + q});
-      slot += k;
-    }
-  }
-  if (static_cast<int64_t>(items.size()) > b.L.max_items || slot > kPartialSlots) {
-    return fail(TWELL_ERROR_INTERNAL, "weight-gradient schedule exceeds its workspace");
-  }
-  auto* d_items = reinterpret_cast<Item*>(b.ws + b.L.items);
-  auto* d_fins = reinterpret_cast<Fin*>(b.ws + b.L.fin);
-  TWELL_CUDA_STEP(cudaMemcpyAsync(d_items, items.data(), items.size() * sizeof(Item), cudaMemcpyHostToDevice, b.s),
-                  "uploading items");
-  if (!fins.empty()) {
-    TWELL_CUDA_STEP(cudaMemcpyAsync(d_fins, fins.data(), fins.size() * sizeof(Fin), cudaMemcpyHostToDevice, b.s),
-                    "uploading items");
-  }
-  // (pageable copies: the host vectors may go once the calls return)
-  out->entries = ns[H];
-  out->max_count = max_count;
+  schedule_kernel<<<1, kScheduleThreads, 0, s>>>(
+      nstart, H, L.partial_slots, L.max_items, reinterpret_cast<Item*>(b.ws + L.items),
+      reinterpret_cast<Fin*>(b.ws + L.fin), reinterpret_cast<WgSchedule*>(b.ws + L.sched));
+  TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient schedule");
   return TWELL_SUCCESS;
 }
 
@@ -393,17 +435,17 @@ void tail_accumulators(const Backward& b, float* acc[3]) {
   acc[2] = reinterpret_cast<float*>(b.ws + b.L.acc_d);
 }
 
-// Dense tail rows: exact GEMMs over gathered rows, chunk by chunk; dx rows
-// scattered, weight-gradient parts summed into the accumulators.
-twell_status tail_backward(const Backward& b, int64_t* chunks_out) {
+// Dense tail rows of chunk c (n rows from tail row c C on): exact GEMMs over
+// gathered rows; dx rows scattered, weight-gradient parts summed into the
+// accumulators (chunk 0 writes them, later chunks add in chunk order:
+// deterministic).
+twell_status tail_backward_chunk(const Backward& b, int64_t c, int64_t n, cudaStream_t s) {
   const TrainWorkspace& L = b.L;
   const TrainWeights& w = b.w;
   const TrainBackwardIO& io = b.io;
-  const int64_t M = b.p.M, D = b.p.D, H = b.p.H, T = b.T;
-  const cudaStream_t s = b.s;
+  const int64_t D = b.p.D, H = b.p.H, r0 = c * b.chunk;
   void* lt = b.lt;
-  const int64_t C = std::min<int64_t>(b.p.chunk, std::max<int64_t>(M, 1));
-  int64_t chunks = 0;
+  const u64* T_dev = b.header + 2;
   float* acc[3];
   tail_accumulators(b, acc);
   auto* xt = reinterpret_cast<bf16*>(b.ws + L.b_xt);
@@ -416,51 +458,47 @@ twell_status tail_backward(const Backward& b, int64_t* chunks_out) {
   auto* hb = reinterpret_cast<bf16*>(b.ws + L.b_hb);
   auto* dxa = reinterpret_cast<float*>(b.ws + L.b_dxa);
   auto* dxb = reinterpret_cast<float*>(b.ws + L.b_dxb);
-  for (int64_t r0 = 0; r0 < T; r0 += C, ++chunks) {
-    const int64_t n = std::min<int64_t>(C, T - r0);
-    const int32_t* rows = b.tail + r0;
-    gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x.ptr, w.x.ld, rows, D, xt);
-    gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(io.dy.ptr, io.dy.ld, rows, D, dyt);
-    TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
-    TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    TWELL_TRY(lt_linear(dyt, D, b.wd.ptr, b.wd.ld, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-    tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, io.l1_scale, dG, dU,
-                                                                       hb);
-    TWELL_CUDA_STEP(cudaGetLastError(), "tail backward elementwise");
-    // dx rows = dG W_g + dU W_u
-    const MatRef<const bf16> wts[2] = {w.w_gate, w.w_up};
-    const bf16* ops[2] = {dG, dU};
-    float* outs[2] = {dxa, dxb};
-    for (int q = 0; q < 2; ++q) {
-      TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {ops[q], H}, .b = wts[q], .c = {outs[q], D}, .c_is_f32 = true},
-                        lt, kLtWorkspaceBytes, s));
-    }
-    scatter_dx_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(dxa, dxb, rows, D, io.dx.ptr, io.dx.ld);
-    TWELL_CUDA_STEP(cudaGetLastError(), "tail dx scatter");
-    // weight gradients: acc_q[H, D] (+)= op_q^T in_q; later chunks add in
-    // place, in chunk order (deterministic)
-    const bf16* lhs[3] = {dG, dU, hb};
-    const bf16* rhs[3] = {xt, xt, dyt};
-    for (int q = 0; q < 3; ++q) {
-      TWELL_TRY(lt_gemm({.m = H,
-                         .n = D,
-                         .k = n,
-                         .a = {lhs[q], H},
-                         .trans_a = true,
-                         .b = {rhs[q], D},
-                         .c = {acc[q], D},
-                         .c_is_f32 = true,
-                         .beta = r0 == 0 ? 0.f : 1.f},
-                        lt, kLtWorkspaceBytes, s));
-    }
+  gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x.ptr, w.x.ld, b.tail, T_dev, r0, D, xt);
+  gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(io.dy.ptr, io.dy.ld, b.tail, T_dev, r0, D, dyt);
+  TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
+  TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+  TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+  TWELL_TRY(lt_linear(dyt, D, b.wd.ptr, b.wd.ld, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
+  tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, io.l1_scale, dG, dU, hb);
+  TWELL_CUDA_STEP(cudaGetLastError(), "tail backward elementwise");
+  // dx rows = dG W_g + dU W_u
+  const MatRef<const bf16> wts[2] = {w.w_gate, w.w_up};
+  const bf16* ops[2] = {dG, dU};
+  float* outs[2] = {dxa, dxb};
+  for (int q = 0; q < 2; ++q) {
+    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {ops[q], H}, .b = wts[q], .c = {outs[q], D}, .c_is_f32 = true}, lt,
+                      kLtWorkspaceBytes, s));
   }
-  *chunks_out = chunks;
+  scatter_dx_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(dxa, dxb, b.tail, T_dev, r0, D, io.dx.ptr, io.dx.ld);
+  TWELL_CUDA_STEP(cudaGetLastError(), "tail dx scatter");
+  // weight gradients: acc_q[H, D] (+)= op_q^T in_q
+  const bf16* lhs[3] = {dG, dU, hb};
+  const bf16* rhs[3] = {xt, xt, dyt};
+  for (int q = 0; q < 3; ++q) {
+    TWELL_TRY(lt_gemm({.m = H,
+                       .n = D,
+                       .k = n,
+                       .a = {lhs[q], H},
+                       .trans_a = true,
+                       .b = {rhs[q], D},
+                       .c = {acc[q], D},
+                       .c_is_f32 = true,
+                       .beta = c == 0 ? 0.f : 1.f},
+                      lt, kLtWorkspaceBytes, s));
+  }
   return TWELL_SUCCESS;
 }
 
-// Weight gradients: per-neuron gathers over the sorted entries (+ the tail parts).
-twell_status weight_gradients(const Backward& b, const WgradSchedule& sched) {
+// Weight gradients: per-neuron gathers over the sorted entries (+ the tail
+// parts), as the device-side schedule says; the grids are fixed (persistent
+// CTAs, and one finalize CTA per possible split neuron), so nothing here
+// depends on a count the host would have to read.
+twell_status weight_gradients(const Backward& b, cudaStream_t s) {
   const TrainWorkspace& L = b.L;
   const TrainBackwardIO& io = b.io;
   const int64_t D = b.p.D;
@@ -470,13 +508,14 @@ twell_status weight_gradients(const Backward& b, const WgradSchedule& sched) {
   WgArgs a{.items = reinterpret_cast<const Item*>(b.ws + L.items),
            .fins = reinterpret_cast<const Fin*>(b.ws + L.fin),
            .trans = reinterpret_cast<const WEntry*>(b.ws + L.trans),
-           .nwork = static_cast<int64_t>(sched.items.size()) * ycols,
+           .sched = reinterpret_cast<const WgSchedule*>(b.ws + L.sched),
+           .tail_count = b.header + 2,
            .ycols = static_cast<int>(ycols),
            .x = b.w.x,
            .dy = io.dy,
            .D = D,
            .partials = reinterpret_cast<float*>(b.ws + L.partials),
-           .acc = {b.T > 0 ? acc[0] : nullptr, b.T > 0 ? acc[1] : nullptr, b.T > 0 ? acc[2] : nullptr},
+           .acc = {acc[0], acc[1], acc[2]},
            .out = {io.dw_gate.ptr, io.dw_up.ptr, io.dw_down.ptr},
            .ld = {io.dw_gate.ld, io.dw_up.ld, io.dw_down.ld},
            .dwd_dh = b.p.w_down_dh ? 1 : 0,
@@ -484,36 +523,37 @@ twell_status weight_gradients(const Backward& b, const WgradSchedule& sched) {
   const auto launch_wgrad = [&](auto kernel) -> twell_status {
     int per_sm = 0;
     TWELL_CUDA_STEP(occupancy_per_sm(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
-    const int64_t grid = std::min<int64_t>(a.nwork, static_cast<int64_t>(std::max(per_sm, 1)) * b.p.sm_count);
-    kernel<<<static_cast<unsigned>(grid), 256, 0, b.s>>>(a);
+    const int64_t grid = static_cast<int64_t>(std::max(per_sm, 1)) * b.p.sm_count;
+    kernel<<<static_cast<unsigned>(grid), 256, 0, s>>>(a);
     TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient kernel");
     return TWELL_SUCCESS;
   };
   TWELL_TRY(launch_wgrad(wgrad_kernel<0>));  // dW_g, dW_u (gathers x)
   TWELL_TRY(launch_wgrad(wgrad_kernel<1>));  // dW_d (gathers dy)
-  if (!sched.fins.empty()) {
-    wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(sched.fins.size()), ycols), 256, 0, b.s>>>(a);
-    TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient finalize kernel");
-  }
+  wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(L.partial_slots), ycols), 256, 0, s>>>(a);
+  TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient finalize kernel");
   return TWELL_SUCCESS;
 }
 
-twell_status write_backward_stats(const Backward& b, const WgradSchedule& sched, int64_t chunks) {
-  const int64_t M = b.p.M, T = b.T;
-  StatsVals v{};
-  v.v[TWELL_STAT_ROWS] = static_cast<u64>(M);
-  v.v[TWELL_STAT_PATH] = T == M && M > 0 ? TWELL_PATH_DENSE : (T == 0 ? TWELL_PATH_SPARSE : TWELL_TRAIN_PATH_HYBRID);
-  v.v[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
-  v.v[TWELL_TSTAT_TAIL_ROWS] = static_cast<u64>(T);
-  v.v[TWELL_TSTAT_ELL_ROWS] = static_cast<u64>(M - T);
-  v.v[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(b.p.W);
-  v.v[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
-  v.v[TWELL_TSTAT_HOST_SYNCS] = 2;
-  v.v[TWELL_TSTAT_ELL_ENTRIES] = static_cast<u64>(sched.entries);
-  v.v[TWELL_TSTAT_MAX_NEURON_COUNT] = static_cast<u64>(sched.max_count);
-  v.v[TWELL_TSTAT_PHASE] = 2;
-  write_stats_kernel<<<1, 32, 0, b.s>>>(b.io.stats, v);
+twell_status backward_stats(const Backward& b, int host_syncs, cudaStream_t s) {
+  if (b.io.stats == nullptr) return TWELL_SUCCESS;
+  backward_stats_kernel<<<1, 32, 0, s>>>(b.io.stats, b.header, reinterpret_cast<const WgSchedule*>(b.ws + b.L.sched),
+                                         b.p.M, b.p.W, b.chunk, host_syncs);
   TWELL_CUDA_STEP(cudaGetLastError(), "backward statistics");
+  return TWELL_SUCCESS;
+}
+
+// The outputs of a captured backward whose saved state this problem's forward
+// did not write: NaN (all-ones bf16), so the failure cannot pass unseen.
+twell_status fill_outputs_nan(const TrainProblem& p, const TrainBackwardIO& io, cudaStream_t s) {
+  const MatRef<bf16> outs[4] = {io.dx, io.dw_gate, io.dw_up, io.dw_down};
+  const bool dh = p.w_down_dh;
+  const int64_t rows[4] = {p.M, p.H, p.H, dh ? p.D : p.H}, cols[4] = {p.D, p.D, p.D, dh ? p.H : p.D};
+  for (int i = 0; i < 4; ++i) {
+    TWELL_CUDA_STEP(cudaMemset2DAsync(outs[i].ptr, static_cast<size_t>(outs[i].ld) * 2, 0xFF,
+                                      static_cast<size_t>(cols[i]) * 2, static_cast<size_t>(rows[i]), s),
+                    "marking the outputs of an invalid saved state");
+  }
   return TWELL_SUCCESS;
 }
 
@@ -522,35 +562,56 @@ twell_status write_backward_stats(const Backward& b, const WgradSchedule& sched,
 twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
                                 const char* saved, int64_t tail_rows, char* ws, cudaStream_t s) {
   const TrainWorkspace L = train_workspace(p);
-  const SavedLayout S = train_saved_layout(p.M, p.W);
-  MatRef<const bf16> wd;
-  TWELL_TRY(w_down_rows_hd(w.w_down, p.w_down_dh, p.D, p.H, reinterpret_cast<bf16*>(ws + L.wdt), s, &wd));
-  const Backward b{.p = p,
-                   .w = w,
-                   .io = io,
-                   .L = L,
-                   .wd = wd,
-                   .T = tail_rows,
-                   .counts = reinterpret_cast<const int32_t*>(saved + S.counts),
-                   .flags = reinterpret_cast<const uint8_t*>(saved + S.flags),
-                   .tail = reinterpret_cast<const int32_t*>(saved + S.tail),
-                   .cols = reinterpret_cast<const int32_t*>(saved + S.cols),
-                   .gv = reinterpret_cast<const float*>(saved + S.g),
-                   .uv = reinterpret_cast<const float*>(saved + S.u),
-                   .dg = reinterpret_cast<float*>(ws + L.dg),
-                   .du = reinterpret_cast<float*>(ws + L.du),
-                   .ws = ws,
-                   .lt = ws + L.lt,
-                   .s = s};
-  TWELL_TRY(ell_backward(b));
-  TWELL_TRY(sort_entries_by_neuron(b));
-  WgradSchedule sched;
-  TWELL_TRY(schedule_weight_gradients(b, &sched));
-  int64_t chunks = 0;
-  TWELL_TRY(tail_backward(b, &chunks));
-  TWELL_TRY(weight_gradients(b, sched));
-  if (io.stats != nullptr) TWELL_TRY(write_backward_stats(b, sched, chunks));
-  return TWELL_SUCCESS;
+  const Backward b = backward_of(p, w, io, L, saved, tail_rows, ws);
+  TWELL_TRY(backward_w_down(b, s));
+  TWELL_TRY(ell_backward(b, s));
+  TWELL_TRY(sort_entries_by_neuron(b, s));
+  for (int64_t c = 0; c * b.chunk < tail_rows; ++c) {
+    TWELL_TRY(tail_backward_chunk(b, c, std::min<int64_t>(b.chunk, tail_rows - c * b.chunk), s));
+  }
+  TWELL_TRY(weight_gradients(b, s));
+  return backward_stats(b, /*host_syncs=*/1, s);
+}
+
+twell_status train_backward_captured(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
+                                     const char* saved, bool hybrid_ok, bool dense_ok, char* ws, size_t ws_bytes,
+                                     cudaStream_t s, const CaptureStreams& cs) {
+  const cudaStream_t side = cs.body;
+  const TrainWorkspace L = train_workspace(p);
+  const Backward b = backward_of(p, w, io, L, saved, /*T=*/-1, ws);
+  cudaGraph_t graph = nullptr;
+  TWELL_TRY(capture_graph(s, &graph));
+  if (graph == nullptr) return fail(TWELL_ERROR_INTERNAL, "train_backward_captured: the stream is not capturing");
+  RouteConds rc{};
+  rc.has_hybrid = hybrid_ok ? 1 : 0;
+  rc.has_dense = dense_ok ? 1 : 0;
+  if (hybrid_ok) TWELL_TRY(make_conditions(graph, 2, rc.hybrid));
+  if (dense_ok) TWELL_TRY(make_conditions(graph, 1, &rc.dense));
+  TWELL_TRY(make_conditions(graph, 1, &rc.bad));
+  const HeaderCheck chk{.M = p.M, .D = p.D, .H = p.H, .W = p.W};
+  route_conditions_kernel<<<1, 1, 0, s>>>(rc, b.header, chk);
+  TWELL_CUDA_STEP(cudaGetLastError(), "backward route conditions");
+  if (dense_ok) {
+    TWELL_TRY(capture_if(s, side, rc.dense, 1, "the dense route's IF node", [&](int, cudaStream_t on) {
+      return train_dense_backward_run(p, w, io, saved, ws, ws_bytes, /*host_syncs=*/0, on);
+    }));
+  }
+  if (hybrid_ok) {
+    TWELL_TRY(capture_if(s, side, rc.hybrid[0], 1, "the hybrid backward's IF node", [&](int, cudaStream_t on) {
+      TWELL_TRY(backward_w_down(b, on));
+      TWELL_TRY(ell_backward(b, on));
+      return sort_entries_by_neuron(b, on);
+    }));
+    TWELL_TRY(capture_tail_chunks(s, cs, b.header, chk, p.M, b.chunk, [&](int64_t c, cudaStream_t on) {
+      return tail_backward_chunk(b, c, std::min<int64_t>(b.chunk, p.M - c * b.chunk), on);
+    }));
+    TWELL_TRY(capture_if(s, side, rc.hybrid[1], 1, "the weight gradients' IF node", [&](int, cudaStream_t on) {
+      TWELL_TRY(weight_gradients(b, on));
+      return backward_stats(b, /*host_syncs=*/0, on);
+    }));
+  }
+  return capture_if(s, side, rc.bad, 1, "the invalid-state IF node",
+                    [&](int, cudaStream_t on) { return fill_outputs_nan(p, io, on); });
 }
 
 }  // namespace twell

@@ -44,7 +44,7 @@ struct TrainWorkspace {
   size_t f_xt = 0, f_g = 0, f_u = 0, f_hb = 0, f_yt = 0;
   size_t fwd_total = 0;
   // backward
-  size_t dg = 0, du = 0, hist = 0, bsum = 0, nstart = 0, trans = 0, items = 0, fin = 0, partials = 0;
+  size_t dg = 0, du = 0, hist = 0, bsum = 0, nstart = 0, trans = 0, items = 0, fin = 0, partials = 0, sched = 0;
   size_t b_xt = 0, b_dyt = 0, b_g = 0, b_u = 0, b_dh = 0, b_dg = 0, b_du = 0, b_hb = 0, b_dxa = 0, b_dxb = 0;
   size_t acc_g = 0, acc_u = 0, acc_d = 0;
   size_t bwd_total = 0;
@@ -80,28 +80,51 @@ struct TrainBackwardIO {
   u64* stats = nullptr;
 };
 
-// What the hybrid forward learned on the host (it waits for the tail count
-// anyway): feeds TWELL_PATH_AUTO's choice of route for the next call.
+// What an eager hybrid forward learned on the host (it waits for the tail
+// count anyway): feeds TWELL_PATH_AUTO's choice of route for the next call.
 struct TrainForwardInfo {
   u64 rows = 0, active = 0, tail_rows = 0;
   const u64* stats = nullptr;  // the call's device statistics (dense route)
 };
 
+// The streams a captured call captures its conditional nodes' bodies on
+// (nothing else may use them): `body` for the nodes of the call's graph,
+// `nested` for nodes inside those bodies.
+struct CaptureStreams {
+  cudaStream_t body = nullptr, nested = nullptr;
+};
+
+// `capture` nullptr: an eager call (one host wait, for the tail count). Else
+// `stream` is capturing a graph: the tail chunks become IF nodes decided on
+// the device (no host wait; `info` is not written).
 twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o, char* saved,
-                               char* ws, cudaStream_t stream, TrainForwardInfo* info);
+                               char* ws, cudaStream_t stream, const CaptureStreams* capture, TrainForwardInfo* info);
 
 // The saved state's header (both routes): magic, M, T (tail rows), W, D, H,
-// route, 0. Reading it is the backward's one unconditional host wait.
+// route, 0. Reading it is an eager backward's one host wait (a captured
+// backward decides from it on the device).
 constexpr u64 kRouteHybrid = 1, kRouteDense = 2;
 struct SavedHeader {
   u64 words[8] = {};
   u64 tail_rows() const { return words[2]; }
   u64 route() const { return words[6]; }
 };
+// The statistics of a call over no rows (phase 1 forward, 2 backward), by a kernel (capturable).
+twell_status train_write_empty_stats(u64* stats, int phase, int W, cudaStream_t stream);
 twell_status train_read_saved_header(const TrainProblem& p, const char* saved, cudaStream_t stream, SavedHeader* h);
 
+// Eager hybrid backward (`tail_rows` from the saved header).
 twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
                                 const char* saved, int64_t tail_rows, char* ws, cudaStream_t stream);
+// A backward captured on `stream` (which must be capturing), with no host
+// wait: the route and the tail chunks are IF nodes decided on the device from
+// the saved header at every replay. `hybrid_ok` / `dense_ok`: which routes the
+// caller's buffers can hold (at least one); a header that is not this
+// problem's, or names a route not captured, makes the replay fill dx and the
+// weight gradients with NaN.
+twell_status train_backward_captured(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
+                                     const char* saved, bool hybrid_ok, bool dense_ok, char* ws, size_t ws_bytes,
+                                     cudaStream_t stream, const CaptureStreams& capture);
 
 // ---------------------------------------------------------------------------
 // The dense route (TWELL_PATH_DENSE, or AUTO when activity is high): the nine
@@ -125,7 +148,8 @@ int64_t train_dense_chunk(const TrainProblem& p, size_t workspace_bytes);
 twell_status train_dense_forward_run(const TrainProblem& p, const TrainWeights& w, const TrainForwardOut& o,
                                      char* saved, char* ws, size_t ws_bytes, cudaStream_t stream);
 twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
-                                      const char* saved, char* ws, size_t ws_bytes, cudaStream_t stream);
+                                      const char* saved, char* ws, size_t ws_bytes, int host_syncs,
+                                      cudaStream_t stream);
 // Device address, inside `ws`, of the dense forward's count of rows with more
 // than W active neurons (the rows a hybrid forward would send to the tail),
 // which TWELL_PATH_AUTO reads back asynchronously.

@@ -191,7 +191,7 @@ __global__ void finalize_grad_kernel(const float* __restrict__ acc, int64_t rows
   }
 }
 
-__global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_t chunks) {
+__global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_t chunks, int host_syncs) {
   const int t = threadIdx.x;
   if (t < kTrainStatsWords) stats[t] = 0;
   __syncthreads();
@@ -202,7 +202,7 @@ __global__ void dense_backward_stats_kernel(u64* stats, int64_t M, int W, int64_
     stats[TWELL_TSTAT_TAIL_ROWS] = static_cast<u64>(M);
     stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
     stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
-    stats[TWELL_TSTAT_HOST_SYNCS] = 1;
+    stats[TWELL_TSTAT_HOST_SYNCS] = static_cast<u64>(host_syncs);
     stats[TWELL_TSTAT_PHASE] = 2;
   }
 }
@@ -295,7 +295,7 @@ twell_status train_dense_forward_run(const TrainProblem& p, const TrainWeights& 
 }
 
 twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights& w, const TrainBackwardIO& io,
-                                      const char* saved, char* ws, size_t ws_bytes, cudaStream_t s) {
+                                      const char* saved, char* ws, size_t ws_bytes, int host_syncs, cudaStream_t s) {
   const int64_t M = p.M, D = p.D, H = p.H;
   const int64_t C = train_dense_chunk(p, ws_bytes);
   if (C == 0) {
@@ -364,7 +364,7 @@ twell_status train_dense_backward_run(const TrainProblem& p, const TrainWeights&
     }
   }
   if (io.stats != nullptr) {
-    dense_backward_stats_kernel<<<1, 32, 0, s>>>(io.stats, M, p.W, chunks);
+    dense_backward_stats_kernel<<<1, 32, 0, s>>>(io.stats, M, p.W, chunks, host_syncs);
     TWELL_CUDA_STEP(cudaGetLastError(), "dense-route backward statistics");
   }
   return TWELL_SUCCESS;

@@ -173,19 +173,34 @@ __global__ void __launch_bounds__(kRowThreads) ell_forward_kernel(EllFwdArgs a) 
   }
 }
 
+// Tail chunks: block i of a chunk takes tail row r0 + i, which exists when it
+// is below the device-side tail count T (header[2]). A chunk of a captured
+// call has the size the graph was built with, so its rows past T are padding:
+// gathered as zeros (so the GEMMs give exact zeros for them) and never
+// scattered back or counted.
+__device__ __forceinline__ bool tail_row_valid(const u64* tail_count, int64_t r0) {
+  return static_cast<u64>(r0) + blockIdx.x < *tail_count;
+}
+
 __global__ void gather_rows_kernel(const bf16* __restrict__ src, int64_t ld, const int32_t* __restrict__ rows,
-                                   int64_t D, bf16* __restrict__ out) {
+                                   const u64* __restrict__ tail_count, int64_t r0, int64_t D, bf16* __restrict__ out) {
   const int64_t i = blockIdx.x;
-  const int64_t r = rows[i];
-  const uint4* s = reinterpret_cast<const uint4*>(src + r * ld);
   uint4* o = reinterpret_cast<uint4*>(out + i * D);
+  if (!tail_row_valid(tail_count, r0)) {
+    for (int v = threadIdx.x; v < D / 8; v += blockDim.x) o[v] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const int64_t r = rows[r0 + i];
+  const uint4* s = reinterpret_cast<const uint4*>(src + r * ld);
   for (int v = threadIdx.x; v < D / 8; v += blockDim.x) o[v] = s[v];
 }
 
-__global__ void scatter_rows_kernel(const bf16* __restrict__ src, const int32_t* __restrict__ rows, int64_t D,
-                                    bf16* __restrict__ dst, int64_t ld) {
+__global__ void scatter_rows_kernel(const bf16* __restrict__ src, const int32_t* __restrict__ rows,
+                                    const u64* __restrict__ tail_count, int64_t r0, int64_t D, bf16* __restrict__ dst,
+                                    int64_t ld) {
   const int64_t i = blockIdx.x;
-  const int64_t r = rows[i];
+  if (!tail_row_valid(tail_count, r0)) return;
+  const int64_t r = rows[r0 + i];
   const uint4* s = reinterpret_cast<const uint4*>(src + i * D);
   uint4* o = reinterpret_cast<uint4*>(dst + r * ld);
   for (int v = threadIdx.x; v < D / 8; v += blockDim.x) o[v] = s[v];
@@ -207,6 +222,7 @@ __device__ __forceinline__ float block_sum_fixed(float v, float* sh) {
 // per-row L1 (fixed-order block reduction) and L0 count.
 __global__ void __launch_bounds__(256) tail_forward_act_kernel(const float* __restrict__ G, const float* __restrict__ U,
                                                                int64_t H, const int32_t* __restrict__ rows,
+                                                               const u64* __restrict__ tail_count, int64_t r0,
                                                                bf16* __restrict__ hb, float* __restrict__ row_l1,
                                                                int32_t* __restrict__ counts, u64* __restrict__ stats,
                                                                int count_active) {
@@ -223,8 +239,8 @@ __global__ void __launch_bounds__(256) tail_forward_act_kernel(const float* __re
   }
   const float tot = block_sum_fixed(l1, sh);
   const float ctot = block_sum_fixed(static_cast<float>(cnt), sh);  // exact: < 2^24
-  if (threadIdx.x == 0) {
-    const int64_t r = rows[i];
+  if (threadIdx.x == 0 && tail_row_valid(tail_count, r0)) {
+    const int64_t r = rows[r0 + i];
     row_l1[r] = tot;
     const int n = static_cast<int>(ctot);
     if (count_active) {
@@ -242,7 +258,7 @@ __global__ void __launch_bounds__(1024) forward_final_kernel(const float* __rest
                                                              const uint8_t* __restrict__ flags,
                                                              const int32_t* __restrict__ counts, int64_t M,
                                                              const u64* __restrict__ header, float* l1_out, u64* stats,
-                                                             int force_dense, int64_t chunks) {
+                                                             int force_dense, int64_t chunk_rows, int host_syncs) {
   __shared__ double sd[1024];
   __shared__ long long sl[1024];
   double s = 0.0;
@@ -267,8 +283,8 @@ __global__ void __launch_bounds__(1024) forward_final_kernel(const float* __rest
     const u64 Mu = static_cast<u64>(M);
     stats[TWELL_TSTAT_TAIL_ROWS] = T;
     stats[TWELL_TSTAT_ELL_ROWS] = Mu - T;
-    stats[TWELL_TSTAT_TAIL_CHUNKS] = static_cast<u64>(chunks);
-    stats[TWELL_TSTAT_HOST_SYNCS] = 1;
+    stats[TWELL_TSTAT_TAIL_CHUNKS] = (T + static_cast<u64>(chunk_rows) - 1) / static_cast<u64>(chunk_rows);
+    stats[TWELL_TSTAT_HOST_SYNCS] = static_cast<u64>(host_syncs);
     stats[TWELL_TSTAT_ELL_ENTRIES] = static_cast<u64>(sl[0]);
     stats[TWELL_STAT_PATH] =
         force_dense ? TWELL_PATH_DENSE
@@ -489,32 +505,45 @@ __global__ void __launch_bounds__(256) tail_backward_elem_kernel(
 }
 
 __global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __restrict__ b,
-                                  const int32_t* __restrict__ rows, int64_t D, bf16* __restrict__ dx, int64_t ld) {
+                                  const int32_t* __restrict__ rows, const u64* __restrict__ tail_count, int64_t r0,
+                                  int64_t D, bf16* __restrict__ dx, int64_t ld) {
   const int64_t i = blockIdx.x;
-  const int64_t r = rows[i];
+  if (!tail_row_valid(tail_count, r0)) return;
+  const int64_t r = rows[r0 + i];
   for (int64_t c = threadIdx.x; c < D; c += blockDim.x)
     dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
 }
+
+// The weight-gradient schedule, built on the device from the per-neuron
+// counts (schedule_kernel) so that no host needs to see them.
+struct WgSchedule {
+  int64_t items, fins;      // work items and split neurons
+  int64_t entries;          // ELL entries over all neurons
+  int64_t max_count;        // entries of the busiest neuron
+  int64_t segment;          // entries per item of a split neuron
+  int64_t pad[3];
+};
 
 struct WgArgs {
   const Item* items;
   const Fin* fins;
   const WEntry* trans;
-  int64_t nwork;  // items x column slices
-  int ycols;      // column slices of kColsPerBlock
+  const WgSchedule* sched;  // items x ycols work units
+  const u64* tail_count;    // the dense-tail parts are added when the tail has rows
+  int ycols;                // column slices of kColsPerBlock
   MatRef<const bf16> x;
   MatRef<const bf16> dy;
   int64_t D;
   float* partials;  // [slots][3][D]
-  const float* acc[3];  // dense-tail parts [H, D] or nullptr
+  const float* acc[3];  // dense-tail parts [H, D]
   bf16* out[3];
   int64_t ld[3];
   int dwd_dh;   // dW_d written as [D, H]
   int accumulate;
 };
 
-__device__ __forceinline__ void wg_store(const WgArgs& a, int q, int64_t j, int64_t col, float v) {
-  if (a.acc[q] != nullptr) v += a.acc[q][j * a.D + col];
+__device__ __forceinline__ void wg_store(const WgArgs& a, bool tail, int q, int64_t j, int64_t col, float v) {
+  if (tail) v += a.acc[q][j * a.D + col];
   bf16* p = (q == 2 && a.dwd_dh) ? a.out[2] + col * a.ld[2] + j : a.out[q] + j * a.ld[q] + col;
   if (a.accumulate) v += __bfloat162float(*p);
   *p = __float2bfloat16_rn(v);
@@ -538,7 +567,9 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bf16* src = kPass == 0 ? a.x.ptr : a.dy.ptr;
   const int64_t ld = kPass == 0 ? a.x.ld : a.dy.ld;
-  for (int64_t unit = blockIdx.x; unit < a.nwork; unit += gridDim.x) {
+  const bool tail = *a.tail_count > 0;
+  const int64_t nwork = a.sched->items * a.ycols;
+  for (int64_t unit = blockIdx.x; unit < nwork; unit += gridDim.x) {
     const Item it = a.items[unit / a.ycols];
     const int64_t c0 = (unit % a.ycols) * kColsPerBlock;
     const int64_t col = c0 + lane * 8;
@@ -600,7 +631,7 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
 #pragma unroll
         for (int w = 0; w < 8; ++w) s += red[o][w][t];
         if (it.slot < 0) {
-          wg_store(a, q, it.j, oc, s);
+          wg_store(a, tail, q, it.j, oc, s);
         } else {
           a.partials[(it.slot * 3 + q) * a.D + oc] = s;
         }
@@ -610,16 +641,180 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   }
 }
 
+// Grid (partial slots, ycols): CTAs past the schedule's split neurons exit.
 __global__ void __launch_bounds__(256) wgrad_finalize_kernel(WgArgs a) {
+  if (static_cast<int64_t>(blockIdx.x) >= a.sched->fins) return;
   const Fin f = a.fins[blockIdx.x];
   const int64_t oc = static_cast<int64_t>(blockIdx.y) * kColsPerBlock + threadIdx.x;
   if (oc >= a.D) return;
+  const bool tail = *a.tail_count > 0;
 #pragma unroll
   for (int q = 0; q < 3; ++q) {
     float s = 0.f;
     for (int64_t k = 0; k < f.nseg; ++k) s += a.partials[((f.slot0 + k) * 3 + q) * a.D + oc];
-    wg_store(a, q, f.j, oc, s);
+    wg_store(a, tail, q, f.j, oc, s);
   }
+}
+
+// The weight-gradient schedule from the per-neuron entry offsets nstart[H+1]
+// (one CTA of kScheduleThreads, thread t owning a contiguous run of neurons,
+// so items come out in neuron order): a neuron with more entries than one
+// segment is split over ceil(n / segment) items whose partial sums a finalize
+// CTA adds; the segment is the smallest of kMinSegment * 2^k for which the
+// split neurons fit `partial_slots`. Deterministic: a function of the counts.
+constexpr int kScheduleThreads = 1024;
+constexpr int64_t kMinSegment = 1024;  // entries per weight-gradient item (at least)
+
+__global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long long* __restrict__ nstart, int64_t H,
+                                                                    int64_t partial_slots, int64_t max_items,
+                                                                    Item* __restrict__ items, Fin* __restrict__ fins,
+                                                                    WgSchedule* __restrict__ out) {
+  using Scan = cub::BlockScan<long long, kScheduleThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ long long red[kScheduleThreads / 32];
+  __shared__ long long shared_value;
+  const int t = threadIdx.x;
+  const int64_t per = (H + kScheduleThreads - 1) / kScheduleThreads;
+  const int64_t j0 = min(H, t * per), j1 = min(H, j0 + per);
+  // A block-wide sum (op 0) or max (op 1), in a fixed order.
+  const auto reduce = [&](long long v, int op) {
+    for (int o = 16; o > 0; o /= 2) {
+      const long long w = __shfl_xor_sync(0xffffffffu, v, o);
+      v = op == 0 ? v + w : max(v, w);
+    }
+    if (t % 32 == 0) red[t / 32] = v;
+    __syncthreads();
+    if (t == 0) {
+      long long r = red[0];
+      for (int w = 1; w < kScheduleThreads / 32; ++w) r = op == 0 ? r + red[w] : max(r, red[w]);
+      shared_value = r;
+    }
+    __syncthreads();
+    const long long r = shared_value;
+    __syncthreads();
+    return r;
+  };
+  long long mx = 0;
+  for (int64_t j = j0; j < j1; ++j) mx = max(mx, nstart[j + 1] - nstart[j]);
+  const long long max_count = reduce(mx, 1);
+  long long seg = kMinSegment;
+  for (;; seg *= 2) {
+    long long slots = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const long long n = nstart[j + 1] - nstart[j];
+      const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
+      if (k > 1) slots += k;
+    }
+    if (reduce(slots, 0) <= partial_slots) break;
+  }
+  long long my_items = 0, my_slots = 0, my_fins = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const long long n = nstart[j + 1] - nstart[j];
+    const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
+    my_items += k;
+    if (k > 1) {
+      my_slots += k;
+      my_fins += 1;
+    }
+  }
+  long long item = 0, slot = 0, fin = 0, total_items = 0, total_fins = 0;
+  Scan(scan_tmp).ExclusiveSum(my_items, item, total_items);
+  __syncthreads();
+  Scan(scan_tmp).ExclusiveSum(my_slots, slot);
+  __syncthreads();
+  Scan(scan_tmp).ExclusiveSum(my_fins, fin, total_fins);
+  for (int64_t j = j0; j < j1; ++j) {
+    const long long e0 = nstart[j], n = nstart[j + 1] - e0;
+    const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
+    if (k == 1) {
+      if (item < max_items) items[item] = Item{j, e0, e0 + n, -1};
+      ++item;
+    } else {
+      if (fin < partial_slots) fins[fin] = Fin{j, slot, k, 0};
+      ++fin;
+      for (long long q = 0; q < k; ++q, ++item) {
+        if (item < max_items) items[item] = Item{j, e0 + q * seg, min(e0 + n, e0 + (q + 1) * seg), slot + q};
+      }
+      slot += k;
+    }
+  }
+  if (t == 0) {
+    // (items <= H + partial_slots = max_items by the choice of the segment)
+    out->items = min(static_cast<long long>(max_items), total_items);
+    out->fins = min(static_cast<long long>(partial_slots), total_fins);
+    out->entries = nstart[H];
+    out->max_count = max_count;
+    out->segment = seg;
+  }
+}
+
+// ---- conditions of a captured call (common/graph_cond.h) ----------------------
+
+// The saved header a backward may read: the one the forward of this problem wrote.
+struct HeaderCheck {
+  int64_t M, D, H;
+  int W;
+};
+__device__ __forceinline__ bool saved_header_ok(const u64* h, const HeaderCheck& c) {
+  return h[0] == kSavedMagic && h[1] == static_cast<u64>(c.M) && h[3] == static_cast<u64>(c.W) &&
+         h[4] == static_cast<u64>(c.D) && h[5] == static_cast<u64>(c.H) && h[2] <= static_cast<u64>(c.M) &&
+         (h[6] == kRouteHybrid || h[6] == kRouteDense);
+}
+
+// Tail chunk i runs when the saved state is a valid hybrid one with more than
+// (first + i) * chunk_rows tail rows.
+constexpr int kCondsPerKernel = 128;
+struct ChunkConds {
+  cudaGraphConditionalHandle h[kCondsPerKernel];
+  int n;
+  int64_t first;
+};
+__global__ void chunk_conditions_kernel(ChunkConds c, const u64* header, HeaderCheck chk, int64_t chunk_rows) {
+  const bool hybrid = saved_header_ok(header, chk) && header[6] == kRouteHybrid;
+  for (int i = 0; i < c.n; ++i) {
+    const u64 r0 = static_cast<u64>((c.first + i) * chunk_rows);
+    cudaGraphSetConditional(c.h[i], hybrid && header[2] > r0 ? 1u : 0u);
+  }
+}
+
+// The backward's route from the saved header: the hybrid steps (two nodes),
+// the dense route (when the plan captured one), or, for a header this
+// problem's forward did not write, the node that fills the outputs with NaN.
+struct RouteConds {
+  cudaGraphConditionalHandle hybrid[2], dense, bad;
+  int has_hybrid, has_dense;
+};
+__global__ void route_conditions_kernel(RouteConds c, const u64* header, HeaderCheck chk) {
+  const bool ok = saved_header_ok(header, chk);
+  const bool hybrid = ok && header[6] == kRouteHybrid && c.has_hybrid;
+  const bool dense = ok && header[6] == kRouteDense && c.has_dense;
+  if (c.has_hybrid) {
+    cudaGraphSetConditional(c.hybrid[0], hybrid ? 1u : 0u);
+    cudaGraphSetConditional(c.hybrid[1], hybrid ? 1u : 0u);
+  }
+  if (c.has_dense) cudaGraphSetConditional(c.dense, dense ? 1u : 0u);
+  cudaGraphSetConditional(c.bad, hybrid || dense ? 0u : 1u);
+}
+
+// The hybrid backward's statistics, from the saved header and the schedule.
+__global__ void backward_stats_kernel(u64* stats, const u64* header, const WgSchedule* sched, int64_t M, int W,
+                                      int64_t chunk_rows, int host_syncs) {
+  const int t = threadIdx.x;
+  if (t < kTrainStatsWords) stats[t] = 0;
+  __syncthreads();
+  if (t != 0) return;
+  const u64 T = header[2], Mu = static_cast<u64>(M);
+  stats[TWELL_STAT_ROWS] = Mu;
+  stats[TWELL_STAT_PATH] = T == Mu && M > 0 ? TWELL_PATH_DENSE : (T == 0 ? TWELL_PATH_SPARSE : TWELL_TRAIN_PATH_HYBRID);
+  stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
+  stats[TWELL_TSTAT_TAIL_ROWS] = T;
+  stats[TWELL_TSTAT_ELL_ROWS] = Mu - T;
+  stats[TWELL_TSTAT_ELL_WIDTH] = static_cast<u64>(W);
+  stats[TWELL_TSTAT_TAIL_CHUNKS] = (T + static_cast<u64>(chunk_rows) - 1) / static_cast<u64>(chunk_rows);
+  stats[TWELL_TSTAT_HOST_SYNCS] = static_cast<u64>(host_syncs);
+  stats[TWELL_TSTAT_ELL_ENTRIES] = static_cast<u64>(sched->entries);
+  stats[TWELL_TSTAT_MAX_NEURON_COUNT] = static_cast<u64>(sched->max_count);
+  stats[TWELL_TSTAT_PHASE] = 2;
 }
 
 struct StatsVals {

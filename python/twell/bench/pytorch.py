@@ -13,12 +13,17 @@ larger than L2):
 - **training step host overhead**: one forward + backward through autograd
   (``ffn_with_l1`` + ``torch.autograd.backward((y, l1), (dy, dl1))``), host time outside the C
   library's calls (which hold the launches and the kernels' host waits): Python, allocations,
-  autograd and its engine; beside it the dense PyTorch FFN's forward + backward host time.
+  autograd and its engine; beside it the dense PyTorch FFN's forward + backward host time;
+- **training steps** (M = 16, 2048, 16384): forward, L1 term and backward, eager and captured in
+  one CUDA graph (no host sync inside twell's training calls), against the dense PyTorch FFN's
+  step run the same two ways; and the host time of one captured step's replay.
 
 Records (``bench_torch.json`` under ``--out``, schema of bench/README.md):
 ``{"bench": "ffn_torch", "D", "H", "M", "pattern", "density", "graph", "ms", "dense_ms",
 "speedup_vs_dense", "relerr", "path_ran"}`` and ``{"bench": "host_time", "api": "torch", "op": "ffn" |
-"train_step" | "dense_ffn" | "dense_train_step", "D", "H", "M", "host_us"}``. Exit status 2 without a GPU.
+"train_step" | "dense_ffn" | "dense_train_step", "D", "H", "M", "host_us"}`` (``"graph": true`` for a
+captured step's replay), and ``{"bench": "train_torch", "D", "H", "M", "graph", "ms", "dense_ms",
+"speedup_vs_dense"}`` for whole training steps. Exit status 2 without a GPU.
 """
 
 from __future__ import annotations
@@ -162,6 +167,10 @@ def run(args) -> dict:
             print(json.dumps(recs[-1]), file=sys.stderr)
             recs.append(_dense_train_host_us(torch, x, sets[0], M, D, H))
             print(json.dumps(recs[-1]), file=sys.stderr)
+        if not args.no_train and M in (16, 2048, 16384):
+            recs.extend(_train_steps(torch, tt, x, sets[0], M, D, H, calls=max(5, calls // 4)))
+            for r in recs[-4:]:
+                print(json.dumps(r), file=sys.stderr)
         torch.cuda.empty_cache()
     return {"records": recs}
 
@@ -230,6 +239,50 @@ def _train_overhead(torch, tt, rt, x, weights, M, D, H):
             "host_us": (fwd + bwd - spent["lib"]) * 1e6 / n, "forward_ms": fwd * 1e3 / n,
             "backward_ms": bwd * 1e3 / n, "in_library_ms": spent["lib"] * 1e3 / n,
             "path_ran": runner.last_stats()["path"]}
+
+
+def _train_steps(torch, tt, x, weights, M, D, H, calls):
+    """Whole training steps (forward, the L1 term, backward; grads overwritten, not accumulated) as
+    users run them: eager and captured in one CUDA graph, twell against the dense PyTorch FFN.
+    Records ``train_torch`` (wall ms per step, both modes) and the host time of a captured step."""
+    import torch.nn.functional as F
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    dy = torch.randn_like(x).float()
+    key = tt.new_plan_key()
+
+    def twell_step(_i):
+        for a in leaves:
+            a.grad = None
+        y, l1 = tt.ffn_with_l1(*leaves, w_down_layout="dh", plan=key)
+        ((y.float() * dy).sum() + 1e-4 * l1.sum()).backward()
+
+    def dense_step(_i):
+        for a in leaves:
+            a.grad = None
+        xx, wg, wu, wd = leaves
+        y = F.linear(F.relu(F.linear(xx, wg)) * F.linear(xx, wu), wd)
+        ((y.float() * dy).sum()).backward()
+
+    out = []
+    base = {"D": D, "H": H, "M": M, "pattern": "uniform"}
+    ms, dense_ms = _wall_ms(torch, twell_step, calls), _wall_ms(torch, dense_step, calls)
+    out.append({"bench": "train_torch", **base, "graph": False, "ms": ms, "dense_ms": dense_ms,
+                "speedup_vs_dense": dense_ms / ms})
+    graphs = []
+    for step in (twell_step, dense_step):
+        g = _graph(torch, step)[0][0]
+        graphs.append(g)
+    ms_g = _wall_ms(torch, lambda i: graphs[0].replay(), calls)
+    dms_g = _wall_ms(torch, lambda i: graphs[1].replay(), calls)
+    out.append({"bench": "train_torch", **base, "graph": True, "ms": ms_g, "dense_ms": dms_g,
+                "speedup_vs_dense": dms_g / ms_g})
+    out.append({"bench": "host_time", "api": "torch", "op": "train_step", "graph": True, "D": D, "H": H, "M": M,
+                "host_us": _host_us(torch, lambda i: graphs[0].replay(), 20)})
+    out.append({"bench": "host_time", "api": "torch", "op": "dense_train_step", "graph": True, "D": D, "H": H,
+                "M": M, "host_us": _host_us(torch, lambda i: graphs[1].replay(), 20)})
+    del graphs
+    return out
 
 
 def _dense_train_host_us(torch, x, weights, M, D, H):
@@ -314,10 +367,15 @@ def main_bench_torch(args) -> int:
             path = {1: "sparse", 2: "dense"}.get(r["path_ran"], r["path_ran"])
             md.append(f"| {r['M']} | {'graph' if r['graph'] else 'eager'} | {r['ms']:.4f} | {r['dense_ms']:.4f} | "
                       f"{r['speedup_vs_dense']:.2f}x | {path} | {r['relerr']:.1e} |")
-    md += ["", "| op | M | host us |", "|---|---:|---:|"]
+    md += ["", "| training step | M | twell ms | dense ms | speedup |", "|---|---:|---:|---:|---:|"]
+    for r in doc["records"]:
+        if r["bench"] == "train_torch":
+            md.append(f"| {'graph' if r['graph'] else 'eager'} | {r['M']} | {r['ms']:.4f} | {r['dense_ms']:.4f} | "
+                      f"{r['speedup_vs_dense']:.2f}x |")
+    md += ["", "| op | mode | M | host us |", "|---|---|---:|---:|"]
     for r in doc["records"]:
         if r["bench"] == "host_time":
-            md.append(f"| {r['op']} | {r['M']} | {r['host_us']:.1f} |")
+            md.append(f"| {r['op']} | {'graph' if r.get('graph') else 'eager'} | {r['M']} | {r['host_us']:.1f} |")
     (out / "bench_torch.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"twell bench-torch: wrote {out / 'bench_torch.json'}, {out / 'bench_torch.md'}", file=sys.stderr)

@@ -458,6 +458,12 @@ class TrainRunner:
     def last_stats(self, phase: str = "forward") -> dict:
         return stats_dict(self.stats if phase == "forward" else self.bwd_stats, TRAIN_STATS_FIELDS)
 
+    def _workspace(self, m: int):
+        ws = self.ws.for_rows(m)
+        if _is_capturing():
+            self.ws.captured = True  # a graph now holds its address: never freed while the runner lives
+        return ws
+
     def forward(self, x, w_gate, w_up, w_down):
         x2 = as_rows(x, self.d_model, "x")
         m = x2.shape[0]
@@ -479,7 +485,7 @@ class TrainRunner:
         p = f.ptrs
         if m > 0:
             f.set(6, active)
-        ws = self.ws.for_rows(m)
+        ws = self._workspace(m)
         st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p[6] if m > 0 else ffi.NULL,
                                           ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, self.ws.nbytes,
                                           self.stream.current())
@@ -514,7 +520,7 @@ class TrainRunner:
             scale, coef = p[10], 1.0
         else:
             scale, coef = ffi.NULL, 0.0
-        ws = self.ws.for_rows(x2.shape[0])
+        ws = self._workspace(x2.shape[0])
         st = self.lib.twell_train_backward_scaled(
             self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
             saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, self.ws.nbytes, self.stream.current())

@@ -12,9 +12,10 @@ Functional entry points (what most users call):
 requires grad); then it runs the training op, whose backward gives the gradients of x, w_gate,
 w_up and w_down and -- through ``l1`` -- of the L1 term, with the L1 coefficient read by the
 kernels from device memory (no host synchronisation). Everything runs on the caller's current
-CUDA stream. Inference calls can be captured in CUDA graphs on every path, AUTO included
-(decided on the device at every replay); training calls cannot (they wait on the host; the
-error says why).
+CUDA stream. Every call can be captured in a CUDA graph: inference on every path, AUTO
+included (decided on the device at every replay), and a whole training step (forward and
+backward: the dense tail and the backward's route are decided on the device at every replay;
+a captured AUTO forward keeps the route it was captured with).
 
 W_d is taken as ``w_down_layout="hd"`` ([H, D], neuron-major) or ``"dh"`` (nn.Linear's
 ``down_proj.weight``, [D, H]). A ``"dh"`` weight that is a transposed view of [H, D] storage costs
