@@ -4,7 +4,9 @@
 # short table last.
 #
 #   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
-#   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests bench torch sanitizer)
+#   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests bench torch sanitizer;
+#                                        "model" = twell bench-model, not in the default: several minutes)
+#   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
 #   TWELL_PYTEST_PATHS="tests/test_gpu_torch.py"  test files (default: tests)
@@ -117,6 +119,15 @@ PY
   [ -f "$OUT/bench_torch.md" ] && cat "$OUT/bench_torch.md"
 fi
 
+if has model; then
+  # The end-to-end benchmark: a ReLU Llama trained dense and through twell, then served.
+  t0=$(date +%s)
+  timeout ${TWELL_MODEL_TIMEOUT:-560} python3 -m twell.bench.model --out "$OUT" --no-progress ${TWELL_MODEL_ARGS:-} \
+    >> "$OUT/bench_model_log.txt" 2>&1
+  rc=$?; SUMMARY+=("bench-model: rc=$rc ($(( $(date +%s) - t0 )) s)")
+  [ -f "$OUT/bench_model.md" ] && cat "$OUT/bench_model.md"
+fi
+
 if has bench; then
   # Ceiling of the sparse consumer's access pattern (random weight rows through L2).
   if nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/l2_gather.cu -o "$BUILD/l2_gather" >> "$LOG" 2>&1; then
@@ -127,7 +138,7 @@ fi
 
 # The device tool brings back at most 8 files: keep the records and plots, pack the rest.
 (cd "$OUT" && tar czf all_logs.tgz --exclude=all_logs.tgz ./* 2>/dev/null
- keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl speedup_vs_M.png train_speedup.png all_logs.tgz "
+ keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl bench_model.json loss_curves.png all_logs.tgz "
  for f in *; do [[ "$keep" == *" $f "* ]] || rm -rf "$f"; done)
 echo "== records: bench_ffn.json bench_train.json; every log and table: all_logs.tgz"
 

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench-torch", help="twell from PyTorch (eager, CUDA graphs, host time) against dense PyTorch")
     bench_torch.add_bench_torch_args(bp)
     bp.set_defaults(func=bench_torch.main_bench_torch)
+
+    from .bench import model as bench_model
+
+    bm = sub.add_parser("bench-model", help="train a ReLU Llama dense and through twell (L1 recipe), then serve both")
+    bench_model.add_bench_model_args(bm)
+    bm.set_defaults(func=bench_model.main_bench_model)
     return p
 
 

@@ -1,0 +1,497 @@
+"""``twell bench-model``: a whole model, trained and served through twell, against the same model dense.
+
+A ``transformers`` ``LlamaForCausalLM`` with ReLU MLPs is built from a config (``--preset small``:
+4 layers, D = 2048, H = 5632; ``llama8b``: Llama-3-8B's layer shape, D = 4096, H = 14336, 32 heads,
+8 KV heads, 2 layers), on the byte-level corpus of ``twell.lm.corpus`` (standard-library sources:
+no download; vocabulary 256). From one initialisation and on the same batches it is trained twice:
+
+- **dense**: the model as built (PyTorch ops), cross-entropy only;
+- **twell**: ``twell.torch.sparsify(model)`` (the same parameters in ``SparseMLP`` layers), with the
+  L1 recipe ``loss = ce + lam * l1_loss`` (lam ramped up linearly over ``--l1-warmup`` steps).
+
+Both use fp32 master weights under ``torch.autocast(bfloat16)``, AdamW, the same learning-rate
+warm-up and the same number of steps (``--steps``, or as many as the dense run does in
+``--minutes``). Reported per run: tokens/s of the training steps (after ``--skip`` warm-up steps),
+the training and validation loss curves, the validation loss at the end, peak GPU memory, and per
+layer the sparsity of the trained model on validation text (active neurons per token, neurons
+never active, the share of activations carried by the 64 and 256 most active neurons).
+
+Then each trained model is served in bf16: **prefill** tokens/s over ``--prefill-tokens`` tokens
+(windows of ``--seq`` tokens, no cache) and **decode** tokens/s at each batch of
+``--decode-batches`` with a static KV cache, one decode step (model, greedy next token, position
+update) captured in a CUDA graph and replayed (eager steps where capture fails; the record says
+which).
+
+Records (``bench_model.json`` under ``--out``): ``{"bench": "model", "phase": "train" | "prefill" |
+"decode", "batch", "layers", "D", "H", "gpus", "tokens_per_s", "dense_tokens_per_s",
+"speedup_vs_dense", "val_loss", "dense_val_loss", "peak_mem_ratio", ...}``; ``loss_curves.png``
+(matplotlib, optional). ``--device cpu`` runs the same code on the host with dense ops everywhere
+(SparseMLP computes densely there): a smoke test of the driver, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {
+    "small": {"D": 2048, "H": 5632, "layers": 4, "heads": 16, "kv_heads": 16},
+    "llama8b": {"D": 4096, "H": 14336, "layers": 2, "heads": 32, "kv_heads": 8},
+}
+
+
+def add_bench_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model shape (default small)")
+    p.add_argument("--D", type=int, default=None, help="override the preset's d_model")
+    p.add_argument("--H", type=int, default=None, help="override the preset's MLP width")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--heads", type=int, default=None, help="override the preset's attention heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="override the preset's KV heads")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per training window (default 1024)")
+    p.add_argument("--batch", type=int, default=16, help="windows per step (default 16: 16384 tokens)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: --minutes)")
+    p.add_argument("--minutes", type=float, default=2.0,
+                   help="without --steps: as many steps as the dense run makes in this time (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps (default 50)")
+    p.add_argument("--lam", type=float, default=1e-4, help="L1 weight of the twell run (default 1e-4)")
+    p.add_argument("--l1-warmup", type=int, default=200, help="steps of the L1 weight's linear ramp (default 200)")
+    p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (default 100)")
+    p.add_argument("--eval-batches", type=int, default=4, help="validation windows = this x --batch (default 4)")
+    p.add_argument("--skip", type=int, default=10, help="steps not timed at the start of a run (default 10)")
+    p.add_argument("--prefill-tokens", type=int, default=16384, help="tokens per prefill measurement (16384)")
+    p.add_argument("--decode-batches", default="1,16,64", help="decode batch sizes (default 1,16,64)")
+    p.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per batch (default 64)")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test: nothing is sparse)")
+    p.add_argument("--out", default="twell_bench_results", metavar="DIR", help="where the JSON and PNG go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def shape_of(args) -> dict:
+    s = dict(PRESETS[args.preset])
+    for k, a in (("D", args.D), ("H", args.H), ("layers", args.layers), ("heads", args.heads),
+                 ("kv_heads", args.kv_heads)):
+        if a is not None:
+            s[k] = a
+    return s
+
+
+def build_model(torch, transformers, shape: dict, seq: int, seed: int):
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=shape["D"], intermediate_size=shape["H"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], hidden_act="relu", max_position_embeddings=max(seq, 4096),
+        tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class _Bar:
+    """tqdm if installed (and wanted), else nothing."""
+
+    def __init__(self, total, desc, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, post=None):
+        if self.bar is not None:
+            self.bar.update(1)
+            if post:
+                self.bar.set_postfix(post, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Batches:
+    """The same random training windows for every run (seeded), and fixed validation windows."""
+
+    def __init__(self, corpus, batch: int, seq: int, seed: int, eval_batches: int):
+        self.train, self.val, self.batch, self.seq, self.seed = corpus.train, corpus.val, batch, seq, seed
+        n = eval_batches * batch
+        stride = max(1, (self.val.size - seq - 1) // max(n, 1))
+        offs = np.arange(n) * stride
+        self.val_windows = self._windows(self.val, offs)
+
+    def _windows(self, data, offs):
+        idx = offs[:, None] + np.arange(self.seq + 1)[None, :]
+        return data[idx].astype(np.int64)
+
+    def step(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, i))
+        return self._windows(self.train, rng.integers(0, self.train.size - self.seq - 1, size=self.batch))
+
+
+def _sync(torch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ce(torch, model, w, device):
+    x = torch.as_tensor(w[:, :-1], device=device)
+    y = torch.as_tensor(w[:, 1:], device=device)
+    logits = model(input_ids=x, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def evaluate(torch, model, batches: Batches, device, autocast) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad(), autocast():
+        for k in range(0, len(batches.val_windows), batches.batch):
+            losses.append(float(_ce(torch, model, batches.val_windows[k:k + batches.batch], device)))
+    model.train()
+    return float(np.mean(losses))
+
+
+def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: bool, label: str,
+              minutes=None) -> dict:
+    """Train in place; returns the run's record (curves, tokens/s, peak memory, final val loss).
+    With ``minutes`` (and steps = None) it runs until the time is spent and reports the steps."""
+    import twell.torch as tt
+
+    autocast = _autocast(torch, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    curve, val_curve = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = _Bar(steps, label, not args.no_progress)
+    t_start = t_timed = None
+    timed_steps = 0
+    i = 0
+    deadline = None if minutes is None else time.perf_counter() + 60.0 * minutes
+    while (steps is not None and i < steps) or (steps is None and time.perf_counter() < deadline):
+        if i == args.skip:
+            _sync(torch, device)
+            t_timed = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (i + 1) / max(args.warmup, 1))
+        with autocast():
+            ce = _ce(torch, model, batches.step(i), device)
+            loss = ce
+            if sparse:
+                lam = args.lam * min(1.0, (i + 1) / max(args.l1_warmup, 1))
+                loss = ce + tt.l1_loss(model, lam)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        i += 1
+        if i > args.skip:
+            timed_steps += 1
+        if i % 10 == 0 or i == 1:
+            curve.append((i, float(ce.detach())))
+        if args.eval_every and i % args.eval_every == 0:
+            val_curve.append((i, evaluate(torch, model, batches, device, autocast)))
+        bar.update({"ce": f"{curve[-1][1]:.3f}"} if curve else None)
+        if t_start is None:
+            t_start = time.perf_counter()
+    _sync(torch, device)
+    bar.close()
+    elapsed = time.perf_counter() - (t_timed if t_timed is not None else t_start)
+    n = timed_steps if t_timed is not None else max(i - 1, 1)
+    val = evaluate(torch, model, batches, device, autocast)
+    if not val_curve or val_curve[-1][0] != i:
+        val_curve.append((i, val))
+    return {"steps": i, "tokens_per_s": n * batches.batch * batches.seq / max(elapsed, 1e-9),
+            "step_ms": 1e3 * elapsed / max(n, 1), "val_loss": val, "train_curve": curve, "val_curve": val_curve,
+            "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
+
+
+def _autocast(torch, device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+    return contextlib.nullcontext
+
+
+def layer_sparsity(torch, model, batches: Batches, device) -> list:
+    """Per MLP layer on the validation windows (bf16 inference): mean active neurons per token, the
+    fraction of neurons never active, the share of activations carried by the 64 / 256 most active."""
+    mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    counts = [None] * len(mlps)
+    tokens = [0]
+
+    def hook(k):
+        def f(mod, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1])
+            act = (torch.nn.functional.linear(x, mod.gate_proj.weight.to(x.dtype)) > 0)
+            c = act.sum(0, dtype=torch.int64)
+            counts[k] = c if counts[k] is None else counts[k] + c
+            if k == 0:
+                tokens[0] += x.shape[0]
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate(mlps)]
+    try:
+        model.eval()
+        with torch.no_grad(), _autocast(torch, device)():
+            for k in range(0, len(batches.val_windows), batches.batch):
+                model(input_ids=torch.as_tensor(batches.val_windows[k:k + batches.batch, :-1], device=device),
+                      use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    out = []
+    for k, c in enumerate(counts):
+        c = c.cpu().numpy().astype(np.float64)
+        total = max(c.sum(), 1.0)
+        top = np.sort(c)[::-1]
+        out.append({"layer": k, "active_per_token": float(c.sum() / max(tokens[0], 1)),
+                    "dead_fraction": float(np.mean(c == 0)), "top64_share": float(top[:64].sum() / total),
+                    "top256_share": float(top[:256].sum() / total)})
+    return out
+
+
+def _timed(torch, device, fn, reps: int) -> float:
+    """Median seconds of fn() over reps (after one untimed call)."""
+    fn()
+    _sync(torch, device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(torch, device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def prefill_tokens_per_s(torch, model, batches: Batches, tokens: int, device) -> float:
+    rows = max(1, tokens // batches.seq)
+    w = np.concatenate([batches.step(10_000 + k) for k in range(-(-rows // batches.batch))])[:rows]
+    x = torch.as_tensor(w[:, :-1], device=device)
+    with torch.no_grad():
+        s = _timed(torch, device, lambda: model(input_ids=x, use_cache=False), 3)
+    return rows * batches.seq / s
+
+
+def _static_cache(transformers, model, batch: int, max_len: int, device):
+    """A StaticCache across transformers versions (newer ones size the batch at the first update)."""
+    try:
+        return transformers.StaticCache(config=model.config, max_cache_len=max_len)
+    except TypeError:
+        return transformers.StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len,
+                                        device=device, dtype=next(model.parameters()).dtype)
+
+
+def _cache_kwarg(model) -> str:
+    """The name transformers' forward takes the KV cache by (``cache`` from 5.x on, else past_key_values)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_tokens_per_s(torch, transformers, model, batch: int, prompt: int, steps: int, device, seed: int):
+    """(tokens/s, graph used, note): greedy decoding of ``steps`` tokens per sequence after a prompt,
+    one step (model, argmax, position + 1) captured in a CUDA graph and replayed."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, prompt), generator=g).to(device)
+    cache = _static_cache(transformers, model, batch, prompt + 2 * steps + 8, device)
+    kv = _cache_kwarg(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, **{kv: cache}, cache_position=torch.arange(prompt, device=device), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt], device=device)
+
+        def step():
+            o = model(input_ids=tok, **{kv: cache}, cache_position=pos, use_cache=True)
+            tok.copy_(o.logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        note = ""
+        if device.type != "cuda":
+            for _ in range(2):
+                step()
+        else:
+            try:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):  # warm-up (plans, workspaces, cuBLASLt) outside the graph
+                        step()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                replay = graph.replay
+                used = True
+            except Exception as e:  # noqa: BLE001 -- any capture failure: time eager steps, say why
+                torch.cuda.synchronize()
+                note = f"graph capture failed ({type(e).__name__}: {str(e)[:160]}); eager steps"
+                replay, used = step, False
+        if device.type != "cuda":
+            replay, used = step, False
+        pos.fill_(prompt)
+        _sync(torch, device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            replay()
+        _sync(torch, device)
+        dt = time.perf_counter() - t0
+    return batch * steps / dt, used, note
+
+
+def run(args) -> dict:
+    import torch
+    import transformers
+
+    import twell.torch as tt
+    from twell.lm.corpus import load_corpus
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    shape = shape_of(args)
+    corpus = load_corpus()
+    batches = Batches(corpus, args.batch, args.seq, args.seed, args.eval_batches)
+    base = build_model(torch, transformers, shape, args.seq, args.seed).to(device)
+    init = copy.deepcopy(base.state_dict())
+    common = {"layers": shape["layers"], "D": shape["D"], "H": shape["H"], "gpus": 1, "preset": args.preset}
+    runs = {}
+
+    # dense first: it fixes the step count when --minutes is given
+    runs["dense"] = train_run(torch, base, batches, args.steps, args, device, sparse=False, label="dense",
+                              minutes=None if args.steps else args.minutes)
+    steps = runs["dense"]["steps"]
+    dense_model = base
+    twell_model = build_model(torch, transformers, shape, args.seq, args.seed).to(device)
+    twell_model.load_state_dict(init)
+    del init
+    tt.sparsify(twell_model)
+    runs["twell"] = train_run(torch, twell_model, batches, steps, args, device, sparse=True, label="twell")
+    for name, m in (("dense", dense_model), ("twell", twell_model)):
+        runs[name]["sparsity"] = layer_sparsity(torch, m, batches, device)
+
+    d, t = runs["dense"], runs["twell"]
+    recs = [{"bench": "model", "phase": "train", "batch": args.batch, "seq": args.seq, **common,
+             "steps": steps, "tokens_per_s": t["tokens_per_s"], "dense_tokens_per_s": d["tokens_per_s"],
+             "speedup_vs_dense": t["tokens_per_s"] / d["tokens_per_s"], "val_loss": t["val_loss"],
+             "dense_val_loss": d["val_loss"], "val_loss_ratio": t["val_loss"] / d["val_loss"],
+             "peak_mem_ratio": (t["peak_mem_bytes"] / d["peak_mem_bytes"]) if d["peak_mem_bytes"] else None,
+             "peak_mem_bytes": t["peak_mem_bytes"], "dense_peak_mem_bytes": d["peak_mem_bytes"],
+             "lam": args.lam, "sparsity": t["sparsity"], "dense_sparsity": d["sparsity"]}]
+    print(json.dumps({k: v for k, v in recs[-1].items() if "sparsity" not in k}), file=sys.stderr)
+
+    # serving, bf16
+    for m in (dense_model, twell_model):
+        m.to(torch.bfloat16).eval()
+    pre = {n: prefill_tokens_per_s(torch, m, batches, args.prefill_tokens, device)
+           for n, m in (("dense", dense_model), ("twell", twell_model))}
+    recs.append({"bench": "model", "phase": "prefill", "batch": max(1, args.prefill_tokens // args.seq),
+                 "seq": args.seq, "tokens": args.prefill_tokens, **common, "tokens_per_s": pre["twell"],
+                 "dense_tokens_per_s": pre["dense"], "speedup_vs_dense": pre["twell"] / pre["dense"],
+                 "val_loss": t["val_loss"], "dense_val_loss": d["val_loss"], "peak_mem_ratio": None})
+    print(json.dumps(recs[-1]), file=sys.stderr)
+    for b in [int(v) for v in str(args.decode_batches).split(",") if v]:
+        res = {n: decode_tokens_per_s(torch, transformers, m, b, args.prompt, args.decode_steps, device, args.seed)
+               for n, m in (("dense", dense_model), ("twell", twell_model))}
+        recs.append({"bench": "model", "phase": "decode", "batch": b, "prompt": args.prompt,
+                     "decode_steps": args.decode_steps, **common, "tokens_per_s": res["twell"][0],
+                     "dense_tokens_per_s": res["dense"][0], "speedup_vs_dense": res["twell"][0] / res["dense"][0],
+                     "graph": res["twell"][1], "dense_graph": res["dense"][1],
+                     "note": "; ".join(v[2] for v in res.values() if v[2]), "val_loss": t["val_loss"],
+                     "dense_val_loss": d["val_loss"], "peak_mem_ratio": None})
+        print(json.dumps(recs[-1]), file=sys.stderr)
+    curves = {n: {"train": r["train_curve"], "val": r["val_curve"]} for n, r in runs.items()}
+    return {"records": recs, "curves": curves, "corpus": corpus.meta}
+
+
+def plot_curves(curves: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in curves.items():
+        if c["train"]:
+            ax.plot(*zip(*c["train"]), label=f"{name} train", alpha=0.6)
+        if c["val"]:
+            ax.plot(*zip(*c["val"]), "o-", label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def table(doc: dict) -> str:
+    md = ["| phase | batch | twell tokens/s | dense tokens/s | speedup | val loss twell / dense | peak mem |",
+          "|---|---:|---:|---:|---:|---|---:|"]
+    for r in doc["records"]:
+        mem = f"{r['peak_mem_ratio']:.2f}" if r.get("peak_mem_ratio") else ""
+        graph = "" if r["phase"] != "decode" else (" (graph)" if r["graph"] else " (eager)")
+        md.append(f"| {r['phase']}{graph} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['dense_tokens_per_s']:.0f} | "
+                  f"{r['speedup_vs_dense']:.2f}x | {r['val_loss']:.4f} / {r['dense_val_loss']:.4f} | {mem} |")
+    tr = doc["records"][0]
+    md += ["", "| layer | active/token | dead | top-64 share | top-256 share |", "|---:|---:|---:|---:|---:|"]
+    for s in tr["sparsity"]:
+        md.append(f"| {s['layer']} | {s['active_per_token']:.1f} | {100 * s['dead_fraction']:.1f}% | "
+                  f"{100 * s['top64_share']:.1f}% | {100 * s['top256_share']:.1f}% |")
+    return "\n".join(md) + "\n"
+
+
+def main_bench_model(args) -> int:
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"twell bench-model: needs PyTorch and transformers ({e})", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda"):
+        import twell
+
+        if not torch.cuda.is_available() or not twell.available():
+            why = twell.why_unavailable() or "PyTorch sees no CUDA device"
+            print(f"twell bench-model: no GPU ({why}); --device cpu runs the driver on the host", file=sys.stderr)
+            return 2
+    from .ffn import git_commit
+
+    t0 = time.time()
+    doc = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+           "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "torch": torch.__version__,
+           "transformers": sys.modules["transformers"].__version__, "command": " ".join(sys.argv),
+           "args": vars(args)}
+    doc.update(run(args))
+    doc["wall_s"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_model.json").write_text(json.dumps(doc, indent=1, default=str))
+    md = table(doc)
+    (out / "bench_model.md").write_text(md)
+    plotted = plot_curves(doc["curves"], out / "loss_curves.png")
+    print(md)
+    print(f"twell bench-model: wrote {out / 'bench_model.json'}, {out / 'bench_model.md'}"
+          f"{', ' + str(out / 'loss_curves.png') if plotted else ''} in {doc['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m twell.bench.model", description=__doc__.split("\n\n")[0])
+    add_bench_model_args(p)
+    return main_bench_model(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
