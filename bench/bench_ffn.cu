@@ -101,16 +101,17 @@ __global__ void fill_x_kernel(bf16* x, int64_t M, int64_t D, uint64_t key, uint6
 }
 
 // W [rows, cols]: N(0, std^2). If set_last: the last column is a per-row
-// threshold: thr, or thr_hot for the n_hot rows k * hot_stride (k < n_hot).
+// threshold: row_thr[row] when given, else thr, or thr_hot for the n_hot rows
+// k * hot_stride (k < n_hot).
 __global__ void fill_w_kernel(bf16* w, int64_t rows, int64_t cols, float stddev, uint64_t key, int set_last, float thr,
-                              int64_t hot_stride, int64_t n_hot, float thr_hot) {
+                              int64_t hot_stride, int64_t n_hot, float thr_hot, const float* row_thr) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / cols, col = i - row * cols;
     float v;
     if (set_last && col == cols - 1) {
       const bool hot = n_hot > 0 && row % hot_stride == 0 && row / hot_stride < n_hot;
-      v = hot ? thr_hot : thr;
+      v = row_thr != nullptr ? row_thr[row] : (hot ? thr_hot : thr);
     } else {
       v = stddev * normal01(key, static_cast<uint64_t>(i));
     }
@@ -215,6 +216,39 @@ static double norm_ppf(double p) {  // inverse standard normal CDF (Acklam + one
   const double e = 0.5 * erfc(-x / sqrt(2.0)) - p;
   const double u = e * sqrt(2 * M_PI) * exp(x * x / 2);
   return x - u / (1 + x * u / 2);
+}
+
+// The "trained" pattern (python/twell/patterns.py, the same definition): 10% of
+// the H neurons live at shuffled positions, live neuron k firing with
+// p_k = min(0.65, c k^-1.2), c set for 12 active per token on average (or as
+// many as 0.65 per live neuron allows); the others never fire (threshold -30).
+static std::vector<float> trained_thresholds(int64_t H, uint64_t seed) {
+  const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(std::llround(0.1 * static_cast<double>(H))));
+  const double target = std::min(12.0, 0.65 * static_cast<double>(n));
+  auto total = [&](double c) {
+    double t = 0;
+    for (int64_t k = 1; k <= n; ++k) t += std::min(0.65, c * std::pow(static_cast<double>(k), -1.2));
+    return t;
+  };
+  double lo = 0, hi = 1;
+  while (total(hi) < target && hi < 1e12) hi *= 2;
+  for (int i = 0; i < 200; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (total(mid) < target ? lo : hi) = mid;
+  }
+  std::vector<int64_t> pos(static_cast<size_t>(H));
+  for (int64_t j = 0; j < H; ++j) pos[static_cast<size_t>(j)] = j;
+  uint64_t state = seed ^ 0x7472616e6564ull;  // Fisher-Yates with splitmix64
+  for (int64_t j = H - 1; j > 0; --j) {
+    state = splitmix64(state);
+    std::swap(pos[static_cast<size_t>(j)], pos[static_cast<size_t>(state % static_cast<uint64_t>(j + 1))]);
+  }
+  std::vector<float> thr(static_cast<size_t>(H), -30.0f);
+  for (int64_t k = 1; k <= n; ++k) {
+    const double p = std::min(0.65, hi * std::pow(static_cast<double>(k), -1.2));
+    thr[static_cast<size_t>(pos[static_cast<size_t>(k - 1)])] = static_cast<float>(norm_ppf(p));
+  }
+  return thr;
 }
 
 template <class T>
@@ -444,6 +478,8 @@ static std::vector<Config> suite(const std::string& name, const std::vector<std:
     add(2048, 5632, 65536, "uniform", 0.02, ffn);
     add(2048, 5632, 65536, "skewed", 0.005, ffn);
     add(2048, 5632, 65536, "hot", 0.005, ffn);
+    add(2048, 5632, 16384, "trained", 0.005, ffn);
+    add(2048, 5632, 65536, "trained", 0.005, ffn);
     add(2048, 5632, 16384, "dense", 0.5, ffn);
     add(2048, 5632, 65536, "uniform", 0.005, {"gate_pack"});
     add(4096, 14336, 16384, "uniform", 0.005, ffn);
@@ -457,6 +493,7 @@ static std::vector<Config> suite(const std::string& name, const std::vector<std:
     for (double p : {0.001, 0.002, 0.01, 0.02, 0.05, 0.1}) add(2048, 5632, 65536, "uniform", p, ffn, {32}, both);
     add(2048, 5632, 65536, "skewed", 0.005, ffn, {32, 64, 128}, both);
     add(2048, 5632, 65536, "hot", 0.005, ffn, {32, 64}, both);
+    for (int64_t M : {2048, 16384, 65536}) add(2048, 5632, M, "trained", 0.005, ffn, {32}, both);
     add(2048, 5632, 65536, "dense", 0.5, all, {32}, both);
     add(2048, 5632, 65536, "uniform", 0.005, {"gate_pack"}, {32, 64, 128}, both);
     add(2048, 5632, 16384, "uniform", 0.005, {"gate_pack"}, {32}, both);
@@ -483,7 +520,7 @@ static void usage(FILE* f) {
           "  --D N                 d_model (multiple of 8; default 2048)\n"
           "  --H N                 hidden size (multiple of 8; default 5632)\n"
           "  --M N[,N...]          tokens per call (default 16384)\n"
-          "  --pattern P[,P...]    uniform | skewed | hot | dense (default uniform)\n"
+          "  --pattern P[,P...]    uniform | skewed | hot | dense | trained (default uniform)\n"
           "  --p F                 target active fraction per token (default 0.005; dense: 0.5)\n"
           "  --slots S[,S...]      TwELL words per tile: 32, 64, 128 (default 32)\n"
           "  --kernels K[,K...]    auto | portable | sm90 (default auto)\n"
@@ -572,8 +609,10 @@ static void measure_ceilings(Ctx& c) {
   bf16* A = dalloc<bf16>(n * n);
   bf16* B = dalloc<bf16>(n * n);
   bf16* C = dalloc<bf16>(n * n);
-  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(A, n, n, 1.0f, tensor_key(c.opt.seed, 999, 1), 0, 0, 1, 0, 0);
-  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(B, n, n, 1.0f, tensor_key(c.opt.seed, 999, 2), 0, 0, 1, 0, 0);
+  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(A, n, n, 1.0f, tensor_key(c.opt.seed, 999, 1), 0, 0, 1, 0, 0,
+                                                       nullptr);
+  fill_w_kernel<<<grid_for(n * n), 256, 0, c.stream>>>(B, n, n, 1.0f, tensor_key(c.opt.seed, 999, 2), 0, 0, 1, 0, 0,
+                                                       nullptr);
   CUDA_CHECK(cudaGetLastError());
   LtGemm g;
   init_linear(g, c.lt, n, n, n, c.lt_ws_bytes);
@@ -724,6 +763,12 @@ static void make_inputs(Ctx& c, Workload& w) {
   const int64_t n_hot = hot ? std::min<int64_t>(16, H) : 0;
   const float thr_hot = static_cast<float>(-norm_ppf(1.0 - 0.6));  // ~60% of tokens
   const int64_t hot_stride = n_hot > 0 ? H / n_hot : 1;
+  float* row_thr = nullptr;  // the trained pattern's per-neuron thresholds
+  if (cfg.pattern == "trained") {
+    const std::vector<float> t = trained_thresholds(H, c.opt.seed);
+    row_thr = dalloc<float>(t.size());
+    CUDA_CHECK(cudaMemcpy(row_thr, t.data(), t.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
 
   w.sets = std::vector<Set>(w.nsets);
   for (int s = 0; s < w.nsets; ++s) {
@@ -735,12 +780,13 @@ static void make_inputs(Ctx& c, Workload& w) {
     S.wd = dalloc<bf16>(H * D);
     fill_x_kernel<<<grid_for(M * D), 256, 0, c.stream>>>(S.x, M, D, tensor_key(c.opt.seed, s, 0),
                                                          tensor_key(c.opt.seed, s, 5), cfg.pattern == "skewed");
-    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(
-        S.wg, H, D, 1.0f / sqrtf(float(D - 1)), tensor_key(c.opt.seed, s, 1), 1, thr, hot_stride, n_hot, thr_hot);
+    fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wg, H, D, 1.0f / sqrtf(float(D - 1)),
+                                                         tensor_key(c.opt.seed, s, 1), 1, thr, hot_stride, n_hot,
+                                                         thr_hot, row_thr);
     fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wu, H, D, 1.0f / sqrtf(float(D)),
-                                                         tensor_key(c.opt.seed, s, 2), 0, 0, 1, 0, 0);
+                                                         tensor_key(c.opt.seed, s, 2), 0, 0, 1, 0, 0, nullptr);
     fill_w_kernel<<<grid_for(H * D), 256, 0, c.stream>>>(S.wd, H, D, 1.0f / sqrtf(float(H)),
-                                                         tensor_key(c.opt.seed, s, 3), 0, 0, 1, 0, 0);
+                                                         tensor_key(c.opt.seed, s, 3), 0, 0, 1, 0, 0, nullptr);
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaMemsetAsync(S.y, 0, size_t(M) * D * 2, c.stream));  // defined, never read before written
     S.tx.set(S.x, kDLBfloat, 16, M, D, dev);
@@ -749,6 +795,8 @@ static void make_inputs(Ctx& c, Workload& w) {
     S.twu.set(S.wu, kDLBfloat, 16, H, D, dev);
     S.twd.set(S.wd, kDLBfloat, 16, H, D, dev);  // TWELL_LAYOUT_HD
   }
+  CUDA_CHECK(cudaStreamSynchronize(c.stream));
+  dfree(row_thr);
   w.g = dalloc<bf16>(M * H);
   w.u = dalloc<bf16>(M * H);
   w.h = dalloc<bf16>(M * H);
@@ -1208,8 +1256,8 @@ int main(int argc, char** argv) {
   } else {
     if (!kernels_arg.empty()) custom.kernels = kernels_arg;
     for (auto& pat : patterns) {
-      if (pat != "uniform" && pat != "skewed" && pat != "hot" && pat != "dense") {
-        fprintf(stderr, "bench_ffn: --pattern: '%s' is not uniform, skewed, hot or dense\n", pat.c_str());
+      if (pat != "uniform" && pat != "skewed" && pat != "hot" && pat != "dense" && pat != "trained") {
+        fprintf(stderr, "bench_ffn: --pattern: '%s' is not uniform, skewed, hot, dense or trained\n", pat.c_str());
         return 64;
       }
       for (int64_t M : Ms) {

@@ -15,10 +15,11 @@ import ml_dtypes
 import numpy as np
 
 from twell import format as fmt
+from twell import patterns
 from twell import reference as ref
 
 BF16 = ml_dtypes.bfloat16
-PATTERNS = ("uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow")
+PATTERNS = ("uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow", "trained")
 
 
 def round_bf16(a) -> np.ndarray:
@@ -62,7 +63,8 @@ def synthetic_problem(rng, m, d, h, pattern="uniform") -> Problem:
     uniform: p = 0.5% (~28 of 5632 active per token); uniform2: 2%; overflow: 25% (most tiles
     overflow); skewed: uniform 0.5% with each token's x scaled by exp(0.35 z); hot: uniform plus 8
     neurons active in ~80% of tokens; zero_rows: a third of the tokens have no active neuron;
-    dense_rows: a fifth of the tokens have every neuron active.
+    dense_rows: a fifth of the tokens have every neuron active; trained: a trained LM's concentrated
+    activity (twell.patterns: 10% of neurons live, power-law firing rates, 12 active per token).
     """
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}")
@@ -78,6 +80,8 @@ def synthetic_problem(rng, m, d, h, pattern="uniform") -> Problem:
         wg[rng.choice(h, min(8, h), replace=False), -1] = round_bf16(-NormalDist().inv_cdf(0.2))
     elif pattern == "zero_rows":
         x[rng.choice(m, max(1, m // 3), replace=False), :-1] = 0.0
+    elif pattern == "trained":
+        wg[:, -1] = round_bf16(patterns.trained_thresholds(h, rng))
     elif pattern == "dense_rows":
         rows = rng.choice(m, max(1, m // 5), replace=False)
         x[rows, :-1] = 0.0

@@ -74,7 +74,8 @@ def _run(dev, prob, *, gated=True, layout="hd", path="sparse", kernels="auto", s
     return y, x, wg
 
 
-@pytest.mark.parametrize("pattern", ["uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow"])
+@pytest.mark.parametrize("pattern", ["uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow",
+                                     "trained"])
 @pytest.mark.parametrize("m", [1, 7, 64, 129, 300, 4096])
 def test_ffn_2048x5632(rng, pattern, m):
     dev = gs.adapter("cupy")
@@ -88,7 +89,7 @@ def test_ffn_2048x5632(rng, pattern, m):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("pattern", ["uniform", "skewed", "dense_rows", "overflow"])
+@pytest.mark.parametrize("pattern", ["uniform", "skewed", "dense_rows", "overflow", "trained"])
 @pytest.mark.parametrize("m", [1, 129, 4096])
 def test_ffn_other_shapes(rng, shape, pattern, m):
     dev = gs.adapter("cupy")
@@ -97,7 +98,7 @@ def test_ffn_other_shapes(rng, shape, pattern, m):
     _check(dev, prob, y, _rows_to_check(dev, prob, x, wg, rng=rng))
 
 
-@pytest.mark.parametrize("pattern", ["uniform", "skewed", "overflow"])
+@pytest.mark.parametrize("pattern", ["uniform", "skewed", "overflow", "trained"])
 def test_ffn_65536_tokens(rng, pattern):
     dev = gs.adapter("cupy")
     prob = gs.synthetic_problem(rng, 65536, 2048, 5632, pattern)

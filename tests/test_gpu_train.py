@@ -220,7 +220,8 @@ def test_oracle_matches_numpy_reference(rng):
     assert abs(want["l1"] - ref.l1_sum(cache["h"])) < 1e-9 * max(1.0, want["l1"])
 
 
-@pytest.mark.parametrize("pattern", ["uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow"])
+@pytest.mark.parametrize("pattern", ["uniform", "uniform2", "skewed", "hot", "zero_rows", "dense_rows", "overflow",
+                                     "trained"])
 @pytest.mark.parametrize("m", [1, 7, 129, 300, 2048])
 def test_train_2048x5632(rng, pattern, m):
     dev = gs.adapter("cupy")
@@ -238,7 +239,7 @@ def test_train_2048x5632(rng, pattern, m):
 
 
 @pytest.mark.parametrize("shape", [(4096, 14336), (896, 4864), (1024, 2816), (512, 1000)])
-@pytest.mark.parametrize("pattern", ["uniform", "skewed", "overflow"])
+@pytest.mark.parametrize("pattern", ["uniform", "skewed", "overflow", "trained"])
 def test_train_other_shapes(rng, shape, pattern):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, 129, *shape, pattern)
@@ -306,7 +307,7 @@ def test_train_non_default_stream(rng):
     _check(got, _oracle(prob, dy, L1C))
 
 
-@pytest.mark.parametrize("pattern", ["uniform", "skewed"])
+@pytest.mark.parametrize("pattern", ["uniform", "skewed", "trained"])
 def test_train_131072_tokens(rng, pattern):
     dev = gs.adapter("cupy")
     m = 131072

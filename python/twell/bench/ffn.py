@@ -249,7 +249,7 @@ def write_plots(doc: dict, out: Path) -> list[str]:
     pts = {k: v for k, v in pts.items() if len(v) >= 2}
     if pts:
         fig, ax = plt.subplots(figsize=(8, 5))
-        markers = {"uniform": "o", "skewed": "s", "hot": "^", "dense": "x"}
+        markers = {"uniform": "o", "skewed": "s", "hot": "^", "dense": "x", "trained": "D"}
         for i, ((D, H, M, bench, kern, slots), v) in enumerate(sorted(pts.items(), key=lambda kv: str(kv[0]))):
             color = f"C{i % 10}"
             v = sorted(v)
