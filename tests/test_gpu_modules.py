@@ -1,7 +1,8 @@
 """SparseMLP on the GPU against dense PyTorch on the same weights: forward, the four gradients and the
 L1 term (gated; non-gated inference), inside autocast with fp32 parameters, under torch.compile,
-under DistributedDataParallel with one process, and a sparsified transformers Llama generating the
-same greedy tokens as the dense model.
+under DistributedDataParallel with one process, under activation checkpointing and a compiled
+training step, a sparsified transformers Llama generating the same greedy tokens as the dense
+model, and its static-cache decode step replayed from a CUDA graph.
 
 Tolerances as in test_gpu_torch.py: relative Frobenius < 1e-2 (bf16 outputs, fp32 accumulation).
 """
@@ -162,3 +163,88 @@ def test_sparsified_llama_decodes_greedily_like_the_dense_model():
     margin = steps.max(-1).values - picked
     assert (margin <= 0.02 * steps.std()).all(), margin
     assert sum(1 for m in tt.sparse_mlps(sparse) if m.last_stats()["rows"] > 0) == 2
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """torch.utils.checkpoint around the layer (non-reentrant): the forward runs again in the
+    backward, and the gradients (the L1 term's included) are those of the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for ckpt in (False, True):
+        m = _layer()
+        m.path = "sparse"  # one route for both runs (AUTO could switch on its history)
+        x = _x(m).requires_grad_()
+        y = checkpoint(m, x, use_reentrant=False) if ckpt else m(x)
+        (y.float().sum() + tt.l1_loss(m, 20.0)).backward()
+        grads.append([x.grad, m.gate_proj.weight.grad, m.up_proj.weight.grad, m.down_proj.weight.grad])
+    for name, a, b in zip(("x", "gate", "up", "down"), *grads):
+        assert a is not None and b is not None and _rel(b, a) < 1e-3, name
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile of the layer in training (the training op traced with its fake implementation,
+    autograd through its registered backward) gives the eager gradients."""
+    torch._dynamo.reset()
+    grads = []
+    for compiled in (False, True):
+        m = _layer()
+        m.path = "sparse"
+        f = torch.compile(m) if compiled else m
+        x = _x(m).requires_grad_()
+        y = f(x)
+        (y.float().sum() + tt.l1_loss(m, 20.0)).backward()
+        grads.append([x.grad, m.gate_proj.weight.grad, m.up_proj.weight.grad, m.down_proj.weight.grad])
+    for name, a, b in zip(("x", "gate", "up", "down"), *grads):
+        assert b is not None and _rel(b, a) < 1e-3, name
+
+
+def test_static_cache_decode_step_replays_in_a_cuda_graph():
+    """bench-model's decoding: a sparsified Llama with a static KV cache, one greedy step captured
+    in a CUDA graph and replayed, picks the tokens the same steps pick eagerly."""
+    transformers = pytest.importorskip("transformers")
+    from twell.bench import model as bm
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=D, intermediate_size=H, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, hidden_act="relu",
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    model = tt.sparsify(transformers.LlamaForCausalLM(cfg).to("cuda", BF).eval())
+    for m in tt.sparse_mlps(model):
+        m.path = "sparse"
+    kv = bm._cache_kwarg(model)
+    ids = torch.randint(0, 128, (2, 6), device="cuda")
+
+    def decode(graph: bool, steps: int = 8):
+        cache = bm._static_cache(transformers, model, 2, 32, torch.device("cuda"))
+        with torch.no_grad():
+            out = model(input_ids=ids, **{kv: cache}, cache_position=torch.arange(6, device="cuda"), use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            pos = torch.tensor([6], device="cuda")
+            picked = []
+
+            def step():
+                o = model(input_ids=tok, **{kv: cache}, cache_position=pos, use_cache=True)
+                tok.copy_(o.logits[:, -1:].argmax(-1))
+                pos.add_(1)
+
+            run = step
+            if graph:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    step()  # warm-up (writes position 6; the replays below rewrite it)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    step()
+                tok.copy_(out.logits[:, -1:].argmax(-1))
+                pos.fill_(6)
+                run = g.replay
+            for _ in range(steps):
+                picked.append(tok.clone())
+                run()
+            torch.cuda.synchronize()
+            return torch.cat(picked, 1)
+
+    assert torch.equal(decode(graph=True), decode(graph=False))
