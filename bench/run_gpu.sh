@@ -5,7 +5,8 @@
 #
 #   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
 #   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests bench torch sanitizer;
-#                                        "model" = twell bench-model, not in the default: several minutes)
+#                                        "model" = twell bench-model, "distributed" = its DDP and FSDP runs on
+#                                        every GPU; neither in the default: several minutes each)
 #   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
@@ -128,6 +129,18 @@ if has model; then
   [ -f "$OUT/bench_model.md" ] && cat "$OUT/bench_model.md"
 fi
 
+if has distributed; then
+  # Issue 16: bench-model's training under DDP and FSDP2 on every GPU of the machine (2 or more).
+  n=$(nvidia-smi -L | wc -l)
+  for engine in ddp fsdp; do
+    t0=$(date +%s)
+    timeout ${TWELL_MODEL_TIMEOUT:-560} python3 -m torch.distributed.run --nproc-per-node "$n" -m twell.bench.model \
+      --distributed $engine --out "$OUT/$engine" --no-progress ${TWELL_MODEL_ARGS:-} >> "$OUT/bench_model_${engine}_log.txt" 2>&1
+    rc=$?; SUMMARY+=("bench-model --distributed $engine on $n GPUs: rc=$rc ($(( $(date +%s) - t0 )) s)")
+    [ -f "$OUT/$engine/bench_model.json" ] && cp "$OUT/$engine/bench_model.json" "$OUT/bench_model_$engine.json"
+  done
+fi
+
 if has bench; then
   # Ceiling of the sparse consumer's access pattern (random weight rows through L2).
   if nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/l2_gather.cu -o "$BUILD/l2_gather" >> "$LOG" 2>&1; then
@@ -139,6 +152,7 @@ fi
 # The device tool brings back at most 8 files: keep the records and plots, pack the rest.
 (cd "$OUT" && tar czf all_logs.tgz --exclude=all_logs.tgz ./* 2>/dev/null
  keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl bench_model.json loss_curves.png all_logs.tgz "
+ if has distributed; then keep=" gpu_log.txt bench_model.json bench_model_ddp.json bench_model_fsdp.json loss_curves.png all_logs.tgz "; fi
  for f in *; do [[ "$keep" == *" $f "* ]] || rm -rf "$f"; done)
 echo "== records: bench_ffn.json bench_train.json; every log and table: all_logs.tgz"
 

@@ -61,3 +61,30 @@ def test_shape_presets_and_overrides():
     assert bm.shape_of(p.parse_args([])) == bm.PRESETS["small"]
     s = bm.shape_of(p.parse_args(["--preset", "llama8b", "--layers", "3"]))
     assert (s["D"], s["H"], s["layers"], s["kv_heads"]) == (4096, 14336, 3, 8)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(tmp_path, engine):
+    """torchrun with 2 processes (gloo on the host): DistributedDataParallel or FSDP2, each process
+    its half of the same global batches, gives the one-process run's losses (dense and twell, the
+    L1 recipe included) and sparsity; rank 0 writes the record."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*TINY, "--batch", "4", "--steps", "6", "--lam", "0.01", "--l1-warmup", "1"]
+    one = _run(tmp_path / "one", args[len(TINY):])["records"][0]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29600 + os.getpid() % 300 + (engine == "fsdp")), "-m", "twell.bench.model", *args,
+           "--distributed", engine, "--out", str(tmp_path / engine)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / engine / "bench_model.json").read_text())["records"]
+    assert len(two) == 1 and two[0]["gpus"] == 2 and two[0]["engine"] == engine
+    assert two[0]["steps"] == one["steps"] == 6
+    for key in ("val_loss", "dense_val_loss"):
+        assert abs(two[0][key] - one[key]) < 1e-4 * one[key], (key, two[0][key], one[key])
+    for a, b in zip(two[0]["sparsity"], one["sparsity"]):
+        assert abs(a["active_per_token"] - b["active_per_token"]) < 1e-6 * max(1.0, b["active_per_token"])
+    assert two[0]["tokens_per_s_per_gpu"] == pytest.approx(two[0]["tokens_per_s"] / 2)

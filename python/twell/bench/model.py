@@ -22,6 +22,12 @@ Then each trained model is served in bf16: **prefill** tokens/s over ``--prefill
 update) captured in a CUDA graph and replayed (eager steps where capture fails; the record says
 which).
 
+``--distributed ddp|fsdp`` (under ``torchrun --nproc-per-node N -m twell.bench.model ...``): the
+same two training runs with DistributedDataParallel or FSDP2 (``fully_shard`` per decoder layer),
+one process per GPU, each taking its share of the same global batches (so the losses match the
+one-process run's), no serving; the record adds ``"engine"``, ``"gpus"`` = processes and tokens/s
+per GPU. Rank 0 writes it.
+
 Records (``bench_model.json`` under ``--out``): ``{"bench": "model", "phase": "train" | "prefill" |
 "decode", "batch", "layers", "D", "H", "gpus", "tokens_per_s", "dense_tokens_per_s",
 "speedup_vs_dense", "val_loss", "dense_val_loss", "peak_mem_ratio", ...}``; ``loss_curves.png``
@@ -72,6 +78,9 @@ def add_bench_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test: nothing is sparse)")
+    p.add_argument("--distributed", choices=["none", "ddp", "fsdp"], default="none",
+                   help="under torchrun: train (no serving) with DistributedDataParallel or FSDP2 (fully_shard), "
+                        "one process per GPU, the global batch --batch split over the processes")
     p.add_argument("--out", default="twell_bench_results", metavar="DIR", help="where the JSON and PNG go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -138,6 +147,84 @@ class Batches:
         return self._windows(self.train, rng.integers(0, self.train.size - self.seq - 1, size=self.batch))
 
 
+class Dist:
+    """One process of a torchrun group (or the only process: world 1): its slice of every global
+    batch, the wrapping of a model for DDP / FSDP2, and the reductions of what it measures."""
+
+    def __init__(self, torch, engine: str, device_kind: str):
+        self.torch, self.engine = torch, engine
+        self.rank, self.world, self.local_rank, self.mesh = 0, 1, 0, None
+        if engine == "none":
+            return
+        import os
+
+        import torch.distributed as dist
+
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_kind == "cuda":
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if engine == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(device_kind, (self.world,))
+
+    def device(self, kind: str):
+        return self.torch.device(kind, self.local_rank) if kind == "cuda" else self.torch.device(kind)
+
+    def part(self, windows: np.ndarray) -> np.ndarray:
+        """This process's windows of a global batch (every world-th from its rank on)."""
+        return windows[self.rank::self.world]
+
+    def wrap(self, model):
+        if self.engine == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            kw = {"device_ids": [self.local_rank]} if next(model.parameters()).is_cuda else {}
+            return DDP(model, **kw)
+        if self.engine == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:  # one shard unit per decoder layer, then the rest
+                fully_shard(layer, mesh=self.mesh)
+            fully_shard(model, mesh=self.mesh)
+        return model
+
+    def reduce(self, values, op: str = "sum"):
+        """The element-wise sum (or max) of a list of floats over the processes."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = self.torch.tensor(values, dtype=self.torch.float64,
+                              device=self.device("cuda") if self.mesh_kind == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    @property
+    def mesh_kind(self):
+        import torch.distributed as dist
+
+        return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag on every process."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = self.torch.tensor([1.0 if flag else 0.0], device=self.device("cuda") if self.mesh_kind == "cuda" else "cpu")
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def close(self):
+        if self.world > 1 or self.engine != "none":
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def _sync(torch, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -150,20 +237,26 @@ def _ce(torch, model, w, device):
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def evaluate(torch, model, batches: Batches, device, autocast) -> float:
+def evaluate(torch, model, batches: Batches, device, autocast, dist: Dist) -> float:
+    """Mean cross-entropy over the validation windows (each process takes its part of every batch)."""
     model.eval()
-    losses = []
+    total = count = 0.0
     with torch.no_grad(), autocast():
         for k in range(0, len(batches.val_windows), batches.batch):
-            losses.append(float(_ce(torch, model, batches.val_windows[k:k + batches.batch], device)))
+            w = dist.part(batches.val_windows[k:k + batches.batch])
+            total += float(_ce(torch, model, w, device)) * len(w)
+            count += len(w)
     model.train()
-    return float(np.mean(losses))
+    total, count = dist.reduce([total, count])
+    return total / count
 
 
 def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: bool, label: str,
-              minutes=None) -> dict:
-    """Train in place; returns the run's record (curves, tokens/s, peak memory, final val loss).
-    With ``minutes`` (and steps = None) it runs until the time is spent and reports the steps."""
+              minutes=None, dist: Dist | None = None) -> dict:
+    """Train in place; returns the run's record (curves, tokens/s of the global batch, peak memory,
+    final val loss). With ``minutes`` (and steps = None) it runs until the time is spent (rank 0's
+    clock decides, every 10 steps) and reports the steps."""
+    dist = dist or Dist(torch, "none", device.type)
     import twell.torch as tt
 
     autocast = _autocast(torch, device)
@@ -171,19 +264,20 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
     curve, val_curve = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _Bar(steps, label, not args.no_progress)
+    bar = _Bar(steps, label, not args.no_progress and dist.rank == 0)
     t_start = t_timed = None
     timed_steps = 0
     i = 0
     deadline = None if minutes is None else time.perf_counter() + 60.0 * minutes
-    while (steps is not None and i < steps) or (steps is None and time.perf_counter() < deadline):
+    going = True
+    while (steps is not None and i < steps) or (steps is None and going):
         if i == args.skip:
             _sync(torch, device)
             t_timed = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (i + 1) / max(args.warmup, 1))
         with autocast():
-            ce = _ce(torch, model, batches.step(i), device)
+            ce = _ce(torch, model, dist.part(batches.step(i)), device)
             loss = ce
             if sparse:
                 lam = args.lam * min(1.0, (i + 1) / max(args.l1_warmup, 1))
@@ -196,9 +290,11 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
         if i > args.skip:
             timed_steps += 1
         if i % 10 == 0 or i == 1:
-            curve.append((i, float(ce.detach())))
+            curve.append((i, dist.reduce([float(ce.detach())])[0] / dist.world))
+            if steps is None:
+                going = dist.agree(time.perf_counter() < deadline)
         if args.eval_every and i % args.eval_every == 0:
-            val_curve.append((i, evaluate(torch, model, batches, device, autocast)))
+            val_curve.append((i, evaluate(torch, model, batches, device, autocast, dist)))
         bar.update({"ce": f"{curve[-1][1]:.3f}"} if curve else None)
         if t_start is None:
             t_start = time.perf_counter()
@@ -206,12 +302,16 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
     bar.close()
     elapsed = time.perf_counter() - (t_timed if t_timed is not None else t_start)
     n = timed_steps if t_timed is not None else max(i - 1, 1)
-    val = evaluate(torch, model, batches, device, autocast)
+    val = evaluate(torch, model, batches, device, autocast, dist)
     if not val_curve or val_curve[-1][0] != i:
         val_curve.append((i, val))
+    elapsed = dist.reduce([elapsed], "max")[0]
+    peak = None
+    if device.type == "cuda":
+        peak = int(dist.reduce([float(torch.cuda.max_memory_allocated(device))], "max")[0])
     return {"steps": i, "tokens_per_s": n * batches.batch * batches.seq / max(elapsed, 1e-9),
             "step_ms": 1e3 * elapsed / max(n, 1), "val_loss": val, "train_curve": curve, "val_curve": val_curve,
-            "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
+            "peak_mem_bytes": peak}
 
 
 def _autocast(torch, device):
@@ -221,7 +321,7 @@ def _autocast(torch, device):
     return contextlib.nullcontext
 
 
-def layer_sparsity(torch, model, batches: Batches, device) -> list:
+def layer_sparsity(torch, model, batches: Batches, device, dist: Dist | None = None) -> list:
     """Per MLP layer on the validation windows (bf16 inference): mean active neurons per token, the
     fraction of neurons never active, the share of activations carried by the 64 / 256 most active."""
     mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
@@ -243,12 +343,17 @@ def layer_sparsity(torch, model, batches: Batches, device) -> list:
         model.eval()
         with torch.no_grad(), _autocast(torch, device)():
             for k in range(0, len(batches.val_windows), batches.batch):
-                model(input_ids=torch.as_tensor(batches.val_windows[k:k + batches.batch, :-1], device=device),
-                      use_cache=False)
+                w = batches.val_windows[k:k + batches.batch] if dist is None else dist.part(
+                    batches.val_windows[k:k + batches.batch])
+                model(input_ids=torch.as_tensor(w[:, :-1], device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train()
+    if dist is not None and dist.world > 1:
+        merged = dist.reduce([float(tokens[0])] + [float(v) for c in counts for v in c.tolist()])
+        tokens[0] = merged[0]
+        counts = [torch.tensor(merged[1 + k * c.numel():1 + (k + 1) * c.numel()]) for k, c in enumerate(counts)]
     out = []
     for k, c in enumerate(counts):
         c = c.cpu().numpy().astype(np.float64)
@@ -355,7 +460,11 @@ def run(args) -> dict:
     import twell.torch as tt
     from twell.lm.corpus import load_corpus
 
-    device = torch.device(args.device)
+    kind = torch.device(args.device).type
+    dist = Dist(torch, args.distributed, kind)
+    if args.distributed != "none" and args.batch % dist.world:
+        raise SystemExit(f"twell bench-model: --batch {args.batch} is not a multiple of the {dist.world} processes")
+    device = dist.device(kind)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     shape = shape_of(args)
@@ -363,21 +472,24 @@ def run(args) -> dict:
     batches = Batches(corpus, args.batch, args.seq, args.seed, args.eval_batches)
     base = build_model(torch, transformers, shape, args.seq, args.seed).to(device)
     init = copy.deepcopy(base.state_dict())
-    common = {"layers": shape["layers"], "D": shape["D"], "H": shape["H"], "gpus": 1, "preset": args.preset}
+    common = {"layers": shape["layers"], "D": shape["D"], "H": shape["H"], "gpus": dist.world, "preset": args.preset}
+    if args.distributed != "none":
+        common["engine"] = args.distributed
     runs = {}
 
     # dense first: it fixes the step count when --minutes is given
-    runs["dense"] = train_run(torch, base, batches, args.steps, args, device, sparse=False, label="dense",
-                              minutes=None if args.steps else args.minutes)
+    dense_model = dist.wrap(base)
+    runs["dense"] = train_run(torch, dense_model, batches, args.steps, args, device, sparse=False, label="dense",
+                              minutes=None if args.steps else args.minutes, dist=dist)
     steps = runs["dense"]["steps"]
-    dense_model = base
     twell_model = build_model(torch, transformers, shape, args.seq, args.seed).to(device)
     twell_model.load_state_dict(init)
     del init
-    tt.sparsify(twell_model)
-    runs["twell"] = train_run(torch, twell_model, batches, steps, args, device, sparse=True, label="twell")
+    twell_model = dist.wrap(tt.sparsify(twell_model))
+    runs["twell"] = train_run(torch, twell_model, batches, steps, args, device, sparse=True, label="twell",
+                              dist=dist)
     for name, m in (("dense", dense_model), ("twell", twell_model)):
-        runs[name]["sparsity"] = layer_sparsity(torch, m, batches, device)
+        runs[name]["sparsity"] = layer_sparsity(torch, m, batches, device, dist)
 
     d, t = runs["dense"], runs["twell"]
     recs = [{"bench": "model", "phase": "train", "batch": args.batch, "seq": args.seq, **common,
@@ -387,7 +499,14 @@ def run(args) -> dict:
              "peak_mem_ratio": (t["peak_mem_bytes"] / d["peak_mem_bytes"]) if d["peak_mem_bytes"] else None,
              "peak_mem_bytes": t["peak_mem_bytes"], "dense_peak_mem_bytes": d["peak_mem_bytes"],
              "lam": args.lam, "sparsity": t["sparsity"], "dense_sparsity": d["sparsity"]}]
-    print(json.dumps({k: v for k, v in recs[-1].items() if "sparsity" not in k}), file=sys.stderr)
+    recs[-1]["tokens_per_s_per_gpu"] = t["tokens_per_s"] / dist.world
+    recs[-1]["dense_tokens_per_s_per_gpu"] = d["tokens_per_s"] / dist.world
+    if dist.rank == 0:
+        print(json.dumps({k: v for k, v in recs[-1].items() if "sparsity" not in k}), file=sys.stderr)
+    curves = {n: {"train": r["train_curve"], "val": r["val_curve"]} for n, r in runs.items()}
+    if args.distributed != "none":  # the distributed benchmark trains only
+        dist.close()
+        return {"records": recs, "curves": curves, "corpus": corpus.meta, "rank": dist.rank}
 
     # serving, bf16
     for m in (dense_model, twell_model):
@@ -409,8 +528,7 @@ def run(args) -> dict:
                      "note": "; ".join(v[2] for v in res.values() if v[2]), "val_loss": t["val_loss"],
                      "dense_val_loss": d["val_loss"], "peak_mem_ratio": None})
         print(json.dumps(recs[-1]), file=sys.stderr)
-    curves = {n: {"train": r["train_curve"], "val": r["val_curve"]} for n, r in runs.items()}
-    return {"records": recs, "curves": curves, "corpus": corpus.meta}
+    return {"records": recs, "curves": curves, "corpus": corpus.meta, "rank": 0}
 
 
 def plot_curves(curves: dict, path: Path) -> bool:
@@ -442,6 +560,8 @@ def table(doc: dict) -> str:
     for r in doc["records"]:
         mem = f"{r['peak_mem_ratio']:.2f}" if r.get("peak_mem_ratio") else ""
         graph = "" if r["phase"] != "decode" else (" (graph)" if r["graph"] else " (eager)")
+        if r.get("engine"):
+            graph = f" ({r['engine']}, {r['gpus']} processes)"
         md.append(f"| {r['phase']}{graph} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['dense_tokens_per_s']:.0f} | "
                   f"{r['speedup_vs_dense']:.2f}x | {r['val_loss']:.4f} / {r['dense_val_loss']:.4f} | {mem} |")
     tr = doc["records"][0]
@@ -470,11 +590,14 @@ def main_bench_model(args) -> int:
 
     t0 = time.time()
     doc = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+           "processes": int(__import__("os").environ.get("WORLD_SIZE", "1")),
            "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "torch": torch.__version__,
            "transformers": sys.modules["transformers"].__version__, "command": " ".join(sys.argv),
            "args": vars(args)}
     doc.update(run(args))
     doc["wall_s"] = time.time() - t0
+    if doc.pop("rank") != 0:
+        return 0  # one process of a torchrun group writes the records
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_model.json").write_text(json.dumps(doc, indent=1, default=str))
