@@ -191,3 +191,12 @@ def adapter(name: str):
 
 def expected_pack(pre_f32: np.ndarray, slots: int) -> fmt.Packed:
     return fmt.encode(pre_f32, slots)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's rendezvous; a fixed one may be taken)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import gpu_support as gs  # noqa: E402
 from twell.bench import model as bm  # noqa: E402
 from twell.cli import main  # noqa: E402
 
@@ -76,7 +77,7 @@ def test_two_processes_train_like_one(tmp_path, engine):
     one = _run(tmp_path / "one", args[len(TINY):])["records"][0]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29600 + os.getpid() % 300 + (engine == "fsdp")), "-m", "twell.bench.model", *args,
+           str(gs.free_port()), "-m", "twell.bench.model", *args,
            "--distributed", engine, "--out", str(tmp_path / engine)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -88,3 +89,27 @@ def test_two_processes_train_like_one(tmp_path, engine):
     for a, b in zip(two[0]["sparsity"], one["sparsity"]):
         assert abs(a["active_per_token"] - b["active_per_token"]) < 1e-6 * max(1.0, b["active_per_token"])
     assert two[0]["tokens_per_s_per_gpu"] == pytest.approx(two[0]["tokens_per_s"] / 2)
+
+
+def test_greedy_decoder_picks_generates_tokens_and_resets():
+    """bench-model's decoder (static cache, in-place steps: what a CUDA graph replays) on the host:
+    the tokens of transformers' own greedy generate(), and the same again after reset()."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, hidden_act="relu",
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[:, 5:]
+    dec = bm.GreedyDecoder(torch, transformers, model, ids, 32)
+    for _ in range(2):
+        got = []
+        for _ in range(6):
+            got.append(dec.tok.clone())
+            dec.step()
+        assert torch.equal(torch.cat(got, 1), want)
+        dec.reset()

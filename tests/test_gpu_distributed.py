@@ -4,7 +4,6 @@ with the same global batch: the losses after N steps agree to bf16 tolerance. Sk
 (the host-side version, gloo on 2 processes, is in test_bench_model.py)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import gpu_support as gs  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
@@ -27,7 +27,7 @@ def _record(out, extra=(), procs=1):
                "--prefill-tokens", "256", *extra, "--out", str(out)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
-               str(29700 + os.getpid() % 200), "-m", "twell.bench.model", *ARGS, *extra, "--out", str(out)]
+               str(gs.free_port()), "-m", "twell.bench.model", *ARGS, *extra, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "bench_model.json").read_text())["records"][0]

@@ -212,39 +212,17 @@ def test_static_cache_decode_step_replays_in_a_cuda_graph():
     model = tt.sparsify(transformers.LlamaForCausalLM(cfg).to("cuda", BF).eval())
     for m in tt.sparse_mlps(model):
         m.path = "sparse"
-    kv = bm._cache_kwarg(model)
     ids = torch.randint(0, 128, (2, 6), device="cuda")
 
     def decode(graph: bool, steps: int = 8):
-        cache = bm._static_cache(transformers, model, 2, 32, torch.device("cuda"))
-        with torch.no_grad():
-            out = model(input_ids=ids, **{kv: cache}, cache_position=torch.arange(6, device="cuda"), use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            pos = torch.tensor([6], device="cuda")
-            picked = []
-
-            def step():
-                o = model(input_ids=tok, **{kv: cache}, cache_position=pos, use_cache=True)
-                tok.copy_(o.logits[:, -1:].argmax(-1))
-                pos.add_(1)
-
-            run = step
-            if graph:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    step()  # warm-up (writes position 6; the replays below rewrite it)
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step()
-                tok.copy_(out.logits[:, -1:].argmax(-1))
-                pos.fill_(6)
-                run = g.replay
-            for _ in range(steps):
-                picked.append(tok.clone())
-                run()
-            torch.cuda.synchronize()
-            return torch.cat(picked, 1)
+        dec = bm.GreedyDecoder(torch, transformers, model, ids, 32)  # a fresh cache each time
+        if graph:
+            dec.capture()
+        picked = []
+        for _ in range(steps):
+            picked.append(dec.tok.clone())
+            dec.step()
+        torch.cuda.synchronize()
+        return torch.cat(picked, 1)
 
     assert torch.equal(decode(graph=True), decode(graph=False))

@@ -222,11 +222,6 @@ TrainWeights weights_of(const Mat& x, const Mat& w_gate, const Mat& w_up, const 
                       .w_down = w_down.ref<const bf16>()};
 }
 
-twell_status write_empty_stats(u64* stats, int phase, int W, cudaStream_t s) {
-  if (stats == nullptr) return TWELL_SUCCESS;
-  return train_write_empty_stats(stats, phase, W, s);
-}
-
 }  // namespace
 
 extern "C" {
@@ -413,7 +408,7 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
   TRY(ensure_device(plan));
   auto s = static_cast<cudaStream_t>(stream);
   if (M == 0) {
-    TRY(write_empty_stats(reinterpret_cast<u64*>(ms.ptr), 2, plan->opt.ell_width, s));
+    if (ms.ptr != nullptr) TRY(train_write_empty_stats(reinterpret_cast<u64*>(ms.ptr), 2, plan->opt.ell_width, s));
     if (!accumulate) {  // the gradient of an empty batch is zero
       Mat* ws_[] = {&mdg, &mdu, &mdd};
       for (Mat* m : ws_) {

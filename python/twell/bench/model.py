@@ -154,6 +154,7 @@ class Dist:
     def __init__(self, torch, engine: str, device_kind: str):
         self.torch, self.engine = torch, engine
         self.rank, self.world, self.local_rank, self.mesh = 0, 1, 0, None
+        self.comm_device = "cpu"  # where the reductions' tensors live (NCCL needs them on the GPU)
         if engine == "none":
             return
         import os
@@ -165,6 +166,8 @@ class Dist:
             torch.cuda.set_device(self.local_rank)
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if device_kind == "cuda":
+            self.comm_device = f"cuda:{self.local_rank}"
         if engine == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -197,16 +200,9 @@ class Dist:
             return list(values)
         import torch.distributed as dist
 
-        t = self.torch.tensor(values, dtype=self.torch.float64,
-                              device=self.device("cuda") if self.mesh_kind == "cuda" else "cpu")
+        t = self.torch.tensor(values, dtype=self.torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return t.tolist()
-
-    @property
-    def mesh_kind(self):
-        import torch.distributed as dist
-
-        return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's flag on every process."""
@@ -214,12 +210,12 @@ class Dist:
             return flag
         import torch.distributed as dist
 
-        t = self.torch.tensor([1.0 if flag else 0.0], device=self.device("cuda") if self.mesh_kind == "cuda" else "cpu")
+        t = self.torch.tensor([1.0 if flag else 0.0], device=self.comm_device)
         dist.broadcast(t, 0)
         return bool(t.item())
 
     def close(self):
-        if self.world > 1 or self.engine != "none":
+        if self.engine != "none":
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -403,54 +399,82 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class GreedyDecoder:
+    """Greedy decoding after a prompt with a static KV cache (prefilled here): ``step()`` runs the
+    model on ``tok`` at ``pos``, writes the argmax into ``tok`` and advances ``pos``, all in place,
+    so ``capture()`` can record one step in a CUDA graph (after warm-up steps outside it) and make
+    ``step`` its replay; ``reset()`` goes back to the first token after the prompt."""
+
+    def __init__(self, torch, transformers, model, ids, max_len: int):
+        self.torch, self.model, self.prompt = torch, model, ids.shape[1]
+        device = ids.device
+        self.cache = _static_cache(transformers, model, ids.shape[0], max_len, device)
+        self.kv = _cache_kwarg(model)
+        with torch.no_grad():
+            out = model(input_ids=ids, **{self.kv: self.cache}, cache_position=torch.arange(self.prompt, device=device),
+                        use_cache=True)
+        self.first = out.logits[:, -1:].argmax(-1)
+        self.tok = self.first.clone()
+        self.pos = torch.tensor([self.prompt], device=device)
+        self.step = self.eager_step
+
+    def eager_step(self):
+        with self.torch.no_grad():
+            o = self.model(input_ids=self.tok, **{self.kv: self.cache}, cache_position=self.pos, use_cache=True)
+            self.tok.copy_(o.logits[:, -1:].argmax(-1))
+            self.pos.add_(1)
+
+    def capture(self, warmup: int = 3):
+        torch = self.torch
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):  # plans, workspaces, cuBLASLt: outside the graph
+                self.eager_step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.eager_step()
+        self.graph = graph
+        self.step = graph.replay
+        self.reset()
+
+    def reset(self):
+        self.tok.copy_(self.first)
+        self.pos.fill_(self.prompt)
+        # Newer transformers count the cached tokens in a device tensor per layer (and write at
+        # that count, not at cache_position): rewind it too.
+        for layer in getattr(self.cache, "layers", ()):
+            n = getattr(layer, "cumulative_length", None)
+            if isinstance(n, self.torch.Tensor):
+                n.fill_(self.prompt)
+
+
 def decode_tokens_per_s(torch, transformers, model, batch: int, prompt: int, steps: int, device, seed: int):
     """(tokens/s, graph used, note): greedy decoding of ``steps`` tokens per sequence after a prompt,
-    one step (model, argmax, position + 1) captured in a CUDA graph and replayed."""
+    one step replayed from a CUDA graph (on CUDA; eager steps where the capture fails, and the note
+    says why)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (batch, prompt), generator=g).to(device)
-    cache = _static_cache(transformers, model, batch, prompt + 2 * steps + 8, device)
-    kv = _cache_kwarg(model)
-    with torch.no_grad():
-        out = model(input_ids=ids, **{kv: cache}, cache_position=torch.arange(prompt, device=device), use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        pos = torch.tensor([prompt], device=device)
-
-        def step():
-            o = model(input_ids=tok, **{kv: cache}, cache_position=pos, use_cache=True)
-            tok.copy_(o.logits[:, -1:].argmax(-1))
-            pos.add_(1)
-
-        note = ""
-        if device.type != "cuda":
-            for _ in range(2):
-                step()
-        else:
-            try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):  # warm-up (plans, workspaces, cuBLASLt) outside the graph
-                        step()
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                replay = graph.replay
-                used = True
-            except Exception as e:  # noqa: BLE001 -- any capture failure: time eager steps, say why
-                torch.cuda.synchronize()
-                note = f"graph capture failed ({type(e).__name__}: {str(e)[:160]}); eager steps"
-                replay, used = step, False
-        if device.type != "cuda":
-            replay, used = step, False
-        pos.fill_(prompt)
-        _sync(torch, device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            replay()
-        _sync(torch, device)
-        dt = time.perf_counter() - t0
-    return batch * steps / dt, used, note
+    dec = GreedyDecoder(torch, transformers, model, ids, prompt + 2 * steps + 8)
+    note, used = "", False
+    if device.type == "cuda":
+        try:
+            dec.capture()
+            used = True
+        except Exception as e:  # noqa: BLE001 -- any capture failure: time eager steps, say why
+            torch.cuda.synchronize()
+            note = f"graph capture failed ({type(e).__name__}: {str(e)[:160]}); eager steps"
+            dec.step = dec.eager_step
+    for _ in range(2):  # warm-up of what is timed
+        dec.step()
+    dec.reset()
+    _sync(torch, device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        dec.step()
+    _sync(torch, device)
+    return batch * steps / (time.perf_counter() - t0), used, note
 
 
 def run(args) -> dict:
