@@ -226,11 +226,76 @@ def test_cuda_graph_replays_stay_exact_and_auto_switches_inside_the_graph(rng, p
         assert ran == [1] * len(seq)
     elif path == "dense":
         assert ran == [2] * len(seq)
+    elif _decode_pipeline(m, d, h):
+        # Decode sizes: the replay's own gate output decides (dense above 2 H stored pairs).
+        want = [2 if _stored_pairs(sparse_p if w == "sparse" else dense_p) > 2 * h else 1 for w in seq]
+        assert ran == want, (ran, want)
     else:  # each replay decides from the previous replay's statistics
         assert ran[0] == 1 and ran[1] == 1, ran   # no history yet / previous replay was sparse
         assert ran[2] == 2 and ran[3] == 2, ran   # previous replays were dense input
         assert ran[4] == 2, ran                   # previous replay (dense path) saw dense input
         assert ran[5] == 1 and ran[6] == 1, ran   # dense path saw sparse input -> back to sparse
+
+
+def _decode_pipeline(m, d, h):
+    """Whether twell runs an inference call of this size through its decode-sized pipeline
+    (sm_90 devices, M <= 64; D and H as in these tests)."""
+    return torch.cuda.get_device_capability()[0] >= 9 and 1 <= m <= 64 and d % 8 == 0 and h % 8 == 0
+
+
+def _stored_pairs(prob, slots=32):
+    """The TwELL entries a call stores: active gate entries per 256-column tile, clamped to
+    slots - 1, summed over rows and tiles (from the float64 gate of the bf16 inputs)."""
+    g = prob.x.astype(np.float64) @ prob.w_gate.astype(np.float64).T
+    m, h = g.shape
+    tiles = -(-h // 256)
+    active = np.zeros((m, tiles * 256), dtype=bool)
+    active[:, :h] = g > 0
+    return int(np.minimum(active.reshape(m, tiles, 256).sum(axis=2), slots - 1).sum())
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_captured_auto_at_decode_sizes_goes_dense_within_the_replay(rng, m):
+    """At decode sizes a captured AUTO call needs no decision kernel or conditional node: the
+    decode consumer sums the replay's stored pairs and above 2 H sends every row to the exact
+    fallback. Inputs of 0.5%, ~6% and ~99.5% activity in turn, each replay checked."""
+    d, h = 2048, 5632
+    if not _decode_pipeline(m, d, h):
+        pytest.skip("the decode-sized pipeline runs on sm_90 devices only")
+    sparse_p, _ = _problem(rng, m, d, h, "uniform")
+    probs = {"sparse": sparse_p}
+    for name, last in (("mid", 1.555 / 2.58), ("dense", -1.0)):
+        # x's last column sets every gate pre-activation's mean: N(-2.58 * last, 1), so ~6% active
+        # for "mid" (few tiles over capacity) and ~99.5% for "dense" (every tile over).
+        x = sparse_p.x.copy()
+        x[:, -1] = last
+        probs[name] = gs.Problem(gs.round_bf16(x), sparse_p.w_gate, sparse_p.w_up, sparse_p.w_down, name)
+    wg, wu, wd = _t(sparse_p.w_gate), _t(sparse_p.w_up), _t(sparse_p.w_down)
+    key = tt.new_plan_key()
+    static_x = _t(sparse_p.x)
+    for _ in range(3):
+        tt.ffn(static_x, wg, wu, wd, plan=key)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = tt.ffn(static_x, wg, wu, wd, plan=key)
+    runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.FFNRunner))
+    seq = ["sparse", "mid", "sparse", "dense", "mid", "dense", "sparse"]
+    ran, want = [], []
+    for which in seq:
+        p = probs[which]
+        static_x.copy_(_t(p.x))
+        g.replay()
+        torch.cuda.synchronize()
+        _check_y(static_y, p)
+        st = runner.last_stats()
+        ran.append(st["path"])
+        want.append(2 if _stored_pairs(p) > 2 * h else 1)
+        if st["path"] == 2:
+            assert st["overflow_rows"] == m, st  # every row went to the fallback
+    assert ran == want, (ran, want)
+    if m == 64:
+        assert want.count(2) == 4, want  # "mid" and "dense" both hold more than 2 H pairs at M = 64
 
 
 def _with_dense_rows(prob, fraction, rng):

@@ -6,6 +6,7 @@
 #include <cooperative_groups.h>
 
 #include <atomic>
+#include <cstdint>
 
 #include "common/bf16x8.cuh"
 #include "common/launch_cache.h"
@@ -43,6 +44,7 @@ struct Params {
   u64* stats;
   int32_t* rows;
   int csize;
+  uint32_t dense_pairs;  // 0, or: more stored pairs than this in the call -> every row to the fallback
 };
 
 // Dynamic shared memory (byte offsets, 16-byte aligned): the packed row, x,
@@ -71,8 +73,9 @@ __host__ __device__ inline Layout make_layout(int row_words, int tiles, int slot
 // only; replaces stats_init + the compaction kernels). Integer sums and maxima:
 // exact in any order. All the count words are loaded before any is used (one
 // round trip). Contains __syncthreads (CTA-uniform call); warps other than 0
-// return from it at once after the barrier.
-__device__ void write_stats(const Params& p) {
+// return from it at once after the barrier. all_rows: the call goes dense
+// (every row is listed for the fallback, and the path word says DENSE).
+__device__ void write_stats(const Params& p, bool all_rows) {
   __shared__ int s_over_row[kSparseDecodeMaxRows];
   __shared__ u64 s_part[kNW][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -111,7 +114,7 @@ __device__ void write_stats(const Params& p) {
       over_tiles += ov;
       max_tile = max_tile > mx ? max_tile : mx;
       max_row = max_row > sum ? max_row : sum;
-      if (lane == 0) s_over_row[r] = ov > 0 ? 1 : 0;
+      if (lane == 0) s_over_row[r] = all_rows || ov > 0 ? 1 : 0;
     }
   }
   if (lane == 0) {
@@ -144,9 +147,31 @@ __device__ void write_stats(const Params& p) {
     p.stats[TWELL_STAT_OVERFLOW_TILES] = o;
     p.stats[TWELL_STAT_MAX_TILE_COUNT] = mt;
     p.stats[TWELL_STAT_MAX_ROW_COUNT] = mr;
-    p.stats[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;
+    p.stats[TWELL_STAT_PATH] = all_rows ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;
     p.stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
   }
+}
+
+// The stored pairs of the whole call (every row's clamped tile counts), the
+// same in every CTA: the device-side dense decision of a captured AUTO call
+// (dense_pairs). Contains __syncthreads (CTA-uniform call).
+__device__ uint32_t call_pairs(const Params& p) {
+  __shared__ uint32_t s_part[kNW];
+  const uint32_t cap = static_cast<uint32_t>(p.slots - 1);
+  const int64_t n = p.M * p.tiles;
+  uint32_t sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kNT) {
+    const int64_t r = i / p.tiles, t = i - r * p.tiles;
+    const uint32_t w = __ldcg(p.packed + r * p.row_words + (t << p.log2_slots));
+    sum += w < cap ? w : cap;
+  }
+  sum = __reduce_add_sync(0xFFFFFFFFu, sum);
+  if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  uint32_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kNW; ++w) total += s_part[w];  // integers: any order
+  return total;
 }
 
 // Split cluster barrier: every thread arrives at the start and waits before
@@ -200,7 +225,10 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     }
     sm80::cp_async_commit();
   }
-  if (blockIdx.x == 0) write_stats(p);  // overlaps the copies above
+  // A captured AUTO call goes dense (every row to the fallback) when the call
+  // holds more pairs than a dense pass reads rows: decided here, per replay.
+  const bool all_rows = p.dense_pairs > 0 && call_pairs(p) > p.dense_pairs;  // CTA- and grid-uniform
+  if (blockIdx.x == 0) write_stats(p, all_rows);  // overlaps the copies above
   sm80::cp_async_wait_all();
   __syncthreads();
 
@@ -212,7 +240,7 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     over = w > cap;
     c = static_cast<int>(w < cap ? w : cap);
   }
-  const bool flagged = __syncthreads_or(over) != 0;  // CTA- and cluster-uniform (same row)
+  const bool flagged = (__syncthreads_or(over) != 0) || all_rows;  // CTA- and cluster-uniform (same row)
   const int incl = warp_incl_scan(c, lane);
   if (lane == 31) s_scan[warp] = incl;
   __syncthreads();
@@ -453,7 +481,8 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
            .y = a.y,
            .stats = a.stats,
            .rows = a.overflow_rows,
-           .csize = 1};
+           .csize = 1,
+           .dense_pairs = static_cast<uint32_t>(a.dense_pairs)};
   const Layout L = make_layout(p.row_words, p.tiles, p.slots, p.D, gated);
   auto kern = gated ? sparse_decode_kernel<true> : sparse_decode_kernel<false>;
   // At most 16 + 32 + 2 * 16 + 8 KiB (kSparseDecodeMaxRowWords, D <= 16384).
@@ -509,6 +538,7 @@ bool sparse_ffn_decode_can_run(const SparseFfnDecodeArgs& a) {
   if (a.D <= 0 || a.H <= 0 || a.D % 8 != 0 || a.H % 8 != 0 || a.D > 16384) return false;
   if (a.slots != 32 && a.slots != 64 && a.slots != 128) return false;
   if (tiles_for(a.H) * a.slots > kSparseDecodeMaxRowWords) return false;
+  if (a.dense_pairs < 0 || a.dense_pairs > INT32_MAX) return false;
   if (a.packed == nullptr || a.w_down.ptr == nullptr || a.y.ptr == nullptr || a.stats == nullptr ||
       a.overflow_rows == nullptr)
     return false;

@@ -29,6 +29,11 @@
 // reduction over thread groups). Measured on an H100 (ncu, caches flushed,
 // D=2048, H=5632, M=1): 9.7 us, against 14.3 us for sparse_ffn() at M=1.
 //
+// Captured AUTO calls (dense_pairs > 0): every CTA first sums the stored
+// pairs of the whole call from the count words (M * tiles words, the same sum
+// in every CTA) and, above dense_pairs, the call goes dense: all rows to the
+// exact fallback, the decision taken from this replay's own gate output.
+//
 // Requirements (sparse_ffn_decode_can_run): 1 <= M <= kSparseDecodeMaxRows;
 // D, H multiples of 8, D <= 16384; slots in {32, 64, 128} with
 // tiles_for(H) * slots <= kSparseDecodeMaxRowWords; row strides multiples of 8
@@ -55,6 +60,10 @@ struct SparseFfnDecodeArgs {
   u64* stats = nullptr;            // [TWELL_STATS_WORDS], every word written
   int32_t* overflow_rows = nullptr;  // [M]
   bool pdl = false;  // launched as a programmatic dependent of the previous kernel (cuda/common/pdl.cuh)
+  // 0, or the device-side dense decision of a captured AUTO call: when the call's stored pairs (all
+  // rows, clamped tile counts) exceed it, every row is listed for the fallback (none is computed
+  // here) and stats[TWELL_STAT_PATH] = DENSE.
+  int64_t dense_pairs = 0;
 };
 
 // Cheap host check (one cached attribute query per device).

@@ -295,13 +295,16 @@ TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int6
  * wait) and picks the path from them (dense_threshold above).
  *
  * CUDA graphs: every path may be captured (stream capture in any mode).
- * A captured AUTO call decides on the device at every replay, from the
+ * A captured AUTO call decides on the device at every replay (the decision
+ * is never frozen at capture). Decode-sized calls (M <= 64 on sm_90 devices)
+ * capture the decode pipeline alone: its consumer sums the replay's own
+ * stored TwELL entries and, above 2 H of them, sends every row to the exact
+ * dense fallback (statistics path = DENSE). Other calls decide from the
  * statistics of the plan's previous replay: a one-thread kernel sets the
  * condition of an IF/ELSE graph node whose bodies are the dense and the
- * sparse path (the decision is never frozen at capture). Eager and captured
- * calls keep separate AUTO histories. A graph holding AUTO calls is subject
- * to CUDA's rules for conditional nodes (one instantiation at a time, not
- * clonable, not usable as a child graph). The plan must outlive the graphs
+ * sparse path; such a graph is subject to CUDA's rules for conditional nodes
+ * (one instantiation at a time, not clonable, not usable as a child graph).
+ * Eager and captured calls keep separate AUTO histories. The plan must outlive the graphs
  * that captured it, and the workspace given at capture is used by every
  * replay (keep it alive and do not reuse it concurrently).
  *

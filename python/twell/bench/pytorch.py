@@ -146,11 +146,19 @@ def run(args) -> dict:
             dense_ms = _wall_ms(torch, dense_call, calls)
             density = runner.last_stats()["active"] / max(1, M * H)
             base = {"D": D, "H": H, "M": M, "pattern": "uniform", "density": density}
-            recs.append({"bench": "ffn_torch", **base, "graph": False, "ms": ms, "dense_ms": dense_ms,
+            recs.append({"bench": "ffn_torch", **base, "graph": False, "path": "auto", "ms": ms, "dense_ms": dense_ms,
                          "speedup_vs_dense": dense_ms / ms, "relerr": relerr, "path_ran": path})
             if M <= 16384:
+                n_host = 100 if M <= 2048 else 40
+                host = _host_us(torch, twell_call, n_host)
+                spent = {"lib": 0.0}
+                lib, runner.lib = runner.lib, TimedLibrary(runner.lib, spent, lambda name: "lib", "twell_ffn_run")
+                try:
+                    _host_us(torch, twell_call, n_host)
+                finally:
+                    runner.lib = lib
                 recs.append({"bench": "host_time", "api": "torch", "op": "ffn", "D": D, "H": H, "M": M,
-                             "host_us": _host_us(torch, twell_call, 100 if M <= 2048 else 40)})
+                             "host_us": host, "in_library_us": spent["lib"] * 1e6 / (3 + 5 * n_host)})
                 recs.append({"bench": "host_time", "api": "torch", "op": "dense_ffn", "D": D, "H": H, "M": M,
                              "host_us": _host_us(torch, dense_call, 100 if M <= 2048 else 40)})
             tg = _graph(torch, twell_call)
@@ -158,9 +166,11 @@ def run(args) -> dict:
             ms_g = _wall_ms(torch, lambda i: tg[i % 2][0].replay(), calls)
             dms_g = _wall_ms(torch, lambda i: dg[i % 2][0].replay(), calls)
             rel_g = float((tg[0][1].float() - dg[0][1].float()).norm() / dg[0][1].float().norm())
-            recs.append({"bench": "ffn_torch", **base, "graph": True, "ms": ms_g, "dense_ms": dms_g,
+            recs.append({"bench": "ffn_torch", **base, "graph": True, "path": "auto", "ms": ms_g, "dense_ms": dms_g,
                          "speedup_vs_dense": dms_g / ms_g, "relerr": rel_g, "path_ran": runner.last_stats()["path"]})
             del tg, dg
+            if M <= 64:
+                recs.extend(_decode_graph_paths(torch, tt, rt, D, H, M, calls))
         print(json.dumps(recs[-1]), file=sys.stderr)
         if not args.no_train and M in (16, 2048):
             recs.append(_train_overhead(torch, tt, rt, x, sets[0], M, D, H))
@@ -188,14 +198,42 @@ def timed(acc: dict, slot: str, fn):
 
 
 class TimedLibrary:
-    """A runner's cffi library whose twell_train_* calls add their seconds to acc[slot_of(name)]."""
+    """A runner's cffi library whose calls named ``prefix*`` add their seconds to acc[slot_of(name)]."""
 
-    def __init__(self, lib, acc: dict, slot_of):
-        self._lib, self._acc, self._slot_of = lib, acc, slot_of
+    def __init__(self, lib, acc: dict, slot_of, prefix: str = "twell_train_"):
+        self._lib, self._acc, self._slot_of, self._prefix = lib, acc, slot_of, prefix
 
     def __getattr__(self, name):
         fn = getattr(self._lib, name)
-        return timed(self._acc, self._slot_of(name), fn) if name.startswith("twell_train_") else fn
+        return timed(self._acc, self._slot_of(name), fn) if name.startswith(self._prefix) else fn
+
+
+def _decode_graph_paths(torch, tt, rt, D, H, M, calls):
+    """Decode-sized calls captured in CUDA graphs, every path, at 0.5% and ~6% activity: what a
+    captured AUTO call costs beside the fixed path it picks (records ``ffn_torch`` with ``path``)."""
+    import torch.nn.functional as F
+
+    out = []
+    for p, paths in ((0.005, ("sparse", "dense")), (0.06, ("auto", "sparse", "dense"))):
+        x, sets = inputs(torch, D, H, M, p, seed=M + 1)
+        dg = _graph(torch, lambda i: F.linear(F.relu(F.linear(x, sets[i % 2][0])) * F.linear(x, sets[i % 2][1]),
+                                              sets[i % 2][2]))
+        dms = _wall_ms(torch, lambda i: dg[i % 2][0].replay(), calls)
+        for path in paths:
+            key = tt.new_plan_key()
+            tg = _graph(torch, lambda i: tt.ffn(x, *sets[i % 2], w_down_layout="dh", path=path, plan=key))
+            ms = _wall_ms(torch, lambda i: tg[i % 2][0].replay(), calls)
+            runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.FFNRunner))
+            st = runner.last_stats()
+            rel = float((tg[0][1].float() - dg[0][1].float()).norm() / dg[0][1].float().norm())
+            out.append({"bench": "ffn_torch", "D": D, "H": H, "M": M, "pattern": "uniform",
+                        "density": st["active"] / max(1, M * H), "graph": True, "path": path, "ms": ms,
+                        "dense_ms": dms, "speedup_vs_dense": dms / ms, "relerr": rel, "path_ran": st["path"]})
+            print(json.dumps(out[-1]), file=sys.stderr)
+            del tg
+            tt.release(key)
+        del dg
+    return out
 
 
 def _train_overhead(torch, tt, rt, x, weights, M, D, H):
@@ -361,12 +399,14 @@ def main_bench_torch(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_torch.json").write_text(json.dumps(doc, indent=1))
-    md = ["| M | mode | twell ms | dense ms | speedup | path | relerr |", "|---:|---|---:|---:|---:|---|---:|"]
+    md = ["| M | density | mode | path | twell ms | dense ms | speedup | ran | relerr |",
+          "|---:|---:|---|---|---:|---:|---:|---|---:|"]
     for r in doc["records"]:
         if r["bench"] == "ffn_torch":
-            path = {1: "sparse", 2: "dense"}.get(r["path_ran"], r["path_ran"])
-            md.append(f"| {r['M']} | {'graph' if r['graph'] else 'eager'} | {r['ms']:.4f} | {r['dense_ms']:.4f} | "
-                      f"{r['speedup_vs_dense']:.2f}x | {path} | {r['relerr']:.1e} |")
+            ran = {1: "sparse", 2: "dense"}.get(r["path_ran"], r["path_ran"])
+            mode = "graph" if r["graph"] else "eager"
+            md.append(f"| {r['M']} | {r['density']:.4f} | {mode} | {r.get('path', 'auto')} | {r['ms']:.4f} "
+                      f"| {r['dense_ms']:.4f} | {r['speedup_vs_dense']:.2f}x | {ran} | {r['relerr']:.1e} |")
     md += ["", "| training step | M | twell ms | dense ms | speedup |", "|---|---:|---:|---:|---:|"]
     for r in doc["records"]:
         if r["bench"] == "train_torch":
@@ -375,7 +415,8 @@ def main_bench_torch(args) -> int:
     md += ["", "| op | mode | M | host us |", "|---|---|---:|---:|"]
     for r in doc["records"]:
         if r["bench"] == "host_time":
-            md.append(f"| {r['op']} | {'graph' if r.get('graph') else 'eager'} | {r['M']} | {r['host_us']:.1f} |")
+            lib = f" ({r['in_library_us']:.1f} in twell_ffn_run)" if "in_library_us" in r else ""
+            md.append(f"| {r['op']} | {'graph' if r.get('graph') else 'eager'} | {r['M']} | {r['host_us']:.1f}{lib} |")
     (out / "bench_torch.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"twell bench-torch: wrote {out / 'bench_torch.json'}, {out / 'bench_torch.md'}", file=sys.stderr)

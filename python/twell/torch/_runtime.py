@@ -445,7 +445,7 @@ class TrainRunner:
         self.lib = lib
         self.d_model, self.hidden, self.device, self.w_down_dh = d_model, hidden, device, w_down_dh
         self.torch_device = torch.device("cuda", device)
-        self.ws = _Workspace(self.torch_device, self.plan, lib.twell_train_workspace_size)
+        self._need = {}  # rows -> workspace bytes (twell_train_workspace_size)
         self.fwd = Frame(8)
         self.bwd = Frame(11)  # slot 10: l1_scale
         self.stats = torch.zeros(len(TRAIN_STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
@@ -459,10 +459,17 @@ class TrainRunner:
         return stats_dict(self.stats if phase == "forward" else self.bwd_stats, TRAIN_STATS_FIELDS)
 
     def _workspace(self, m: int):
-        ws = self.ws.for_rows(m)
-        if _is_capturing():
-            self.ws.captured = True  # a graph now holds its address: never freed while the runner lives
-        return ws
+        """(buffer, cffi pointer, bytes): this call's workspace, taken from PyTorch's caching
+        allocator on the current stream and given back when the caller drops ``buffer`` (after the
+        launches). So every layer of a model reuses one block (stream order keeps them apart) and
+        the memory is there for other tensors between calls; inside a CUDA graph capture the block
+        belongs to the graph's pool. Forward and backward need nothing of each other's workspace."""
+        need = self._need.get(m)
+        if need is None:
+            _ffi.check(self.lib.twell_train_workspace_size(self.plan, m, self._n))
+            need = self._need[m] = int(self._n[0])
+        buf, ptr = _aligned_buffer(self.torch_device, need)
+        return buf, ffi.cast("void *", ptr), need
 
     def forward(self, x, w_gate, w_up, w_down):
         x2 = as_rows(x, self.d_model, "x")
@@ -485,10 +492,11 @@ class TrainRunner:
         p = f.ptrs
         if m > 0:
             f.set(6, active)
-        ws = self._workspace(m)
+        buf, ws, ws_bytes = self._workspace(m)
         st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p[6] if m > 0 else ffi.NULL,
-                                          ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, self.ws.nbytes,
+                                          ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, ws_bytes,
                                           self.stream.current())
+        del buf  # back to the caching allocator, stream-ordered after the launches above
         if st:
             _ffi.check(st)
         if x.dim() != 2:
@@ -520,10 +528,11 @@ class TrainRunner:
             scale, coef = p[10], 1.0
         else:
             scale, coef = ffi.NULL, 0.0
-        ws = self._workspace(x2.shape[0])
+        buf, ws, ws_bytes = self._workspace(x2.shape[0])
         st = self.lib.twell_train_backward_scaled(
             self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
-            saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, self.ws.nbytes, self.stream.current())
+            saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, ws_bytes, self.stream.current())
+        del buf
         if st:
             _ffi.check(st)
         if x.dim() != 2:
