@@ -8,6 +8,7 @@
 #                                        "model" = twell bench-model, "distributed" = its DDP and FSDP runs on
 #                                        every GPU; neither in the default: several minutes each)
 #   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
+#   TWELL_DIST_ARGS="--steps 50"         arguments of the distributed runs (default: TWELL_MODEL_ARGS)
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
 #   TWELL_PYTEST_PATHS="tests/test_gpu_torch.py"  test files (default: tests)
@@ -130,12 +131,14 @@ if has model; then
 fi
 
 if has distributed; then
-  # Issue 16: bench-model's training under DDP and FSDP2 on every GPU of the machine (2 or more).
+  # Issue 16: bench-model's training under DDP and FSDP2 on every GPU of the machine (2 or more;
+  # on one GPU a one-process group: the engines' code paths, not their scaling).
   n=$(nvidia-smi -L | wc -l)
   for engine in ddp fsdp; do
     t0=$(date +%s)
-    timeout ${TWELL_MODEL_TIMEOUT:-560} python3 -m torch.distributed.run --nproc-per-node "$n" -m twell.bench.model \
-      --distributed $engine --out "$OUT/$engine" --no-progress ${TWELL_MODEL_ARGS:-} >> "$OUT/bench_model_${engine}_log.txt" 2>&1
+    timeout ${TWELL_DIST_TIMEOUT:-${TWELL_MODEL_TIMEOUT:-560}} python3 -m torch.distributed.run --nproc-per-node "$n" -m twell.bench.model \
+      --distributed $engine --out "$OUT/$engine" --no-progress ${TWELL_DIST_ARGS:-${TWELL_MODEL_ARGS:-}} \
+      >> "$OUT/bench_model_${engine}_log.txt" 2>&1
     rc=$?; SUMMARY+=("bench-model --distributed $engine on $n GPUs: rc=$rc ($(( $(date +%s) - t0 )) s)")
     [ -f "$OUT/$engine/bench_model.json" ] && cp "$OUT/$engine/bench_model.json" "$OUT/bench_model_$engine.json"
   done

@@ -46,15 +46,48 @@ def test_bench_model_runs_end_to_end_and_writes_the_records(tmp_path):
     assert "| train |" in (tmp_path / "bench_model.md").read_text()
 
 
-def test_the_l1_recipe_changes_only_the_twell_run(tmp_path):
-    """Same initialisation and batches: with lam = 0 the two runs are the same function trained the
-    same way (equal losses); a large lam moves the twell run's loss and kills neurons."""
-    same = _run(tmp_path / "a", ["--lam", "0"])["records"][0]
-    assert abs(same["val_loss"] - same["dense_val_loss"]) < 1e-4
-    strong = _run(tmp_path / "b", ["--lam", "0.5", "--l1-warmup", "1"])["records"][0]
-    assert abs(strong["val_loss"] - strong["dense_val_loss"]) > 1e-3
-    assert sum(s["dead_fraction"] for s in strong["sparsity"]) > sum(s["dead_fraction"] for s in
-                                                                     strong["dense_sparsity"])
+def test_both_runs_follow_the_same_l1_recipe(tmp_path):
+    """Same initialisation and batches, and by default the same objective: on the host (where
+    SparseMLP computes densely) the dense run's PyTorch L1 term and twell's give the same losses
+    and sparsity at a lam large enough to kill neurons; with --dense-recipe ce only the twell run
+    pays the L1 term (its loss moves, its neurons die)."""
+    args = ["--lam", "0.5", "--l1-warmup", "1"]
+    same = _run(tmp_path / "a", args)["records"][0]
+    assert same["dense_recipe"] == "l1"
+    assert abs(same["val_loss"] - same["dense_val_loss"]) < 1e-4 * same["dense_val_loss"]
+    for a, b in zip(same["sparsity"], same["dense_sparsity"]):
+        assert abs(a["active_per_token"] - b["active_per_token"]) < 1e-6 * max(1.0, b["active_per_token"])
+    ce = _run(tmp_path / "b", [*args, "--dense-recipe", "ce"])["records"][0]
+    assert abs(ce["val_loss"] - ce["dense_val_loss"]) > 1e-3
+    assert sum(s["dead_fraction"] for s in ce["sparsity"]) > sum(s["dead_fraction"] for s in ce["dense_sparsity"])
+    assert ce["dense_val_loss"] == pytest.approx(_run(tmp_path / "c", ["--lam", "0"])["records"][0]["val_loss"],
+                                                 rel=1e-4)  # lam = 0: the plain model either way
+
+
+def test_dense_l1_term_is_the_sparse_mlp_term():
+    """record_dense_l1's term on a dense Llama MLP equals SparseMLP's on the same weights (host)."""
+    import transformers
+
+    import twell.torch as tt
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, hidden_act="relu")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg)
+    sparse = transformers.LlamaForCausalLM(cfg)
+    sparse.load_state_dict(dense.state_dict())
+    assert bm.record_dense_l1(dense) == 2
+    tt.sparsify(sparse)
+    ids = torch.randint(0, 64, (2, 7))
+    terms = []
+    for m in (dense, sparse):
+        m.train()
+        out = m(input_ids=ids, use_cache=False).logits
+        terms.append(bm.l1_term(torch, m, 0.3))
+        assert out.shape == (2, 7, 64)
+    assert float(terms[0].detach()) > 0
+    assert float(terms[0].detach()) == pytest.approx(float(terms[1].detach()), rel=1e-5)
+    assert float(terms[1].detach()) == pytest.approx(float(tt.l1_loss(sparse, 0.3).detach()), rel=1e-6)
 
 
 def test_shape_presets_and_overrides():

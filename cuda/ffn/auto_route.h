@@ -14,8 +14,9 @@
 // start of every replay and sets the condition of an IF/ELSE graph node whose
 // two bodies are the dense and the sparse path, and a second one-thread
 // kernel after the node records the replay's statistics for the next one.
-// Decode-sized captured calls skip all three (cuda/ffn/pipeline.cu,
-// decode_dense_pairs): the decode consumer decides from the replay itself.
+// Decode-sized captured calls use none of it (cuda/ffn/pipeline.cu,
+// ffn_run_auto_captured_decode): the decode consumer decides from the replay
+// itself and sets the condition of an IF node on the dense path.
 #pragma once
 
 #include "common/twell_internal.h"

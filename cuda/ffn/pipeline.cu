@@ -105,7 +105,8 @@ FallbackArgs fallback_args(const FfnProblem& p, const FfnTensors& t, const FfnWo
 }
 
 SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const uint32_t* packed,
-                                MatRef<const bf16> w_down, int32_t* rows, u64* stats, int64_t dense_pairs = 0) {
+                                MatRef<const bf16> w_down, int32_t* rows, u64* stats, int64_t dense_pairs = 0,
+                                cudaGraphConditionalHandle dense_condition = 0) {
   return SparseFfnDecodeArgs{.packed = packed,
                              .slots = p.slots,
                              .M = p.M,
@@ -118,7 +119,8 @@ SparseFfnDecodeArgs decode_args(const FfnProblem& p, const FfnTensors& t, const 
                              .stats = stats,
                              .overflow_rows = rows,
                              .pdl = p.pdl,
-                             .dense_pairs = dense_pairs};
+                             .dense_pairs = dense_pairs,
+                             .dense_condition = dense_condition};
 }
 
 // Gate route of decode-sized calls, from the gate GEMM + pack timings of
@@ -139,9 +141,10 @@ bool decode_gate_via_cublas(const FfnProblem& p) { return p.M > 16; }
 // compaction, and every kernel after the gate GEMM is launched while the
 // previous one runs. The gate's row flags and statistics atomics go to
 // scratch nobody reads (the consumer derives both from the count words), so
-// they need no zeroing. dense_pairs: see SparseFfnDecodeArgs (0 = never dense).
+// they need no zeroing. dense_pairs, dense_condition: see SparseFfnDecodeArgs
+// (0 = never dense).
 twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream,
-                                   int64_t dense_pairs = 0) {
+                                   int64_t dense_pairs = 0, cudaGraphConditionalHandle dense_condition = 0) {
   const FfnWorkspace w = ffn_workspace(p);
   u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<u64*>(ws + w.stats);
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
@@ -164,7 +167,8 @@ twell_status ffn_run_sparse_decode(const FfnProblem& p, const FfnTensors& t, cha
 
   MatRef<const bf16> w_down;
   TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down));
-  TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, rows, stats, dense_pairs), p.sm_count, stream),
+  TWELL_CUDA_STEP(sparse_ffn_decode(decode_args(p, t, packed, w_down, rows, stats, dense_pairs, dense_condition),
+                                    p.sm_count, stream),
                   "sparse consumer (decode)");
   TWELL_CUDA_STEP(fallback_rows(fallback_args(p, t, w, ws, w_down, rows, stats, /*pdl=*/p.pdl), stream),
                   "dense fallback");
@@ -247,25 +251,35 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
   return TWELL_SUCCESS;
 }
 
-// Captured AUTO at decode sizes: the decode pipeline itself, whose consumer
-// sends every row to the dense fallback when the replay's gate output holds
-// more than 2 H pairs (sparse would then read more W_u / W_d rows than a dense
-// pass reads rows of W_g, W_u and W_d, and the gate has read W_g already). No
-// decision kernel, conditional node or record kernel: at M <= 64 those cost
-// more than the FFN's own kernels save. The state of the replay decides, not
-// the previous one.
+// Captured AUTO at decode sizes: the decode pipeline, then an IF node whose
+// body is the dense path. The decode consumer takes the decision from this
+// replay's own gate output: above 2 H stored pairs (about where the sparse
+// consumer's W_u / W_d row reads cost more than the dense GEMMs, measured on
+// an H200 at M = 16 and 64) it computes nothing and sets the condition. No
+// decision or record kernel before or after, and the body is launched only
+// when taken: at M <= 64 the IF/ELSE form below costs more than the FFN's
+// sparse kernels save.
 static int64_t decode_dense_pairs(const FfnProblem& p) { return 2 * p.H; }
+
+static twell_status ffn_run_auto_captured_decode(const FfnProblem& p, const FfnTensors& t, char* ws,
+                                                 cudaStream_t stream, cudaStream_t side, cudaGraph_t graph) {
+  cudaGraphConditionalHandle dense;
+  TWELL_TRY(make_conditions(graph, 1, &dense));
+  TWELL_TRY(ffn_run_sparse_decode(p, t, ws, stream, decode_dense_pairs(p), dense));
+  return capture_if(stream, side, dense, 1, "the decode AUTO IF node",
+                    [&](int, cudaStream_t on) { return ffn_run_dense(p, t, ws, on); });
+}
 
 twell_status ffn_run_auto_captured(const FfnProblem& p, const FfnTensors& t, char* ws, cudaStream_t stream,
                                    cudaStream_t side, AutoState* state, double threshold) {
-  if (decode_pipeline_ok(p, t, ws) && decode_dense_pairs(p) <= INT32_MAX)
-    return ffn_run_sparse_decode(p, t, ws, stream, decode_dense_pairs(p));
   const FfnWorkspace w = ffn_workspace(p);
   const u64* stats = t.stats != nullptr ? t.stats : reinterpret_cast<const u64*>(ws + w.stats);
   cudaGraph_t graph = nullptr;
   TWELL_TRY(capture_graph(stream, &graph));
   if (graph == nullptr)
     return fail(TWELL_ERROR_INTERNAL, "ffn_run_auto_captured called on a stream that is not capturing");
+  if (decode_pipeline_ok(p, t, ws) && decode_dense_pairs(p) <= INT32_MAX)
+    return ffn_run_auto_captured_decode(p, t, ws, stream, side, graph);
   cudaGraphConditionalHandle condition;
   TWELL_TRY(make_conditions(graph, 1, &condition));
   TWELL_CUDA_STEP(auto_decide(condition, state, threshold, p.H, stream), "AUTO decision kernel");

@@ -44,7 +44,8 @@ struct Params {
   u64* stats;
   int32_t* rows;
   int csize;
-  uint32_t dense_pairs;  // 0, or: more stored pairs than this in the call -> every row to the fallback
+  uint32_t dense_pairs;  // 0, or: more stored pairs than this in the call -> the dense path (see the header)
+  cudaGraphConditionalHandle dense_condition;
 };
 
 // Dynamic shared memory (byte offsets, 16-byte aligned): the packed row, x,
@@ -73,9 +74,9 @@ __host__ __device__ inline Layout make_layout(int row_words, int tiles, int slot
 // only; replaces stats_init + the compaction kernels). Integer sums and maxima:
 // exact in any order. All the count words are loaded before any is used (one
 // round trip). Contains __syncthreads (CTA-uniform call); warps other than 0
-// return from it at once after the barrier. all_rows: the call goes dense
-// (every row is listed for the fallback, and the path word says DENSE).
-__device__ void write_stats(const Params& p, bool all_rows) {
+// return from it at once after the barrier. go_dense: the call goes to the
+// dense path (no row listed; the condition set for the IF node after).
+__device__ void write_stats(const Params& p, bool go_dense) {
   __shared__ int s_over_row[kSparseDecodeMaxRows];
   __shared__ u64 s_part[kNW][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -114,7 +115,7 @@ __device__ void write_stats(const Params& p, bool all_rows) {
       over_tiles += ov;
       max_tile = max_tile > mx ? max_tile : mx;
       max_row = max_row > sum ? max_row : sum;
-      if (lane == 0) s_over_row[r] = all_rows || ov > 0 ? 1 : 0;
+      if (lane == 0) s_over_row[r] = !go_dense && ov > 0 ? 1 : 0;
     }
   }
   if (lane == 0) {
@@ -147,7 +148,8 @@ __device__ void write_stats(const Params& p, bool all_rows) {
     p.stats[TWELL_STAT_OVERFLOW_TILES] = o;
     p.stats[TWELL_STAT_MAX_TILE_COUNT] = mt;
     p.stats[TWELL_STAT_MAX_ROW_COUNT] = mr;
-    p.stats[TWELL_STAT_PATH] = all_rows ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;
+    p.stats[TWELL_STAT_PATH] = TWELL_PATH_SPARSE;  // the dense path rewrites every word
+    if (p.dense_pairs > 0) cudaGraphSetConditional(p.dense_condition, go_dense ? 1u : 0u);
     p.stats[TWELL_STAT_FORMAT] = TWELL_FORMAT_VERSION;
   }
 }
@@ -225,10 +227,10 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     }
     sm80::cp_async_commit();
   }
-  // A captured AUTO call goes dense (every row to the fallback) when the call
-  // holds more pairs than a dense pass reads rows: decided here, per replay.
-  const bool all_rows = p.dense_pairs > 0 && call_pairs(p) > p.dense_pairs;  // CTA- and grid-uniform
-  if (blockIdx.x == 0) write_stats(p, all_rows);  // overlaps the copies above
+  // A captured AUTO call goes dense when it holds more pairs than dense_pairs:
+  // decided here, from this replay's gate output, the same in every CTA.
+  const bool go_dense = p.dense_pairs > 0 && call_pairs(p) > p.dense_pairs;  // CTA- and grid-uniform
+  if (blockIdx.x == 0) write_stats(p, go_dense);  // overlaps the copies above
   sm80::cp_async_wait_all();
   __syncthreads();
 
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(kNT, 2) sparse_decode_kernel(const Params p) {
     over = w > cap;
     c = static_cast<int>(w < cap ? w : cap);
   }
-  const bool flagged = (__syncthreads_or(over) != 0) || all_rows;  // CTA- and cluster-uniform (same row)
+  const bool flagged = (__syncthreads_or(over) != 0) || go_dense;  // CTA- and cluster-uniform (same row)
   const int incl = warp_incl_scan(c, lane);
   if (lane == 31) s_scan[warp] = incl;
   __syncthreads();
@@ -482,7 +484,8 @@ cudaError_t launch(const SparseFfnDecodeArgs& a, int cluster, cudaStream_t strea
            .stats = a.stats,
            .rows = a.overflow_rows,
            .csize = 1,
-           .dense_pairs = static_cast<uint32_t>(a.dense_pairs)};
+           .dense_pairs = static_cast<uint32_t>(a.dense_pairs),
+           .dense_condition = a.dense_condition};
   const Layout L = make_layout(p.row_words, p.tiles, p.slots, p.D, gated);
   auto kern = gated ? sparse_decode_kernel<true> : sparse_decode_kernel<false>;
   // At most 16 + 32 + 2 * 16 + 8 KiB (kSparseDecodeMaxRowWords, D <= 16384).

@@ -31,8 +31,9 @@
 //
 // Captured AUTO calls (dense_pairs > 0): every CTA first sums the stored
 // pairs of the whole call from the count words (M * tiles words, the same sum
-// in every CTA) and, above dense_pairs, the call goes dense: all rows to the
-// exact fallback, the decision taken from this replay's own gate output.
+// in every CTA) and, above dense_pairs, the call goes dense: nothing is
+// computed here, and CTA 0 sets the condition of the IF node that follows
+// (body: the dense path), so this replay's own gate output decides.
 //
 // Requirements (sparse_ffn_decode_can_run): 1 <= M <= kSparseDecodeMaxRows;
 // D, H multiples of 8, D <= 16384; slots in {32, 64, 128} with
@@ -60,10 +61,12 @@ struct SparseFfnDecodeArgs {
   u64* stats = nullptr;            // [TWELL_STATS_WORDS], every word written
   int32_t* overflow_rows = nullptr;  // [M]
   bool pdl = false;  // launched as a programmatic dependent of the previous kernel (cuda/common/pdl.cuh)
-  // 0, or the device-side dense decision of a captured AUTO call: when the call's stored pairs (all
-  // rows, clamped tile counts) exceed it, every row is listed for the fallback (none is computed
-  // here) and stats[TWELL_STAT_PATH] = DENSE.
+  // 0, or the device-side decision of a captured AUTO call: when the call's stored pairs (all rows,
+  // clamped tile counts) exceed dense_pairs, no row is computed or listed here and
+  // dense_condition (a condition of the graph being replayed, reset to 0 at every launch) is set
+  // to 1 for the IF node whose body is the dense path; else it is set to 0.
   int64_t dense_pairs = 0;
+  cudaGraphConditionalHandle dense_condition = 0;
 };
 
 // Cheap host check (one cached attribute query per device).

@@ -297,9 +297,10 @@ TWELL_API twell_status twell_ffn_workspace_size(const twell_ffn_plan* plan, int6
  * CUDA graphs: every path may be captured (stream capture in any mode).
  * A captured AUTO call decides on the device at every replay (the decision
  * is never frozen at capture). Decode-sized calls (M <= 64 on sm_90 devices)
- * capture the decode pipeline alone: its consumer sums the replay's own
- * stored TwELL entries and, above 2 H of them, sends every row to the exact
- * dense fallback (statistics path = DENSE). Other calls decide from the
+ * capture the decode pipeline and an IF node whose body is the dense path:
+ * the decode consumer sums the replay's own stored TwELL entries and, above
+ * 2 H of them, computes nothing and sets the node's condition (so the replay's
+ * own input decides, and the body runs only when taken). Other calls decide from the
  * statistics of the plan's previous replay: a one-thread kernel sets the
  * condition of an IF/ELSE graph node whose bodies are the dense and the
  * sparse path; such a graph is subject to CUDA's rules for conditional nodes

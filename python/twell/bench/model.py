@@ -5,9 +5,14 @@ A ``transformers`` ``LlamaForCausalLM`` with ReLU MLPs is built from a config (`
 8 KV heads, 2 layers), on the byte-level corpus of ``twell.lm.corpus`` (standard-library sources:
 no download; vocabulary 256). From one initialisation and on the same batches it is trained twice:
 
-- **dense**: the model as built (PyTorch ops), cross-entropy only;
+- **dense**: the model as built (PyTorch ops), with the L1 recipe computed by PyTorch from each
+  MLP's hidden activations h (``--dense-recipe ce``: cross-entropy only, to see what the recipe
+  itself costs in loss);
 - **twell**: ``twell.torch.sparsify(model)`` (the same parameters in ``SparseMLP`` layers), with the
   L1 recipe ``loss = ce + lam * l1_loss`` (lam ramped up linearly over ``--l1-warmup`` steps).
+
+So by default both runs optimise the same objective: equal losses and sparsity (up to bf16
+rounding) say twell trains the same model, and the tokens/s compare the same work.
 
 Both use fp32 master weights under ``torch.autocast(bfloat16)``, AdamW, the same learning-rate
 warm-up and the same number of steps (``--steps``, or as many as the dense run does in
@@ -69,6 +74,10 @@ def add_bench_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps (default 50)")
     p.add_argument("--lam", type=float, default=1e-4, help="L1 weight of the twell run (default 1e-4)")
     p.add_argument("--l1-warmup", type=int, default=200, help="steps of the L1 weight's linear ramp (default 200)")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="training steps (forward + backward) profiled per run for the GPU-time breakdown (0: none)")
+    p.add_argument("--dense-recipe", choices=["l1", "ce"], default="l1",
+                   help="the dense run's loss: the same L1 recipe (default) or cross-entropy only")
     p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (default 100)")
     p.add_argument("--eval-batches", type=int, default=4, help="validation windows = this x --batch (default 4)")
     p.add_argument("--skip", type=int, default=10, help="steps not timed at the start of a run (default 10)")
@@ -226,6 +235,39 @@ def _sync(torch, device):
         torch.cuda.synchronize(device)
 
 
+def record_dense_l1(model) -> int:
+    """Make every dense ReLU MLP of a transformers Llama/Qwen model (``*.mlp`` with gate/up/down
+    projections, not a SparseMLP) record its L1 term like SparseMLP does: ``l1`` = sum of |h| over
+    the call (fp32 accumulation, in the autograd graph) and ``tokens``. Returns how many."""
+    import torch
+
+    import twell.torch as tt
+
+    n = 0
+    for name, mlp in model.named_modules():
+        if not name.endswith(".mlp") or isinstance(mlp, tt.SparseMLP) or not hasattr(mlp, "gate_proj"):
+            continue
+
+        def forward(x, mlp=mlp):
+            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # LlamaMLP's own expression, h kept
+            mlp.l1 = h.abs().sum(dtype=torch.float32) if mlp.training else None
+            mlp.tokens = x.numel() // x.shape[-1]
+            return mlp.down_proj(h)
+
+        mlp.forward = forward
+        n += 1
+    return n
+
+
+def l1_term(torch, model, lam: float):
+    """The L1 recipe's term over every MLP that recorded one (SparseMLP or ``record_dense_l1``):
+    lam * mean over the layers of (l1 / tokens), as ``twell.torch.l1_loss``."""
+    terms = [m.l1 / max(m.tokens, 1) for _, m in model.named_modules() if getattr(m, "l1", None) is not None]
+    if not terms:
+        return 0.0
+    return lam * torch.stack([t.reshape(()).float() for t in terms]).mean()
+
+
 def _ce(torch, model, w, device):
     x = torch.as_tensor(w[:, :-1], device=device)
     y = torch.as_tensor(w[:, 1:], device=device)
@@ -247,14 +289,12 @@ def evaluate(torch, model, batches: Batches, device, autocast, dist: Dist) -> fl
     return total / count
 
 
-def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: bool, label: str,
+def train_run(torch, model, batches: Batches, steps: int, args, device, l1: bool, label: str,
               minutes=None, dist: Dist | None = None) -> dict:
     """Train in place; returns the run's record (curves, tokens/s of the global batch, peak memory,
     final val loss). With ``minutes`` (and steps = None) it runs until the time is spent (rank 0's
     clock decides, every 10 steps) and reports the steps."""
     dist = dist or Dist(torch, "none", device.type)
-    import twell.torch as tt
-
     autocast = _autocast(torch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     curve, val_curve = [], []
@@ -275,9 +315,9 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
         with autocast():
             ce = _ce(torch, model, dist.part(batches.step(i)), device)
             loss = ce
-            if sparse:
+            if l1:
                 lam = args.lam * min(1.0, (i + 1) / max(args.l1_warmup, 1))
-                loss = ce + tt.l1_loss(model, lam)
+                loss = ce + l1_term(torch, model, lam)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -297,6 +337,18 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
     _sync(torch, device)
     bar.close()
     elapsed = time.perf_counter() - (t_timed if t_timed is not None else t_start)
+    profile = None
+    if device.type == "cuda" and args.profile_steps > 0:
+        def one_step(k):
+            with autocast():
+                ce = _ce(torch, model, dist.part(batches.step(i + k)), device)
+                loss = ce + (l1_term(torch, model, args.lam) if l1 else 0.0)
+            loss.backward()
+            opt.zero_grad(set_to_none=True)  # timing only: no update
+        try:
+            profile = kernel_profile(torch, one_step, args.profile_steps)
+        except Exception as e:  # noqa: BLE001 -- a breakdown that fails must not lose the benchmark
+            profile = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     n = timed_steps if t_timed is not None else max(i - 1, 1)
     val = evaluate(torch, model, batches, device, autocast, dist)
     if not val_curve or val_curve[-1][0] != i:
@@ -307,7 +359,50 @@ def train_run(torch, model, batches: Batches, steps: int, args, device, sparse: 
         peak = int(dist.reduce([float(torch.cuda.max_memory_allocated(device))], "max")[0])
     return {"steps": i, "tokens_per_s": n * batches.batch * batches.seq / max(elapsed, 1e-9),
             "step_ms": 1e3 * elapsed / max(n, 1), "val_loss": val, "train_curve": curve, "val_curve": val_curve,
-            "peak_mem_bytes": peak}
+            "peak_mem_bytes": peak, "profile": profile}
+
+
+def kernel_family(name: str) -> str:
+    """A coarse family of a CUDA kernel's name, for a step's time breakdown."""
+    n = name.lower()
+    rules = (("twell", ("twell", "sparse_", "gate_pack", "ell_", "tail_", "wgrad", "convert_kernel", "fallback",
+                        "gather_rows", "scatter_rows", "schedule_kernel", "sm90_gate", "pack_rows", "counting")),
+             ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+             ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "ampere_", "cublas")),
+             ("optimizer", ("multi_tensor", "adam", "foreach")),
+             ("reduction", ("reduce", "norm")),
+             ("elementwise / copy", ("elementwise", "vectorized", "copy", "cast", "fill", "memcpy", "memset",
+                                     "index", "cat", "unrolled")))
+    for family, keys in rules:
+        if any(k in n for k in keys):
+            return family
+    return "other"
+
+
+def kernel_profile(torch, step, steps: int) -> dict:
+    """CUDA kernel time per step by family (``kernel_family``), and the 10 longest kernels, over
+    ``steps`` profiled steps (after one unprofiled one): where a training step's GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            step(k + 1)
+        torch.cuda.synchronize()
+    fam, top = {}, []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        ms = us / 1e3 / steps
+        fam[kernel_family(e.key)] = fam.get(kernel_family(e.key), 0.0) + ms
+        top.append({"name": e.key[:90], "ms_per_step": ms})
+    top.sort(key=lambda r: -r["ms_per_step"])
+    return {"steps": steps, "total_ms_per_step": sum(fam.values()),
+            "families_ms_per_step": dict(sorted(fam.items(), key=lambda kv: -kv[1])), "top": top[:10]}
 
 
 def _autocast(torch, device):
@@ -502,15 +597,18 @@ def run(args) -> dict:
     runs = {}
 
     # dense first: it fixes the step count when --minutes is given
+    if args.dense_recipe == "l1":
+        record_dense_l1(base)
     dense_model = dist.wrap(base)
-    runs["dense"] = train_run(torch, dense_model, batches, args.steps, args, device, sparse=False, label="dense",
+    runs["dense"] = train_run(torch, dense_model, batches, args.steps, args, device,
+                              l1=args.dense_recipe == "l1", label="dense",
                               minutes=None if args.steps else args.minutes, dist=dist)
     steps = runs["dense"]["steps"]
     twell_model = build_model(torch, transformers, shape, args.seq, args.seed).to(device)
     twell_model.load_state_dict(init)
     del init
     twell_model = dist.wrap(tt.sparsify(twell_model))
-    runs["twell"] = train_run(torch, twell_model, batches, steps, args, device, sparse=True, label="twell",
+    runs["twell"] = train_run(torch, twell_model, batches, steps, args, device, l1=True, label="twell",
                               dist=dist)
     for name, m in (("dense", dense_model), ("twell", twell_model)):
         runs[name]["sparsity"] = layer_sparsity(torch, m, batches, device, dist)
@@ -522,11 +620,14 @@ def run(args) -> dict:
              "dense_val_loss": d["val_loss"], "val_loss_ratio": t["val_loss"] / d["val_loss"],
              "peak_mem_ratio": (t["peak_mem_bytes"] / d["peak_mem_bytes"]) if d["peak_mem_bytes"] else None,
              "peak_mem_bytes": t["peak_mem_bytes"], "dense_peak_mem_bytes": d["peak_mem_bytes"],
-             "lam": args.lam, "sparsity": t["sparsity"], "dense_sparsity": d["sparsity"]}]
+             "lam": args.lam, "dense_recipe": args.dense_recipe, "sparsity": t["sparsity"],
+             "dense_sparsity": d["sparsity"], "step_ms": t["step_ms"], "dense_step_ms": d["step_ms"],
+             "kernel_profile": t["profile"], "dense_kernel_profile": d["profile"]}]
     recs[-1]["tokens_per_s_per_gpu"] = t["tokens_per_s"] / dist.world
     recs[-1]["dense_tokens_per_s_per_gpu"] = d["tokens_per_s"] / dist.world
     if dist.rank == 0:
-        print(json.dumps({k: v for k, v in recs[-1].items() if "sparsity" not in k}), file=sys.stderr)
+        print(json.dumps({k: v for k, v in recs[-1].items() if "sparsity" not in k and "profile" not in k}),
+              file=sys.stderr)
     curves = {n: {"train": r["train_curve"], "val": r["val_curve"]} for n, r in runs.items()}
     if args.distributed != "none":  # the distributed benchmark trains only
         dist.close()
@@ -589,6 +690,13 @@ def table(doc: dict) -> str:
         md.append(f"| {r['phase']}{graph} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['dense_tokens_per_s']:.0f} | "
                   f"{r['speedup_vs_dense']:.2f}x | {r['val_loss']:.4f} / {r['dense_val_loss']:.4f} | {mem} |")
     tr = doc["records"][0]
+    prof = (tr.get("kernel_profile"), tr.get("dense_kernel_profile"))
+    if all(p and "families_ms_per_step" in p for p in prof):
+        md += ["", "| GPU time per training step (forward + backward) | twell ms | dense ms |", "|---|---:|---:|"]
+        for f in sorted(set(prof[0]["families_ms_per_step"]) | set(prof[1]["families_ms_per_step"])):
+            md.append(f"| {f} | {prof[0]['families_ms_per_step'].get(f, 0.0):.2f} | "
+                      f"{prof[1]['families_ms_per_step'].get(f, 0.0):.2f} |")
+        md.append(f"| all kernels | {prof[0]['total_ms_per_step']:.2f} | {prof[1]['total_ms_per_step']:.2f} |")
     md += ["", "| layer | active/token | dead | top-64 share | top-256 share |", "|---:|---:|---:|---:|---:|"]
     for s in tr["sparsity"]:
         md.append(f"| {s['layer']} | {s['active_per_token']:.1f} | {100 * s['dead_fraction']:.1f}% | "
