@@ -147,7 +147,7 @@ TWELL_API twell_status twell_ffn_options_default(twell_ffn_options* o) {
   o->path = TWELL_PATH_AUTO;
   o->kernels = TWELL_KERNELS_AUTO;
   o->chunk_rows = 0;
-  o->dense_threshold = 0.008;
+  o->dense_threshold = 0.012;
   return ok();
 }
 

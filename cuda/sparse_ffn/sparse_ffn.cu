@@ -901,7 +901,8 @@ int tokens_per_cta_options(int64_t D, int* out) {
 }
 
 void default_config(const SparseFfnArgs& a, int sm_count, int* tokens_per_cta, int* cluster, int* up_mma) {
-  // Tuned on an H100 SXM (132 SMs) at D = 2048, H = 5632, gated, slots = 32, GPU
+  // The CTA consumer (below the row consumer's range, or D > 2048), tuned on
+  // an H100 SXM (132 SMs) at D = 2048, H = 5632, gated, slots = 32, GPU
   // time with the weights out of L2 (tests/cuda/test_sparse_ffn.cu, 2026-11):
   //  * 8 tokens per CTA once that still gives >= 2 CTAs per SM: the W rows of
   //    neurons shared in a block are read once, which saves 9-16% against 4
@@ -915,6 +916,18 @@ void default_config(const SparseFfnArgs& a, int sm_count, int* tokens_per_cta, i
   //    split does not pay. Clustered launches use the MMA up phase (the only
   //    one timed there); the others FFMA (equal or 1-8% faster everywhere).
   const int64_t sms = sm_count > 0 ? sm_count : 1;
+  // The row consumer (one warp per token) from 4 warps per SM: measured on an
+  // H200 (2026-12-02, weights out of L2) it takes 466 us at M = 16384 uniform
+  // 0.5% where 8 tokens per CTA take 735 us, 95 us vs 201 us on the zipf
+  // pattern, 44-47 us vs 55 us at M = 1024; at M = 256 it is slower (45 vs
+  // 27 us). Sub-variant 1 (16 warps per SM) is the fastest from M = 2048
+  // (whole FFN at M = 2048: 0.162 ms, sub-variant 0 0.174 ms), 0 below.
+  if (rows_supported(a.D) && a.M >= 4 * sms) {
+    *tokens_per_cta = kRowsKernel;
+    *cluster = 1;
+    *up_mma = a.M >= 8 * sms ? 1 : 0;
+    return;
+  }
   int opts[3] = {1, 1, 1};
   const int n = tokens_per_cta_options(a.D, opts);
   *up_mma = 0;
@@ -955,6 +968,7 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
   if (!ld_ok(a.w_down.ld, a.D) || !ld_ok(a.y.ld, a.D)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
+  if (tokens_per_cta == kRowsKernel) return cluster == 1 ? sparse_ffn_rows(a, up_mma, stream) : cudaErrorInvalidValue;
 
   const KParams kp{.packed = a.packed,
                    .row_words = tiles * a.slots,

@@ -14,11 +14,24 @@ namespace sparse_ffn_detail {
 // <= 4096: {4, 2, 1}; <= 8192: {2, 1}; <= 16384: {1}. 0 if D is unsupported.
 int tokens_per_cta_options(int64_t D, int* out);
 
+// The row consumer (sparse_ffn_rows.cu): one warp per token, no shared
+// memory, for D <= kRowsMaxD. Selected by tokens_per_cta == kRowsKernel, with
+// `up_mma` naming its sub-variant (0 .. kRowsVariants-1), with the warps per
+// SM its registers are sized for: 0 = one pair at a time, W_u's and W_d's
+// rows loaded together, 12 warps; 1 = one pair at a time, W_d's row after the
+// dot product, 16 warps; 2 = two pairs at a time, W_d's rows after the dot
+// products, 8 warps; 3 = as 1 with 12 warps.
+constexpr int kRowsKernel = -1;
+constexpr int kRowsVariants = 4;
+constexpr int64_t kRowsMaxD = 2048;
+bool rows_supported(int64_t D);
+cudaError_t sparse_ffn_rows(const SparseFfnArgs& args, int variant, cudaStream_t stream);
+
 // The launcher's choice for these arguments (what sparse_ffn() runs).
 void default_config(const SparseFfnArgs& args, int sm_count, int* tokens_per_cta, int* cluster, int* up_mma);
 
 // Runs the variant with `tokens_per_cta` tokens per CTA (one of the options
-// above) and, when tokens_per_cta == 1, `cluster` CTAs per token (1, 2, 4 or
+// above, or kRowsKernel) and, when tokens_per_cta == 1, `cluster` CTAs per token (1, 2, 4 or
 // 8; a thread-block cluster on sm_90, silently 1 where clusters cannot run).
 // up_mma (gated only): 1 = the up-projection dot products on tensor cores
 // (mma.sync, bf16 products accumulated in fp32), 0 = on FFMA.

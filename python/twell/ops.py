@@ -95,7 +95,7 @@ class FFNPlan:
 
     def __init__(self, d_model: int, hidden: int, *, gated: bool = True, slots: int = 32,
                  w_down_layout: str = "hd", path: str = "auto", kernels: str = "auto",
-                 chunk_rows: int = 0, dense_threshold: float = 0.008, device: int = 0):
+                 chunk_rows: int = 0, dense_threshold: float = 0.012, device: int = 0):
         lib = _ffi.require()
         d_model = check_int(d_model, "d_model")
         hidden = check_int(hidden, "hidden")

@@ -723,6 +723,8 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
               vs.push_back({1, 8, 1, false});
               if (gated) vs.push_back({1, 8, 0, false});
             }
+            if (sfd::rows_supported(W.D))
+              for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, 1, r, false});
           }
           const std::string base =
               fmt("D=%lld H=%lld M=%lld slots=%d %s %s", static_cast<long long>(W.D), static_cast<long long>(W.H),
@@ -736,7 +738,7 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             probe.M = M;
             probe.D = W.D;
             if (v.def) sfd::default_config(probe, sm_count, &tb, &cs, &mma);
-            if (!gated) mma = 0;
+            if (!gated && tb != sfd::kRowsKernel) mma = 0;
             const std::string label =
                 base + fmt(" [%s tb=%d cluster=%d up=%s]", v.def ? "default" : "forced", tb, cs, mma ? "mma" : "ffma");
             const VariantResult vr = run_and_check(label, W, XM, s, gated != 0, tb, cs, mma, d_packed, d_flags, d_y,
@@ -837,6 +839,7 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
       const int n = sfd::tokens_per_cta_options(W.D, opts);
       std::vector<std::pair<int, int>> vs = {{0, 0}};
       for (int i = 0; i < n; ++i) vs.push_back({opts[i], 1}), vs.push_back({opts[i], 0});
+      for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, r});
       for (auto v : vs) {
         int tb = v.first, cs = 1, mma = v.second;
         twell::SparseFfnArgs probe;
@@ -970,6 +973,7 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         int opts[3];
         const int n = sfd::tokens_per_cta_options(D, opts);
         for (int i = 0; i < n; ++i) vs.push_back({opts[i], 1, 1, false}), vs.push_back({opts[i], 1, 0, false});
+        for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, 1, r, false});
         if (M <= 1024 && clusters)
           for (int c : {2, 4, 8}) vs.push_back({1, c, 1, false});
       }
