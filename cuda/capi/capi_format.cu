@@ -20,7 +20,7 @@ twell_status check_slots(int32_t slots) {
 }
 
 size_t flag_bytes(int64_t rows) { return (static_cast<size_t>(rows) + 16 + 255) / 256 * 256; }
-size_t pack_workspace(int64_t rows) { return flag_bytes(rows) + compact_workspace_bytes(rows); }
+size_t pack_workspace(int64_t rows) { return flag_bytes(rows); }
 
 #define TRY TWELL_TRY
 
@@ -85,14 +85,13 @@ TWELL_API twell_status twell_pack(const DLTensor* pre, int32_t slots, DLTensor* 
   if (err != cudaSuccess) return fail_cuda(err, "selecting the tensors' device");
   auto s = static_cast<cudaStream_t>(stream);
   auto* flags = static_cast<uint8_t*>(workspace);
-  void* compact_ws = static_cast<char*>(workspace) + flag_bytes(M);
   auto* stats_ptr = reinterpret_cast<u64*>(st.ptr);
   if ((err = stats_init(stats_ptr, M, TWELL_PATH_SPARSE, s, flags)) != cudaSuccess) return fail_cuda(err, "stats init");
   if (M > 0) {
     err = pack_rows(p.ptr, p.dtype == DType::kF32, p.ld, M, H, slots, reinterpret_cast<uint32_t*>(out.ptr), flags,
                     stats_ptr, s);
     if (err != cudaSuccess) return fail_cuda(err, "pack kernel");
-    err = compact_flagged_rows(flags, M, reinterpret_cast<int32_t*>(rows.ptr), stats_ptr, compact_ws, s);
+    err = compact_flagged_rows(flags, M, reinterpret_cast<int32_t*>(rows.ptr), stats_ptr, s);
     if (err != cudaSuccess) return fail_cuda(err, "overflow compaction");
   }
   return ok();

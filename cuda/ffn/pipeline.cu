@@ -26,7 +26,6 @@ FfnWorkspace ffn_workspace(const FfnProblem& p) {
   const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
   w.flags = take(static_cast<size_t>(p.M) + 16);
   w.rows = take(static_cast<size_t>(p.M) * 4);
-  w.compact = take(compact_workspace_bytes(p.M));
   w.packed = take(static_cast<size_t>(p.M) * tiles_for(p.H) * p.slots * 4);
   // Reserved on sm_90a too: the portable path takes over where TMA cannot run.
   w.gate_chunk = take(gate_portable_workspace_bytes(p.M, p.H));
@@ -71,8 +70,7 @@ twell_status gate_pack_run(const FfnProblem& p, MatRef<const bf16> x, MatRef<con
   auto* flags = reinterpret_cast<uint8_t*>(ws + w.flags);
   TWELL_CUDA_STEP(stats_init(stats, p.M, TWELL_PATH_SPARSE, stream, flags), "stats init");
   TWELL_TRY(gate_pack_into(p, w, x, wt, packed, flags, stats, ws, stream));
-  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, ws + w.compact, stream),
-                  "overflow compaction");
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, overflow_rows, stats, stream), "overflow compaction");
   return TWELL_SUCCESS;
 }
 
@@ -197,7 +195,7 @@ twell_status ffn_run_sparse(const FfnProblem& p, const FfnTensors& t, char* ws, 
 
   // Non-gated: the "gate" GEMM packs h = relu(x W_u^T) itself.
   TWELL_TRY(gate_pack_into(p, w, t.x, p.gated ? t.w_gate : t.w_up, packed, flags, stats, ws, stream));
-  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, rows, stats, ws + w.compact, stream), "overflow compaction");
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, p.M, rows, stats, stream), "overflow compaction");
 
   MatRef<const bf16> w_down;
   TWELL_TRY(w_down_hd(p, t, w, ws, stream, &w_down));

@@ -43,7 +43,7 @@ struct FfnTensors {
 // Byte offsets of the workspace regions for one problem.
 struct FfnWorkspace {
   size_t stats = 0, lt = 0;                                     // common
-  size_t flags = 0, rows = 0, compact = 0, packed = 0;          // sparse path
+  size_t flags = 0, rows = 0, packed = 0;          // sparse path
   size_t gate_chunk = 0, w_down_t = 0, fallback_h = 0;
   size_t gate_stats = 0;  // decode-sized path: the gate kernel's (unread) statistics atomics
   size_t dense_g = 0, dense_u = 0;                              // dense path (overlaps the sparse regions)

@@ -19,10 +19,9 @@ cudaError_t stats_init(u64* stats, int64_t rows, int path, cudaStream_t stream, 
 cudaError_t pack_rows(const void* pre, bool is_f32, int64_t ld, int64_t M, int64_t H, int slots, uint32_t* packed,
                       uint8_t* row_flags, u64* stats, cudaStream_t stream, bool pdl = false);
 
-// Workspace (bytes) the compaction needs for M rows.
-size_t compact_workspace_bytes(int64_t M);
 // rows_out[0..k) = ascending indices m with row_flags[m] != 0; stats[OVERFLOW_ROWS] = k.
-cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* rows_out, u64* stats, void* workspace,
+// One CTA, no workspace (see pack.cu).
+cudaError_t compact_flagged_rows(const uint8_t* row_flags, int64_t M, int32_t* rows_out, u64* stats,
                                  cudaStream_t stream);
 
 // TwELL -> dense bf16 (stored entries only), out row stride ldo elements.

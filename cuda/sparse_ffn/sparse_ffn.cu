@@ -968,7 +968,8 @@ cudaError_t sparse_ffn_config(const SparseFfnArgs& a, int tokens_per_cta, int cl
   if (!ld_ok(a.w_down.ld, a.D) || !ld_ok(a.y.ld, a.D)) return cudaErrorInvalidValue;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
-  if (tokens_per_cta == kRowsKernel) return cluster == 1 ? sparse_ffn_rows(a, up_mma, stream) : cudaErrorInvalidValue;
+  if (tokens_per_cta == kRowsKernel)
+    return cluster == 1 ? sparse_ffn_rows(a, up_mma, nullptr, stream) : cudaErrorInvalidValue;
 
   const KParams kp{.packed = a.packed,
                    .row_words = tiles * a.slots,

@@ -25,7 +25,9 @@ constexpr int kRowsKernel = -1;
 constexpr int kRowsVariants = 4;
 constexpr int64_t kRowsMaxD = 2048;
 bool rows_supported(int64_t D);
-cudaError_t sparse_ffn_rows(const SparseFfnArgs& args, int variant, cudaStream_t stream);
+// skip_blocks: see row_pairs.cuh (nullptr: every row; the library always
+// passes nullptr, the block-consumer experiment its per-block choices).
+cudaError_t sparse_ffn_rows(const SparseFfnArgs& args, int variant, const uint8_t* skip_blocks, cudaStream_t stream);
 
 // The launcher's choice for these arguments (what sparse_ffn() runs).
 void default_config(const SparseFfnArgs& args, int sm_count, int* tokens_per_cta, int* cluster, int* up_mma);

@@ -37,28 +37,15 @@
 #include "common/launch_cache.h"
 #include "common/pack_entry.cuh"
 #include "common/warp.cuh"
+#include "sparse_ffn/row_pairs.cuh"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
 
 namespace twell {
 namespace {
 
-constexpr unsigned kFull = 0xFFFFFFFFu;
-constexpr int kWarpsPerCta = 4;
+using namespace rows_detail;
 
-struct RowParams {
-  const uint32_t* packed;
-  int64_t row_words;
-  int slots;
-  int tiles;
-  int64_t M, H;
-  int nch;  // 16-byte chunks in a row of D
-  MatRef<const bf16> x;
-  MatRef<const bf16> wu;
-  MatRef<const bf16> wd;
-  MatRef<bf16> y;
-  const uint8_t* flags;
-  u64* stats;
-};
+constexpr int kWarpsPerCta = 4;
 
 template <int CH>
 __device__ __forceinline__ void load_row(uint4 (&w)[CH], const bf16* base, int64_t ld, uint32_t j, int lane, int nch) {
@@ -83,42 +70,6 @@ template <int CH>
 __device__ __forceinline__ void axpy_row(float (&acc)[CH][8], float h, const uint4 (&w)[CH]) {
 #pragma unroll
   for (int k = 0; k < CH; ++k) axpy8(acc[k], h, w[k]);
-}
-
-// The warp-wide pair list of one batch: lane l holds pair q0 + l (its neuron
-// and gate value) and `valid` has a bit for every usable pair.
-struct PairBatch {
-  uint32_t j;
-  float g;
-  unsigned valid;
-};
-
-// Steps 1-2 for pairs q0 .. q0+31 of the tile group starting at w0; incl is
-// lane t's inclusive scan of the clamped counts of tile w0 + t.
-__device__ __forceinline__ PairBatch read_pairs(const RowParams& p, const uint32_t* prow, int w0, int incl, int total,
-                                                int q0, int lane) {
-  const int q = q0 + lane;
-  // pos = the number of tiles whose pairs all lie before q (incl is nondecreasing).
-  int pos = 0;
-#pragma unroll
-  for (int step = 16; step > 0; step >>= 1) {
-    const int v = __shfl_sync(kFull, incl, pos + step - 1);
-    if (v <= q) pos += step;
-  }
-  const int first = __shfl_sync(kFull, incl, pos > 0 ? pos - 1 : 0);
-  const int excl = pos > 0 ? first : 0;
-  PairBatch b{0u, 0.f, 0u};
-  bool ok = false;
-  if (q < total) {
-    const int tile = w0 + pos;
-    const uint32_t word = __ldcs(prow + static_cast<int64_t>(tile) * p.slots + 1 + (q - excl));
-    const uint32_t col = static_cast<uint32_t>(entry_col(word));
-    b.j = static_cast<uint32_t>(tile) * kTileCols + col;
-    b.g = entry_value(word);
-    ok = col < static_cast<uint32_t>(kTileCols) && b.j < static_cast<uint32_t>(p.H);
-  }
-  b.valid = __ballot_sync(kFull, ok);
-  return b;
 }
 
 // Step 3 for one batch: G pairs at a time, in ascending order.
@@ -184,6 +135,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32, MINB) sparse_rows_kernel(co
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int64_t m = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
   if (m >= p.M) return;  // whole warps only: no barrier below
+  if (p.skip_blocks != nullptr && p.skip_blocks[m / kBlockTokens] != 0) return;  // written by the block consumer
   const uint32_t* prow = p.packed + m * p.row_words;
   const bool live = p.flags == nullptr || p.flags[m] == 0;
   const uint32_t cap = static_cast<uint32_t>(p.slots - 1);
@@ -272,7 +224,7 @@ namespace sparse_ffn_detail {
 
 bool rows_supported(int64_t D) { return D > 0 && D <= kRowsMaxD; }
 
-cudaError_t sparse_ffn_rows(const SparseFfnArgs& a, int variant, cudaStream_t stream) {
+cudaError_t sparse_ffn_rows(const SparseFfnArgs& a, int variant, const uint8_t* skip_blocks, cudaStream_t stream) {
   // The caller (sparse_ffn_config) has checked the arguments.
   if (!rows_supported(a.D) || variant < 0 || variant >= kRowsVariants) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
@@ -289,7 +241,8 @@ cudaError_t sparse_ffn_rows(const SparseFfnArgs& a, int variant, cudaStream_t st
                     .wd = a.w_down,
                     .y = a.y,
                     .flags = a.row_flags,
-                    .stats = a.stats};
+                    .stats = a.stats,
+                    .skip_blocks = skip_blocks};
   return a.w_up.ptr != nullptr ? launch_rows<true>(variant, p, stream) : launch_rows<false>(variant, p, stream);
 }
 

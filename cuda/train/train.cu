@@ -94,7 +94,6 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   // forward
   w.packed = t.take(M * static_cast<size_t>(tiles_for(p.H)) * p.slots * 4);
   w.gate_chunk = t.take(gate_portable_workspace_bytes(p.M, p.H));
-  w.compact = t.take(compact_workspace_bytes(p.M));
   w.row_l1 = t.take(M * 4);
   w.f_xt = t.take(C * D * 2);
   w.f_g = t.take(C * H * 4);
@@ -194,7 +193,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
     TWELL_CUDA_STEP(cudaGetLastError(), "TwELL -> ELL kernel");
   }
   // Tail list (ascending) and its length -> header[2].
-  TWELL_CUDA_STEP(compact_flagged_rows(flags, M, tail, header, ws + L.compact, s), "tail-row compaction");
+  TWELL_CUDA_STEP(compact_flagged_rows(flags, M, tail, header, s), "tail-row compaction");
 
   // ELL rows.
   {

@@ -40,7 +40,7 @@ struct TrainWorkspace {
   // common
   size_t lt = 0, stats = 0, wdt = 0;
   // forward
-  size_t packed = 0, gate_chunk = 0, compact = 0, row_l1 = 0;
+  size_t packed = 0, gate_chunk = 0, row_l1 = 0;
   size_t f_xt = 0, f_g = 0, f_u = 0, f_hb = 0, f_yt = 0;
   size_t fwd_total = 0;
   // backward

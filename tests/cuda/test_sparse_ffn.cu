@@ -66,12 +66,16 @@
 
 #include "sparse_ffn/sparse_ffn.h"
 #include "sparse_ffn/sparse_ffn_decode.h"
+#include "sparse_ffn/experiments/sparse_ffn_block.h"
 #include "sparse_ffn/sparse_ffn_internal.cuh"
 #include "harness.cuh"
 
 using twell::bf16;
 using twell::u64;
 namespace sfd = twell::sparse_ffn_detail;
+namespace sfx = twell::sparse_ffn_experiments;
+// Variant code of the block-consumer experiment + row sub-variant r: tb = kRowsKernel, up = kBlockFirst + r.
+constexpr int kBlockFirst = 100;
 
 namespace {
 
@@ -123,9 +127,9 @@ void fill_bf16(std::vector<uint16_t>& v, int64_t rows, int64_t cols, int64_t ld,
 }
 
 // ---------------------------------------------------------------- patterns
-enum Pattern { kU05, kU2, kSkew, kHot, kEdge, kZipf, kNumPatterns };
+enum Pattern { kU05, kU2, kSkew, kHot, kEdge, kZipf, kTrained, kNumPatterns };
 const char* pattern_name(int p) {
-  static const char* n[] = {"uniform0.5%", "uniform2%", "skewed", "hot", "edge", "zipf"};
+  static const char* n[] = {"uniform0.5%", "uniform2%", "skewed", "hot", "edge", "zipf", "trained"};
   return n[p];
 }
 
@@ -180,6 +184,25 @@ PatternState make_pattern_state(int pat, int64_t H, Rng& r) {
       ps.live.push_back(perm[k]);
       ps.live_p.push_back(0.6 / std::pow(static_cast<double>(k + 1), 0.9));
     }
+  } else if (pat == kTrained) {
+    // The benchmarks' "trained" pattern (python/twell/patterns.py): 10% of the
+    // neurons live at shuffled positions, the k-th firing with probability
+    // min(0.65, c k^-1.2), c set for 12 active per token (fewer where H is small).
+    std::vector<uint32_t> perm(H);
+    for (int64_t i = 0; i < H; ++i) perm[i] = static_cast<uint32_t>(i);
+    for (int64_t i = H - 1; i > 0; --i) std::swap(perm[i], perm[r.below(i + 1)]);
+    const int64_t nl = std::max<int64_t>(1, H / 10);
+    auto total = [&](double c) {
+      double t = 0;
+      for (int64_t k = 0; k < nl; ++k) t += std::min(0.65, c * std::pow(static_cast<double>(k + 1), -1.2));
+      return t;
+    };
+    double lo = 0, hi = 1e6;
+    for (int it = 0; it < 200; ++it) (total(0.5 * (lo + hi)) < 12.0 ? lo : hi) = 0.5 * (lo + hi);
+    for (int64_t k = 0; k < nl; ++k) {
+      ps.live.push_back(perm[k]);
+      ps.live_p.push_back(std::min(0.65, hi * std::pow(static_cast<double>(k + 1), -1.2)));
+    }
   }
   return ps;
 }
@@ -216,6 +239,7 @@ RowKind gen_row(int pat, int64_t m, int64_t H, const PatternState& ps, Rng& r, s
       sort_unique(e);
       break;
     case kZipf:
+    case kTrained:
       for (size_t k = 0; k < ps.live.size(); ++k)
         if (r.uniform() < ps.live_p[k]) e.push_back({ps.live[k], rand_gate(r)});
       sort_unique(e);
@@ -490,6 +514,34 @@ DecodeCase decode_case(const Sparse& s) {
   return dc;
 }
 
+// The up-phase / sub-variant part of a label.
+std::string up_name(int tb, int mma) {
+  if (tb != sfd::kRowsKernel) return mma ? "mma" : "ffma";
+  return mma >= kBlockFirst ? fmt("block+rows%d", mma - kBlockFirst) : fmt("rows%d", mma);
+}
+
+// The block consumer's scratch ([ceil(M / 32)] bytes), grown as needed, never freed;
+// poisoned, since the consumer must not depend on its contents.
+uint8_t* block_scratch(int64_t M) {
+  static uint8_t* buf = nullptr;
+  static int64_t have = 0;
+  const int64_t need = (M + 31) / 32 + 1;
+  if (need > have) {
+    if (buf) CUDA_CHECK(cudaFree(buf));
+    CUDA_CHECK(cudaMalloc(&buf, static_cast<size_t>(need)));
+    have = need;
+  }
+  CUDA_CHECK(cudaMemset(buf, 0xA5, static_cast<size_t>(have)));
+  return buf;
+}
+
+// One forced configuration: the library's variants, or the block-consumer experiment.
+cudaError_t run_config(const twell::SparseFfnArgs& a, int tb, int cs, int mma, uint8_t* scratch, cudaStream_t stream) {
+  if (tb == sfd::kRowsKernel && mma >= kBlockFirst)
+    return cs == 1 ? sfx::sparse_ffn_block_then_rows(a, mma - kBlockFirst, scratch, stream) : cudaErrorInvalidValue;
+  return sfd::sparse_ffn_config(a, tb, cs, mma, stream);
+}
+
 // Runs one configuration twice on `stream` and checks everything.
 VariantResult run_and_check(const std::string& label, const Weights& W, const Inputs& X, const Sparse& s, bool gated,
                             int tb, int cs, int mma, const uint32_t* d_packed, const uint8_t* d_flags, bf16* d_y,
@@ -535,7 +587,7 @@ VariantResult run_and_check(const std::string& label, const Weights& W, const In
     const cudaError_t err = dc ? (dc->cluster == 0 ? twell::sparse_ffn_decode(da, sm_count, stream)
                                                    : twell::sparse_ffn_decode_cluster(da, dc->cluster, stream))
                             : use_default ? twell::sparse_ffn(a, sm_count, stream)
-                                          : sfd::sparse_ffn_config(a, tb, cs, mma, stream);
+                                          : run_config(a, tb, cs, mma, block_scratch(M), stream);
     if (err != cudaSuccess) {
       F.fail(fmt("%s: launch returned %s", label.c_str(), cudaGetErrorName(err)));
       vr.ok = false;
@@ -640,15 +692,16 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
   std::vector<Shape> shapes = {
       {2048, 5632, false}, {4096, 14336, false}, {896, 4864, true}, {1024, 2816, false}, {64, 264, true}};
   std::vector<int64_t> Ms = {1, 7, 64, 129, 300, 4096};
-  std::vector<int> pats = {kU05, kU2, kSkew, kHot, kEdge};
+  std::vector<int> pats = {kU05, kU2, kSkew, kHot, kEdge, kZipf, kTrained};
   if (opt.small) {
     shapes = {{64, 264, true}, {896, 4864, true}, {2048, 5632, false}};
     Ms = {1, 7, 129};
+    pats = {kU05, kU2, kSkew, kHot, kEdge, kTrained};
   }
   if (opt.tiny) {  // for racecheck / synccheck: every variant, few launches
     shapes = {{64, 264, true}, {2048, 5632, false}};
     Ms = {17};
-    pats = {kHot, kEdge};
+    pats = {kHot, kEdge, kTrained};
   }
   const int slot_opts[3] = {32, 64, 128};
   cudaStream_t stream;
@@ -723,8 +776,11 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
               vs.push_back({1, 8, 1, false});
               if (gated) vs.push_back({1, 8, 0, false});
             }
-            if (sfd::rows_supported(W.D))
+            if (sfd::rows_supported(W.D)) {
               for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, 1, r, false});
+              if (W.H <= sfx::kBlockMaxH)
+                for (int r = 0; r < 2; ++r) vs.push_back({sfd::kRowsKernel, 1, kBlockFirst + r, false});
+            }
           }
           const std::string base =
               fmt("D=%lld H=%lld M=%lld slots=%d %s %s", static_cast<long long>(W.D), static_cast<long long>(W.H),
@@ -737,10 +793,11 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
             twell::SparseFfnArgs probe;
             probe.M = M;
             probe.D = W.D;
+            probe.H = W.H;
             if (v.def) sfd::default_config(probe, sm_count, &tb, &cs, &mma);
             if (!gated && tb != sfd::kRowsKernel) mma = 0;
-            const std::string label =
-                base + fmt(" [%s tb=%d cluster=%d up=%s]", v.def ? "default" : "forced", tb, cs, mma ? "mma" : "ffma");
+            const std::string label = base + fmt(" [%s tb=%d cluster=%d up=%s]", v.def ? "default" : "forced", tb, cs,
+                                                 up_name(tb, mma).c_str());
             const VariantResult vr = run_and_check(label, W, XM, s, gated != 0, tb, cs, mma, d_packed, d_flags, d_y,
                                                    d_stats, rows, ref, stream, v.def, sm_count, F);
             ++n_runs;
@@ -840,16 +897,18 @@ int run_tests(const Options& opt, int sm_count, Failures& F) {
       std::vector<std::pair<int, int>> vs = {{0, 0}};
       for (int i = 0; i < n; ++i) vs.push_back({opts[i], 1}), vs.push_back({opts[i], 0});
       for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, r});
+      for (int r = 0; r < 2; ++r) vs.push_back({sfd::kRowsKernel, kBlockFirst + r});
       for (auto v : vs) {
         int tb = v.first, cs = 1, mma = v.second;
         twell::SparseFfnArgs probe;
         probe.M = X.M;
         probe.D = W.D;
+        probe.H = W.H;
         const bool def = tb == 0;
         if (def) sfd::default_config(probe, sm_count, &tb, &cs, &mma);
         const VariantResult vr = run_and_check(
-            base + fmt(" [%s tb=%d cluster=%d up=%s]", def ? "default" : "forced", tb, cs, mma ? "mma" : "ffma"), W, X,
-            s, true, tb, cs, mma, d_packed, d_flags, d_y, d_stats, rows, ref, stream, def, sm_count, F);
+            base + fmt(" [%s tb=%d cluster=%d up=%s]", def ? "default" : "forced", tb, cs, up_name(tb, mma).c_str()), W,
+            X, s, true, tb, cs, mma, d_packed, d_flags, d_y, d_stats, rows, ref, stream, def, sm_count, F);
         ++n_runs;
         ok = ok && vr.ok;
         cf = std::max(cf, vr.rel_fro);
@@ -953,7 +1012,8 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
   twell::SparseFfnArgs probe;
   probe.D = D;
   const bool clusters = sfd::usable_cluster(probe, 8) > 1;
-  for (int pat : {static_cast<int>(kU05), static_cast<int>(kHot), static_cast<int>(kZipf)}) {
+  for (int pat :
+       {static_cast<int>(kU05), static_cast<int>(kHot), static_cast<int>(kZipf), static_cast<int>(kTrained)}) {
     const Sparse sfull = make_sparse(pat, maxM, H, slots, hash2(opt.seed, 300 + pat));
     uint32_t* d_packed[kCopies];
     for (int c = 0; c < kCopies; ++c) d_packed[c] = harness::upload(sfull.packed);
@@ -974,6 +1034,7 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         const int n = sfd::tokens_per_cta_options(D, opts);
         for (int i = 0; i < n; ++i) vs.push_back({opts[i], 1, 1, false}), vs.push_back({opts[i], 1, 0, false});
         for (int r = 0; r < sfd::kRowsVariants; ++r) vs.push_back({sfd::kRowsKernel, 1, r, false});
+        for (int r = 0; r < 2; ++r) vs.push_back({sfd::kRowsKernel, 1, kBlockFirst + r, false});
         if (M <= 1024 && clusters)
           for (int c : {2, 4, 8}) vs.push_back({1, c, 1, false});
       }
@@ -987,6 +1048,7 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         a.x.ld = a.w_up.ld = a.w_down.ld = a.y.ld = D;
         a.stats = nullptr;
         a.row_flags = nullptr;
+        uint8_t* scratch = block_scratch(M);
         if (v.def) sfd::default_config(a, sm_count, &tb, &cs, &mma);
         auto call = [&](int, int c) {
           a.packed = d_packed[c];
@@ -994,7 +1056,7 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
           a.w_up.ptr = d_wu[c];
           a.w_down.ptr = d_wd[c];
           a.y.ptr = d_y[c];
-          CUDA_CHECK(v.def ? twell::sparse_ffn(a, sm_count, stream) : sfd::sparse_ffn_config(a, tb, cs, mma, stream));
+          CUDA_CHECK(v.def ? twell::sparse_ffn(a, sm_count, stream) : run_config(a, tb, cs, mma, scratch, stream));
         };
         // held: GPU time; idle ("cold"): a lone call, host launch overhead included
         harness::TimeOptions o{.warmup = 3, .reps = 20, .sets = kCopies, .queue = harness::Queue::kHeld};
@@ -1003,7 +1065,7 @@ void run_bench(const Options& opt, int sm_count, std::vector<BenchRow>& out) {
         const double us_cold = M <= 1024 ? 1000.0 * timer.time(call, o, stream).med : -1.0;
         BenchRow br;
         br.pattern = pattern_name(pat);
-        br.config = fmt("%s tb=%d cl=%d %s", v.def ? "default" : "forced ", tb, cs, mma ? "mma" : "ffma");
+        br.config = fmt("%s tb=%d cl=%d %s", v.def ? "default" : "forced ", tb, cs, up_name(tb, mma).c_str());
         br.M = M;
         br.us = us;
         br.us_cold = us_cold;
