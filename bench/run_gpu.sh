@@ -5,6 +5,7 @@
 #
 #   bash bench/run_gpu.sh [OUT]          (OUT defaults to $OUT, else ./out)
 #   TWELL_GPU_STEPS="build tests bench"  choose steps (default: all of build ctest tests bench torch sanitizer;
+#                                        "profile" = ncu kernel breakdown of one sparse FFN call per case;
 #                                        "model" = twell bench-model, "distributed" = its DDP and FSDP runs on
 #                                        every GPU; neither in the default: several minutes each)
 #   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
@@ -144,6 +145,28 @@ if has distributed; then
   done
 fi
 
+if has profile; then
+  # Where one sparse FFN call's GPU time goes: every kernel of one call under ncu (serialised,
+  # clocks free). TWELL_PROFILE_CASES="M:pattern ..." (bench_ffn patterns).
+  for c in ${TWELL_PROFILE_CASES:-16384:uniform 16384:trained 2048:uniform}; do
+    m=${c%%:*}; pat=${c#*:}
+    timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      "$BUILD/bench_ffn" --M "$m" --pattern "$pat" --benches ffn_sparse --reps 1 --warmup 0 --no-table --max-sets 1 \
+      > "$OUT/ncu_${m}_${pat}.csv" 2>> "$OUT/ncu_log.txt"
+    python3 - "$OUT/ncu_${m}_${pat}.csv" "M=$m $pat" <<'PY' | tee -a "$OUT/profile.txt" || true
+import csv, sys
+rows = list(csv.reader([l for l in open(sys.argv[1]) if l.startswith('"')]))
+h = rows[0]; ki, vi = h.index("Kernel Name"), h.index("Metric Value")
+seq = [(r[ki], float(r[vi].replace(",", "")) / 1e3) for r in rows[1:]]
+last = [i for i, (k, _) in enumerate(seq) if "stats_init" in k][-1]  # the last call (the correctness run)
+call = seq[last:-1]  # its kernels, less the error kernel after it
+print(f"profile {sys.argv[2]}: " + ", ".join(f"{k.split('(')[0].split('::')[-1].split('<')[0]} {us:.1f}" for k, us in call)
+      + f" | sum {sum(u for _, u in call):.1f} us")
+PY
+  done
+  SUMMARY+=("profile (ncu, one call per case): see profile.txt")
+fi
+
 if has bench; then
   # Ceiling of the sparse consumer's access pattern (random weight rows through L2).
   if nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/l2_gather.cu -o "$BUILD/l2_gather" >> "$LOG" 2>&1; then
@@ -154,7 +177,7 @@ fi
 
 # The device tool brings back at most 8 files: keep the records and plots, pack the rest.
 (cd "$OUT" && tar czf all_logs.tgz --exclude=all_logs.tgz ./* 2>/dev/null
- keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl bench_model.json loss_curves.png all_logs.tgz "
+ keep=" gpu_log.txt bench_ffn.json bench_train.json bench_torch.json bench_host.jsonl bench_model.json loss_curves.png all_logs.tgz profile.txt "
  if has distributed; then keep=" gpu_log.txt bench_model.json bench_model_ddp.json bench_model_fsdp.json loss_curves.png all_logs.tgz "; fi
  for f in *; do [[ "$keep" == *" $f "* ]] || rm -rf "$f"; done)
 echo "== records: bench_ffn.json bench_train.json; every log and table: all_logs.tgz"
