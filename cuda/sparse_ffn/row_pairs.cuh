@@ -6,6 +6,7 @@
 #include "common/matref.h"
 #include "common/pack_entry.cuh"
 #include "common/twell_internal.h"
+#include "sparse_ffn/sparse_ffn.h"
 
 namespace twell {
 namespace rows_detail {
@@ -28,6 +29,25 @@ struct RowParams {
   // Blocks of kBlockTokens tokens the block consumer has written (nonzero): skipped.
   const uint8_t* skip_blocks;
 };
+
+// The consumers' parameters for a call (the caller has checked the arguments).
+inline RowParams row_params(const SparseFfnArgs& a, const uint8_t* skip_blocks) {
+  const int64_t tiles = tiles_for(a.H);
+  return RowParams{.packed = a.packed,
+                   .row_words = tiles * a.slots,
+                   .slots = a.slots,
+                   .tiles = static_cast<int>(tiles),
+                   .M = a.M,
+                   .H = a.H,
+                   .nch = static_cast<int>(a.D >> 3),
+                   .x = a.x,
+                   .wu = a.w_up,
+                   .wd = a.w_down,
+                   .y = a.y,
+                   .flags = a.row_flags,
+                   .stats = a.stats,
+                   .skip_blocks = skip_blocks};
+}
 
 // Tokens per block of the block consumer (and per entry of skip_blocks).
 constexpr int kBlockTokens = 32;

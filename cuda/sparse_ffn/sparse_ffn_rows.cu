@@ -228,21 +228,7 @@ cudaError_t sparse_ffn_rows(const SparseFfnArgs& a, int variant, const uint8_t* 
   // The caller (sparse_ffn_config) has checked the arguments.
   if (!rows_supported(a.D) || variant < 0 || variant >= kRowsVariants) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
-  const int64_t tiles = tiles_for(a.H);
-  const RowParams p{.packed = a.packed,
-                    .row_words = tiles * a.slots,
-                    .slots = a.slots,
-                    .tiles = static_cast<int>(tiles),
-                    .M = a.M,
-                    .H = a.H,
-                    .nch = static_cast<int>(a.D >> 3),
-                    .x = a.x,
-                    .wu = a.w_up,
-                    .wd = a.w_down,
-                    .y = a.y,
-                    .flags = a.row_flags,
-                    .stats = a.stats,
-                    .skip_blocks = skip_blocks};
+  const RowParams p = row_params(a, skip_blocks);
   return a.w_up.ptr != nullptr ? launch_rows<true>(variant, p, stream) : launch_rows<false>(variant, p, stream);
 }
 

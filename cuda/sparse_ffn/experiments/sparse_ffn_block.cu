@@ -156,6 +156,27 @@ __device__ __forceinline__ int union_size(BlockSmem& s, int words, int per, int 
   return K;
 }
 
+// acc = 0 for a warp's 32 x 32 tile (two m16 rows of four n8 tiles).
+__device__ __forceinline__ void zero_acc(float (&acc)[2][4][4]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
+// acc += A (two m16 x k16 fragments) . B (four n8 x k16 fragments as two ldmatrix_x4 pairs).
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[2][4][4], const uint32_t (&a)[2][4],
+                                              const uint32_t (&b)[2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+      mma_m16n8k16_bf16(acc[mt][nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[nt >> 1][(nt & 1) * 2],
+                        b[nt >> 1][(nt & 1) * 2 + 1]);
+}
+
 // Up stage loads: X [32][32] and the union's W_u rows [kpad][32] at D offset k0.
 __device__ __forceinline__ void load_up_stage(const RowParams& p, const BlockSmem& s, uint8_t* st, int64_t m0, int k0,
                                               int K, int kpad, int D) {
@@ -252,12 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_block_kernel(const RowPara
   // 3. Up: U = X . W_u[ucol]^T, then h = g * u in place.
   if constexpr (GATED) {
     float acc[2][4][4];
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+    zero_acc(acc);
     const int steps = (D + kKStep - 1) / kKStep;
     const bool active = warp * 32 < kpad;
 #pragma unroll
@@ -289,12 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_block_kernel(const RowPara
             const int n = warp * 32 + np * 16 + (mi >> 1) * 8 + (lane & 7);
             ldmatrix_x4(b[np], smem_u32(wt + (n * 4 + swz4(n, kk * 2 + (mi & 1))) * 16));
           }
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-              mma_m16n8k16_bf16(acc[mt][nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[nt >> 1][(nt & 1) * 2],
-                                b[nt >> 1][(nt & 1) * 2 + 1]);
+          mma_warp_tile(acc, a, b);
         }
       }
     }
@@ -325,12 +336,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_block_kernel(const RowPara
   const int nchunks = (D + kNChunk - 1) / kNChunk;
   const int total = ksteps * nchunks;
   float acc[2][4][4];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  zero_acc(acc);
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < total) load_down_stage(p, s, s.stage[st], (st % ksteps) * kKStep, (st / ksteps) * kNChunk, K, D);
@@ -365,12 +371,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_block_kernel(const RowPara
           const int c = (warp * 32 + np * 16 + (mi >> 1) * 8) / 8;
           ldmatrix_x4_trans(b[np], smem_u32(wt + (kr * 32 + swz(kr, c)) * 16));
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-            mma_m16n8k16_bf16(acc[mt][nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[nt >> 1][(nt & 1) * 2],
-                              b[nt >> 1][(nt & 1) * 2 + 1]);
+        mma_warp_tile(acc, a, b);
       }
     }
     if (ks == ksteps - 1) {  // chunk complete: store the live rows, restart the accumulators
@@ -392,12 +393,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_block_kernel(const RowPara
             }
           }
       }
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+      zero_acc(acc);
     }
   }
   cp_async_wait_all();
@@ -424,21 +420,7 @@ bool block_supported(const SparseFfnArgs& a) { return sparse_ffn_detail::rows_su
 cudaError_t sparse_ffn_block(const SparseFfnArgs& a, uint8_t* done, cudaStream_t stream) {
   if (!block_supported(a) || done == nullptr) return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
-  const int64_t tiles = tiles_for(a.H);
-  const RowParams p{.packed = a.packed,
-                    .row_words = tiles * a.slots,
-                    .slots = a.slots,
-                    .tiles = static_cast<int>(tiles),
-                    .M = a.M,
-                    .H = a.H,
-                    .nch = static_cast<int>(a.D >> 3),
-                    .x = a.x,
-                    .wu = a.w_up,
-                    .wd = a.w_down,
-                    .y = a.y,
-                    .flags = a.row_flags,
-                    .stats = a.stats,
-                    .skip_blocks = nullptr};
+  const RowParams p = row_params(a, nullptr);
   return a.w_up.ptr != nullptr ? launch_block<true>(p, done, stream) : launch_block<false>(p, done, stream);
 }
 
