@@ -10,6 +10,7 @@
 #                                        every GPU; neither in the default: several minutes each)
 #   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
 #   TWELL_DIST_ARGS="--steps 50"         arguments of the distributed runs (default: TWELL_MODEL_ARGS)
+#   TWELL_BENCHES="train"                which suites the bench step runs (default: "ffn train")
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
 #   TWELL_PYTEST_PATHS="tests/test_gpu_torch.py"  test files (default: tests)
@@ -93,11 +94,14 @@ if has sanitizer; then
   SUMMARY+=("racecheck reports naming a kernel other than cuBLASLt's nvjet_*: $(grep -E 'Race reported' "$OUT/sanitizer_racecheck_pytest_log.txt" | grep -vc 'access at nvjet_')")
 fi
 
-if has bench; then
+BENCHES="${TWELL_BENCHES:-ffn train}"  # which of the bench step's suites run
+if has bench && [[ " $BENCHES " == *" ffn "* ]]; then
   t0=$(date +%s)
   timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench.ffn --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_ffn.md" ] && cat "$OUT/bench_ffn.md"
+fi
+if has bench && [[ " $BENCHES " == *" train "* ]]; then
   t0=$(date +%s)
   timeout ${TWELL_BENCH_TIMEOUT:-200} python3 -m twell.bench.train --suite "${TWELL_BENCH_SUITE:-quick}" --out "$OUT" >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench-train: rc=$rc ($(( $(date +%s) - t0 )) s)")
@@ -148,7 +152,7 @@ fi
 if has profile; then
   # Where one sparse FFN call's GPU time goes: every kernel of one call under ncu (serialised,
   # clocks free). TWELL_PROFILE_CASES="M:pattern ..." (bench_ffn patterns).
-  for c in ${TWELL_PROFILE_CASES:-16384:uniform 16384:trained 2048:uniform}; do
+  for c in ${TWELL_PROFILE_CASES-16384:uniform 16384:trained 2048:uniform}; do
     m=${c%%:*}; pat=${c#*:}
     timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
       "$BUILD/bench_ffn" --M "$m" --pattern "$pat" --benches ffn_sparse --reps 1 --warmup 0 --no-table --max-sets 1 \
@@ -162,6 +166,23 @@ last = [i for i, (k, _) in enumerate(seq) if "stats_init" in k][-1]  # the last 
 call = seq[last:-1]  # its kernels, less the error kernel after it
 print(f"profile {sys.argv[2]}: " + ", ".join(f"{k.split('(')[0].split('::')[-1].split('<')[0]} {us:.1f}" for k, us in call)
       + f" | sum {sum(u for _, u in call):.1f} us")
+PY
+  done
+  # The same for one training step (forward + backward, bench/profile_train.py): TWELL_PROFILE_TRAIN_CASES.
+  for c in ${TWELL_PROFILE_TRAIN_CASES-16384:trained 16384:uniform}; do
+    m=${c%%:*}; pat=${c#*:}
+    timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+      --print-units base python3 bench/profile_train.py "$m" "$pat" > "$OUT/ncu_train_${m}_${pat}.csv" 2>> "$OUT/ncu_log.txt"
+    python3 - "$OUT/ncu_train_${m}_${pat}.csv" "train M=$m $pat" <<'PY' | tee -a "$OUT/profile.txt" || true
+import csv, sys
+from collections import OrderedDict
+rows = list(csv.reader([l for l in open(sys.argv[1]) if l.startswith('"')]))
+h = rows[0]; ki, vi = h.index("Kernel Name"), h.index("Metric Value")
+seq = [(r[ki].split('(')[0].split('::')[-1].split('<')[0], float(r[vi].replace(",", "")) / 1e3) for r in rows[1:]]
+print(f"profile {sys.argv[2]}: " + ", ".join(f"{k} {us:.1f}" for k, us in seq) + f" | sum {sum(u for _, u in seq):.1f} us")
+agg = OrderedDict()
+for k, us in seq: agg[k] = agg.get(k, 0.0) + us
+print("  by kernel: " + ", ".join(f"{k} {us:.1f}" for k, us in sorted(agg.items(), key=lambda t: -t[1])))
 PY
   done
   SUMMARY+=("profile (ncu, one call per case): see profile.txt")

@@ -260,3 +260,31 @@ def test_train_backward_scaled_checks_the_l1_scale(lib, case, fragments):
         _status(lib, _backward_scaled(lib, plan, _bwd_args(T), _ffi.ffi.NULL), "TWELL_ERROR_NO_DEVICE")
         _status(lib, _backward_scaled(lib, plan, _bwd_args(T), T((1,), "f32", data=FAKE + 12 * STEP)),
                 "TWELL_ERROR_NO_DEVICE")
+
+
+def test_train_replay_controls(lib):
+    """Replay of repeated eager calls: on by default, 0..64 graphs, counts and the last route readable
+    without a GPU (nothing has run: 0 replays, 0 captures, no route yet)."""
+    plan = _plan(lib)
+    r, c, route = _ffi.ffi.new("int64_t *"), _ffi.ffi.new("int64_t *"), _ffi.ffi.new("int32_t *")
+    assert lib.twell_train_plan_replay_counts(plan, r, c) == 0 and (r[0], c[0]) == (0, 0)
+    assert lib.twell_train_plan_last_route(plan, route) == 0 and route[0] == 0
+    assert lib.twell_train_plan_set_replay(plan, 0) == 0 and lib.twell_train_plan_set_replay(plan, 64) == 0
+    _status(lib, lib.twell_train_plan_set_replay(plan, 65), "TWELL_ERROR_INVALID_ARGUMENT", "max_graphs is 65")
+    _status(lib, lib.twell_train_plan_set_replay(plan, -1), "TWELL_ERROR_INVALID_ARGUMENT", "max_graphs is -1")
+    _status(lib, lib.twell_train_plan_set_replay(_ffi.ffi.NULL, 8), "TWELL_ERROR_INVALID_ARGUMENT", "plan is NULL")
+    _status(lib, lib.twell_train_plan_replay_counts(_ffi.ffi.NULL, r, c), "TWELL_ERROR_INVALID_ARGUMENT",
+            "plan is NULL")
+    _status(lib, lib.twell_train_plan_last_route(plan, _ffi.ffi.NULL), "TWELL_ERROR_INVALID_ARGUMENT", "path is NULL")
+
+
+def test_train_plan_python_replay_controls(lib):
+    from twell import train_ops
+
+    plan = train_ops.TrainPlan(2048, 5632)
+    assert plan.replay_counts() == (0, 0) and plan.last_route() is None
+    plan.set_replay(0)
+    with pytest.raises(_ffi.InvalidArgumentError, match="max_graphs is 100"):
+        plan.set_replay(100)
+    with pytest.raises(_ffi.InvalidArgumentError, match="max_graphs"):
+        plan.set_replay(1.5)

@@ -10,6 +10,7 @@
 #include "capi/device_guard.h"
 #include "common/errors.h"
 #include "capi/plan_common.h"
+#include "capi/replay_cache.h"
 #include "capi/tensor_check.h"
 #include "gate_gemm/gate_gemm.h"
 #include "train/train.h"
@@ -26,12 +27,21 @@ struct twell_train_plan {
   // TWELL_PATH_AUTO: the route the next forward takes (hybrid until a forward
   // shows that dense pays), and the asynchronous read-back of a dense
   // forward's activity (pinned host words, completed when `readback` is).
-  bool prefer_dense = false;
+  // (mutable: twell_train_saved_size takes in a finished read-back too, so
+  // that it answers for the route the next forward will take.)
+  mutable bool prefer_dense = false;
   u64* readback_host = nullptr;  // [active, rows over W, rows]
   cudaEvent_t readback = nullptr;
-  bool readback_pending = false;
+  mutable bool readback_pending = false;
   // Captured calls: the streams their IF nodes' bodies are captured on.
   CaptureStreams capture;
+  // Eager calls replayed as CUDA graphs (replay_cache.h) from a call's second
+  // sighting on: the graph is the captured form of the call (tail chunks and
+  // the backward's route decided on the device), so a replayed step has no
+  // host synchronisation. `replay_side`: the stream those captures run on.
+  ReplayCache replay;
+  cudaStream_t replay_side = nullptr;
+  int32_t last_route = 0;  // TWELL_PATH_SPARSE (hybrid) or TWELL_PATH_DENSE: the last forward's route
 };
 
 namespace {
@@ -112,7 +122,7 @@ size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
 }
 
 // AUTO: take in a finished read-back of an earlier dense forward (never waits).
-void poll_readback(twell_train_plan* plan) {
+void poll_readback(const twell_train_plan* plan) {
   if (!plan->readback_pending) return;
   const cudaError_t q = cudaEventQuery(plan->readback);
   if (q == cudaSuccess) {
@@ -126,14 +136,16 @@ void poll_readback(twell_train_plan* plan) {
   }
 }
 
-// AUTO bookkeeping after a forward was enqueued (never waits for the GPU): the
-// hybrid forward's numbers are on the host already; a dense forward's are
-// copied back asynchronously and taken in by a later poll_readback.
+// AUTO bookkeeping after a forward was enqueued (never waits for the GPU): an
+// eager hybrid forward's numbers are on the host already; those of a dense or
+// a replayed forward (`active` and `over` below, device words: the active
+// count, and the rows over the ELL width or in the tail) are copied back
+// asynchronously and taken in by a later poll_readback.
 void update_preference(twell_train_plan* plan, Route r, const TrainProblem& prob, const TrainForwardInfo& info,
-                       const char* ws, cudaStream_t s) {
+                       const u64* active, const u64* over, cudaStream_t s) {
   if (plan->opt.path != TWELL_PATH_AUTO) return;
   poll_readback(plan);
-  if (r == Route::kHybrid) {
+  if (r == Route::kHybrid && info.known) {
     plan->readback_pending = false;  // older than what the hybrid forward just read
     plan->prefer_dense = dense_pays(plan, info.rows, info.active, info.tail_rows);
     return;
@@ -153,12 +165,9 @@ void update_preference(twell_train_plan* plan, Route r, const TrainProblem& prob
     }
   }
   if (plan->readback == nullptr) return;
-  const u64* stats = info.stats;
   plan->readback_host[2] = static_cast<u64>(prob.M);
-  if (cudaMemcpyAsync(plan->readback_host, stats + TWELL_STAT_ACTIVE, sizeof(u64), cudaMemcpyDeviceToHost, s) ==
-          cudaSuccess &&
-      cudaMemcpyAsync(plan->readback_host + 1, train_dense_over_width(prob, ws), sizeof(u64), cudaMemcpyDeviceToHost,
-                      s) == cudaSuccess &&
+  if (cudaMemcpyAsync(plan->readback_host, active, sizeof(u64), cudaMemcpyDeviceToHost, s) == cudaSuccess &&
+      cudaMemcpyAsync(plan->readback_host + 1, over, sizeof(u64), cudaMemcpyDeviceToHost, s) == cudaSuccess &&
       cudaEventRecord(plan->readback, s) == cudaSuccess) {
     plan->readback_pending = true;
   } else {
@@ -195,7 +204,7 @@ twell_status ensure_device_now(twell_train_plan* p) {
   int l2 = 0;
   if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, p->device) != cudaSuccess) (void)cudaGetLastError();
   p->l2_bytes = l2;
-  for (cudaStream_t* st : {&p->capture.body, &p->capture.nested}) {
+  for (cudaStream_t* st : {&p->capture.body, &p->capture.nested, &p->replay_side}) {
     const cudaError_t err = cudaStreamCreateWithFlags(st, cudaStreamNonBlocking);
     if (err != cudaSuccess) return fail_cuda(err, "creating the plan's capture streams");
   }
@@ -254,6 +263,8 @@ TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan) {
     if (plan->readback_host != nullptr) (void)cudaFreeHost(plan->readback_host);
     if (plan->capture.body != nullptr) (void)cudaStreamDestroy(plan->capture.body);
     if (plan->capture.nested != nullptr) (void)cudaStreamDestroy(plan->capture.nested);
+    plan->replay.clear();
+    if (plan->replay_side != nullptr) (void)cudaStreamDestroy(plan->replay_side);
   }
   delete plan;
   return ok();
@@ -267,6 +278,7 @@ TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int6
   }
   // AUTO: the size of the route the next forward prefers (ask again before
   // each forward, or choose the route with options.path for a fixed size).
+  if (plan->opt.path == TWELL_PATH_AUTO) poll_readback(plan);
   const bool dense = plan->opt.path == TWELL_PATH_DENSE || (plan->opt.path == TWELL_PATH_AUTO && plan->prefer_dense);
   *bytes = saved_need(plan, rows, dense ? Route::kDense : Route::kHybrid);
   return ok();
@@ -330,15 +342,41 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
                           .stats = reinterpret_cast<u64*>(ms.ptr)};
   auto* ws = static_cast<char*>(workspace);
   auto s = static_cast<cudaStream_t>(stream);
+  auto* sv = static_cast<char*>(saved);
   TrainForwardInfo info;
-  if (route == Route::kDense) {
-    TRY(train_dense_forward_run(run, w, o, static_cast<char*>(saved), ws, workspace_bytes, s));
-    info.stats = o.stats != nullptr ? o.stats : train_dense_stats(run, ws);
-  } else {
-    TRY(train_forward_run(run, w, o, static_cast<char*>(saved), ws, s, capturing ? &plan->capture : nullptr, &info));
+  // `graph`: the forward is being captured (the caller's graph, or the replay
+  // cache's), so it decides its tail chunks on the device.
+  const auto launch = [&](cudaStream_t on, bool graph) -> twell_status {
+    if (route == Route::kDense) return train_dense_forward_run(run, w, o, sv, ws, workspace_bytes, on);
+    return train_forward_run(run, w, o, sv, ws, on, graph ? &plan->capture : nullptr, &info);
+  };
+  plan->last_route = route == Route::kDense ? TWELL_PATH_DENSE : TWELL_PATH_SPARSE;
+  if (capturing) {
+    // A captured forward replays the route it was captured with; AUTO learns from eager calls only.
+    TRY(launch(s, true));
+    return ok();
   }
-  // A captured forward replays the route it was captured with; AUTO learns from eager calls only.
-  if (!capturing) update_preference(plan, route, run, info, ws, s);
+  ReplayKey key;  // everything the launch sequence depends on
+  key.add(route == Route::kDense ? 2 : 1);
+  key.add(static_cast<uint64_t>(M));
+  key.add(static_cast<uint64_t>(workspace_bytes));
+  for (const void* ptr :
+       {static_cast<const void*>(mx.ptr), static_cast<const void*>(mg.ptr), static_cast<const void*>(mu.ptr),
+        static_cast<const void*>(md.ptr), static_cast<const void*>(my.ptr), static_cast<const void*>(ml.ptr),
+        static_cast<const void*>(ma.ptr), static_cast<const void*>(ms.ptr), static_cast<const void*>(saved),
+        static_cast<const void*>(workspace)}) {
+    key.add_ptr(ptr);
+  }
+  for (int64_t ld : {mx.ld, mg.ld, mu.ld, md.ld, my.ld}) key.add(static_cast<uint64_t>(ld));
+  TRY(plan->replay.run(key, s, plan->replay_side,
+                       [&](cudaStream_t on) { return launch(on, on == plan->replay_side); }));
+  // AUTO's next route: from the eager hybrid forward's numbers, or read back
+  // asynchronously (the active count; the rows over the ELL width or in the tail).
+  const u64* dev_stats = o.stats != nullptr       ? o.stats
+                         : route == Route::kDense ? train_dense_stats(run, ws)
+                                                  : train_hybrid_stats(run, ws);
+  const u64* over = route == Route::kDense ? train_dense_over_width(run, ws) : train_saved_tail_count(sv);
+  update_preference(plan, route, run, info, dev_stats + TWELL_STAT_ACTIVE, over, s);
   return ok();
 }
 
@@ -432,12 +470,13 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
                            .stats = reinterpret_cast<u64*>(ms.ptr)};
   const auto* sv = static_cast<const char*>(saved);
   auto* ws = static_cast<char*>(workspace);
-  if (capturing) {
-    // No host wait: the graph takes the route of the saved header at every
-    // replay, among the routes these buffers can hold.
-    const bool hybrid_ok = plan->opt.path != TWELL_PATH_DENSE && saved_bytes >= hybrid_saved;
-    const bool dense_ok = plan->opt.path != TWELL_PATH_SPARSE && saved_bytes >= dense_saved &&
-                          train_dense_chunk(run, workspace_bytes) > 0;
+  // Captured (the caller's graph or the replay cache's): no host wait; the
+  // graph takes the route of the saved header at every replay, among the
+  // routes these buffers can hold.
+  const bool hybrid_ok = plan->opt.path != TWELL_PATH_DENSE && saved_bytes >= hybrid_saved;
+  const bool dense_ok =
+      plan->opt.path != TWELL_PATH_SPARSE && saved_bytes >= dense_saved && train_dense_chunk(run, workspace_bytes) > 0;
+  const auto captured = [&](cudaStream_t on) -> twell_status {
     if (!hybrid_ok && !dense_ok) {
       return fail(TWELL_ERROR_WORKSPACE,
                   "workspace_bytes is %zu, too small for the dense route the saved state's "
@@ -446,24 +485,77 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
     }
     const size_t need = std::max(hybrid_ok ? hybrid_saved : 0, dense_ok ? dense_saved : 0);
     for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
-    TRY(train_backward_captured(run, w, io, sv, hybrid_ok, dense_ok, ws, workspace_bytes, s, plan->capture));
+    return train_backward_captured(run, w, io, sv, hybrid_ok, dense_ok, ws, workspace_bytes, on, plan->capture);
+  };
+  // Eager: the saved header is read back (one host wait) and checked.
+  const auto eager = [&](cudaStream_t on) -> twell_status {
+    SavedHeader hdr;
+    TRY(train_read_saved_header(run, sv, on, &hdr));
+    const Route route = hdr.route() == kRouteDense ? Route::kDense : Route::kHybrid;
+    const size_t need = route == Route::kDense ? dense_saved : hybrid_saved;
+    if (saved_bytes < need) {
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved_bytes is %zu but the %s forward that wrote saved needs %zu",
+                  saved_bytes, route == Route::kDense ? "dense-route" : "hybrid", need);
+    }
+    // Outputs must not overlap the whole saved state either.
+    for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
+    if (route == Route::kDense) return train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, 1, on);
+    return train_backward_run(run, w, io, sv, static_cast<int64_t>(hdr.tail_rows()), ws, on);
+  };
+  if (capturing) {
+    TRY(captured(s));
     return ok();
   }
-  SavedHeader hdr;
-  TRY(train_read_saved_header(run, sv, s, &hdr));
-  const Route route = hdr.route() == kRouteDense ? Route::kDense : Route::kHybrid;
-  const size_t need = route == Route::kDense ? dense_saved : hybrid_saved;
-  if (saved_bytes < need) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "saved_bytes is %zu but the %s forward that wrote saved needs %zu",
-                saved_bytes, route == Route::kDense ? "dense-route" : "hybrid", need);
+  if (!hybrid_ok && !dense_ok) {  // nothing a graph could hold: eager only
+    TRY(eager(s));
+    return ok();
   }
-  // Outputs must not overlap the whole saved state either.
-  for (int o = 0; o < 5; ++o) TRY(check_buffer_alias(saved, need, "saved", *outs[o].mat, outs[o].name));
-  if (route == Route::kDense) {
-    TRY(train_dense_backward_run(run, w, io, sv, ws, workspace_bytes, /*host_syncs=*/1, s));
-  } else {
-    TRY(train_backward_run(run, w, io, sv, static_cast<int64_t>(hdr.tail_rows()), ws, s));
+  // From a call's second sighting on, replayed as the captured form.
+  ReplayKey key;
+  key.add(static_cast<uint64_t>(M));
+  uint32_t coef_bits = 0;
+  std::memcpy(&coef_bits, &io.l1_coeff, sizeof(coef_bits));
+  key.add(coef_bits);
+  key.add(static_cast<uint64_t>(accumulate));
+  key.add(static_cast<uint64_t>(saved_bytes));
+  key.add(static_cast<uint64_t>(workspace_bytes));
+  for (const void* ptr :
+       {static_cast<const void*>(mdy.ptr), static_cast<const void*>(mx.ptr), static_cast<const void*>(mg.ptr),
+        static_cast<const void*>(mu.ptr), static_cast<const void*>(md.ptr), static_cast<const void*>(mscale.ptr), saved,
+        static_cast<const void*>(mdx.ptr), static_cast<const void*>(mdg.ptr), static_cast<const void*>(mdu.ptr),
+        static_cast<const void*>(mdd.ptr), static_cast<const void*>(ms.ptr), static_cast<const void*>(workspace)}) {
+    key.add_ptr(ptr);
   }
+  for (int64_t ld : {mdy.ld, mx.ld, mg.ld, mu.ld, md.ld, mdx.ld, mdg.ld, mdu.ld, mdd.ld}) {
+    key.add(static_cast<uint64_t>(ld));
+  }
+  TRY(plan->replay.run(key, s, plan->replay_side,
+                       [&](cudaStream_t on) { return on == plan->replay_side ? captured(on) : eager(on); }));
+  return ok();
+}
+
+TWELL_API twell_status twell_train_plan_set_replay(twell_train_plan* plan, int32_t max_graphs) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (max_graphs < 0 || max_graphs > ReplayCache::kMaxGraphs) {
+    return fail(TWELL_ERROR_INVALID_ARGUMENT, "max_graphs is %d, expected 0 (off) .. %d", max_graphs,
+                ReplayCache::kMaxGraphs);
+  }
+  plan->replay.set_capacity(max_graphs);
+  return ok();
+}
+
+TWELL_API twell_status twell_train_plan_replay_counts(const twell_train_plan* plan, int64_t* replays,
+                                                      int64_t* captures) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (replays != nullptr) *replays = plan->replay.replays();
+  if (captures != nullptr) *captures = plan->replay.captures();
+  return ok();
+}
+
+TWELL_API twell_status twell_train_plan_last_route(const twell_train_plan* plan, int32_t* path) {
+  if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
+  if (path == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "path is NULL");
+  *path = plan->last_route;
   return ok();
 }
 

@@ -27,11 +27,16 @@
 namespace twell {
 
 struct ReplayKey {
-  static constexpr int kWords = 24;
+  static constexpr int kWords = 32;
   uint64_t w[kWords] = {};
   int n = 0;
+  bool overflow = false;  // more words than fit: never matched, the call runs eagerly
   void add(uint64_t v) {
-    if (n < kWords) w[n++] = v;
+    if (n < kWords) {
+      w[n++] = v;
+    } else {
+      overflow = true;
+    }
   }
   void add_ptr(const void* p) { add(reinterpret_cast<uintptr_t>(p)); }
   bool operator==(const ReplayKey& o) const { return n == o.n && std::memcmp(w, o.w, sizeof(uint64_t) * n) == 0; }
@@ -69,7 +74,7 @@ class ReplayCache {
   // through `side` and then replayed (second sighting).
   template <class Launch>
   twell_status run(const ReplayKey& key, cudaStream_t stream, cudaStream_t side, Launch&& launch) {
-    if (capacity_ == 0 || side == nullptr) return launch(stream);
+    if (capacity_ == 0 || side == nullptr || key.overflow) return launch(stream);
     ++tick_;
     for (int i = 0; i < count_; ++i) {
       if (entries_[i].key == key) {

@@ -24,30 +24,47 @@ constexpr int64_t kPartialSlots = 256;  // partial rows for neurons split over s
 
 unsigned grid1(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// Captured calls: IF nodes over the tail chunks the problem could need,
-// chunk c running when the saved header is a valid hybrid one with more than
-// c C tail rows; body(c, stream) is captured into chunk c's node. Up to
-// kChunksPerGroup chunks are nodes of the call's graph; more are grouped, a
-// group's node (run when its first chunk is) holding its chunks' nodes, so a
-// replay launches a few nodes from the host whatever M is.
+// Captured calls: IF nodes over the tail chunks the problem could need. Chunk
+// c (tail rows [c C, c C + C)) has a node per size it may run with
+// (tail_chunk_rows); at a replay the one matching the saved header's tail
+// count runs, or none. body(c, n, stream) is captured into the node of chunk c
+// at n rows. Up to kChunksPerGroup chunks are nodes of the call's graph; more
+// are grouped, a group's node (run when its first chunk runs) holding its
+// chunks' nodes, so a replay launches a few nodes from the host whatever M is.
 constexpr int64_t kChunksPerGroup = 8;
 
+// The sizes chunk c may run with (ascending, distinct).
+std::vector<ChunkUnit> chunk_units(int64_t M, int64_t C, int64_t c0, int64_t c1) {
+  std::vector<ChunkUnit> units;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t r0 = c * C, cap = std::min(C, M - r0);
+    int64_t last = 0;
+    for (int64_t rem : {int64_t{1}, int64_t{129}, int64_t{257}, cap}) {
+      const int64_t n = tail_chunk_rows(std::min(rem, cap), cap);
+      if (n != last) units.push_back(ChunkUnit{.r0 = r0, .cap = cap, .n = n});
+      last = n;
+    }
+  }
+  return units;
+}
+
+// An IF node per unit, each with body(unit, stream) captured into it.
 template <class Body>
-twell_status capture_chunk_ifs(cudaStream_t s, cudaStream_t side, const u64* header, const HeaderCheck& chk,
-                               int64_t first, int64_t n, int64_t rows_per_node, Body&& body) {
+twell_status capture_unit_ifs(cudaStream_t s, cudaStream_t side, const u64* header, const HeaderCheck& chk,
+                              const std::vector<ChunkUnit>& units, Body&& body) {
   cudaGraph_t graph = nullptr;
   TWELL_TRY(capture_graph(s, &graph));
   if (graph == nullptr) return fail(TWELL_ERROR_INTERNAL, "tail chunks: the stream is not capturing");
-  for (int64_t c0 = first; c0 < first + n; c0 += kCondsPerKernel) {
+  for (size_t i0 = 0; i0 < units.size(); i0 += kCondsPerKernel) {
     ChunkConds cc{};
-    cc.n = static_cast<int>(std::min<int64_t>(kCondsPerKernel, first + n - c0));
-    cc.first = c0;
+    cc.n = static_cast<int>(std::min<size_t>(kCondsPerKernel, units.size() - i0));
+    for (int i = 0; i < cc.n; ++i) cc.u[i] = units[i0 + i];
     TWELL_TRY(make_conditions(graph, cc.n, cc.h));
-    chunk_conditions_kernel<<<1, 1, 0, s>>>(cc, header, chk, rows_per_node);
+    chunk_conditions_kernel<<<1, 1, 0, s>>>(cc, header, chk);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail chunk conditions");
     for (int i = 0; i < cc.n; ++i) {
       TWELL_TRY(capture_if(s, side, cc.h[i], 1, "a tail chunk's IF node",
-                           [&](int, cudaStream_t on) { return body(c0 + i, on); }));
+                           [&](int, cudaStream_t on) { return body(cc.u[i], on); }));
     }
   }
   return TWELL_SUCCESS;
@@ -57,12 +74,20 @@ template <class Body>
 twell_status capture_tail_chunks(cudaStream_t s, const CaptureStreams& cs, const u64* header, const HeaderCheck& chk,
                                  int64_t M, int64_t C, Body&& body) {
   const int64_t chunks = (M + C - 1) / C;
-  if (chunks <= kChunksPerGroup) return capture_chunk_ifs(s, cs.body, header, chk, 0, chunks, C, body);
-  const int64_t groups = (chunks + kChunksPerGroup - 1) / kChunksPerGroup;
-  return capture_chunk_ifs(s, cs.body, header, chk, 0, groups, kChunksPerGroup * C, [&](int64_t g, cudaStream_t on) {
-    const int64_t c0 = g * kChunksPerGroup;
-    return capture_chunk_ifs(on, cs.nested, header, chk, c0, std::min(kChunksPerGroup, chunks - c0), C, body);
+  const auto leaf = [&](const ChunkUnit& u, cudaStream_t on) { return body(u.r0 / C, u.n, on); };
+  if (chunks <= kChunksPerGroup) return capture_unit_ifs(s, cs.body, header, chk, chunk_units(M, C, 0, chunks), leaf);
+  std::vector<ChunkUnit> groups;
+  for (int64_t c0 = 0; c0 < chunks; c0 += kChunksPerGroup) groups.push_back(ChunkUnit{.r0 = c0 * C, .cap = 0, .n = 0});
+  return capture_unit_ifs(s, cs.body, header, chk, groups, [&](const ChunkUnit& g, cudaStream_t on) {
+    const int64_t c0 = g.r0 / C;
+    return capture_unit_ifs(on, cs.nested, header, chk, chunk_units(M, C, c0, std::min(chunks, c0 + kChunksPerGroup)),
+                            leaf);
   });
+}
+
+// The rows eager calls run tail chunk c with (as a captured call would).
+int64_t eager_chunk_rows(int64_t T, int64_t M, int64_t C, int64_t c) {
+  return tail_chunk_rows(T - c * C, std::min(C, M - c * C));
 }
 }  // namespace
 
@@ -134,6 +159,14 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.bwd_total = t.end;
   w.total = std::max(w.fwd_total, w.bwd_total);
   return w;
+}
+
+u64* train_hybrid_stats(const TrainProblem& p, char* ws) {
+  return reinterpret_cast<u64*>(ws + train_workspace(p).stats);
+}
+
+const u64* train_saved_tail_count(const char* saved) {
+  return reinterpret_cast<const u64*>(saved + train_saved_layout(0, 8).header) + 2;
 }
 
 // ---------------------------------------------------------------------------
@@ -252,20 +285,20 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
       info->rows = static_cast<u64>(M);
       info->active = active;
       info->tail_rows = T;
+      info->known = true;
     }
     if (T > static_cast<u64>(M))
       return fail(TWELL_ERROR_INTERNAL, "tail count %llu exceeds M", static_cast<unsigned long long>(T));
     for (int64_t c = 0; c * C < static_cast<int64_t>(T); ++c) {
-      TWELL_TRY(tail_chunk(c, std::min<int64_t>(C, static_cast<int64_t>(T) - c * C), s));
+      TWELL_TRY(tail_chunk(c, eager_chunk_rows(static_cast<int64_t>(T), M, C, c), s));
     }
   } else {
-    // Captured: every chunk the tail could need, each an IF node on "T > c C"
-    // set on the device at every replay, at its full size (rows past T are
-    // padding: zeros in, nothing out).
+    // Captured: every chunk the tail could need, an IF node per size it may
+    // run with, set on the device at every replay (rows past T are padding:
+    // zeros in, nothing out). Eager chunks run at the same sizes.
     const HeaderCheck chk{.M = M, .D = D, .H = H, .W = W};
-    TWELL_TRY(capture_tail_chunks(s, *capture, header, chk, M, C, [&](int64_t c, cudaStream_t on) {
-      return tail_chunk(c, std::min<int64_t>(C, M - c * C), on);
-    }));
+    TWELL_TRY(capture_tail_chunks(s, *capture, header, chk, M, C,
+                                  [&](int64_t c, int64_t n, cudaStream_t on) { return tail_chunk(c, n, on); }));
   }
   forward_final_kernel<<<1, 1024, 0, s>>>(row_l1, flags, counts, M, header, o.l1, stats, 0, C, host_syncs);
   TWELL_CUDA_STEP(cudaGetLastError(), "forward final kernel");
@@ -566,7 +599,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   TWELL_TRY(ell_backward(b, s));
   TWELL_TRY(sort_entries_by_neuron(b, s));
   for (int64_t c = 0; c * b.chunk < tail_rows; ++c) {
-    TWELL_TRY(tail_backward_chunk(b, c, std::min<int64_t>(b.chunk, tail_rows - c * b.chunk), s));
+    TWELL_TRY(tail_backward_chunk(b, c, eager_chunk_rows(tail_rows, p.M, b.chunk, c), s));
   }
   TWELL_TRY(weight_gradients(b, s));
   return backward_stats(b, /*host_syncs=*/1, s);
@@ -601,8 +634,8 @@ twell_status train_backward_captured(const TrainProblem& p, const TrainWeights& 
       TWELL_TRY(ell_backward(b, on));
       return sort_entries_by_neuron(b, on);
     }));
-    TWELL_TRY(capture_tail_chunks(s, cs, b.header, chk, p.M, b.chunk, [&](int64_t c, cudaStream_t on) {
-      return tail_backward_chunk(b, c, std::min<int64_t>(b.chunk, p.M - c * b.chunk), on);
+    TWELL_TRY(capture_tail_chunks(s, cs, b.header, chk, p.M, b.chunk, [&](int64_t c, int64_t n, cudaStream_t on) {
+      return tail_backward_chunk(b, c, n, on);
     }));
     TWELL_TRY(capture_if(s, side, rc.hybrid[1], 1, "the weight gradients' IF node", [&](int, cudaStream_t on) {
       TWELL_TRY(weight_gradients(b, on));

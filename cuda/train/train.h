@@ -82,10 +82,16 @@ struct TrainBackwardIO {
 
 // What an eager hybrid forward learned on the host (it waits for the tail
 // count anyway): feeds TWELL_PATH_AUTO's choice of route for the next call.
+// `known` is false where the forward was captured (nothing was read).
 struct TrainForwardInfo {
   u64 rows = 0, active = 0, tail_rows = 0;
-  const u64* stats = nullptr;  // the call's device statistics (dense route)
+  bool known = false;
 };
+// The hybrid forward's statistics words inside `ws` (when the caller gave
+// none), and the tail count in a saved state's header: what AUTO reads back
+// after a forward whose numbers the host did not see.
+u64* train_hybrid_stats(const TrainProblem& p, char* ws);
+const u64* train_saved_tail_count(const char* saved);
 
 // The streams a captured call captures its conditional nodes' bodies on
 // (nothing else may use them): `body` for the nodes of the call's graph,

@@ -761,19 +761,39 @@ __device__ __forceinline__ bool saved_header_ok(const u64* h, const HeaderCheck&
          (h[6] == kRouteHybrid || h[6] == kRouteDense);
 }
 
-// Tail chunk i runs when the saved state is a valid hybrid one with more than
-// (first + i) * chunk_rows tail rows.
-constexpr int kCondsPerKernel = 128;
+// Rows a tail chunk runs with, eager or captured (the same sizes both ways, so
+// both give the same bits): `rem` tail rows from the chunk's first row on,
+// `cap` = min(chunk rows, M - first row). A whole chunk runs at cap; the last,
+// partial one at the smallest of 128, 256, 512 rows that holds its rows (cap
+// past 512), rows past the tail count being padding (zeros in, nothing out).
+// So a captured call's padding is at most max(127, rem) rows, not cap - 1.
+__host__ __device__ inline int64_t tail_chunk_rows(int64_t rem, int64_t cap) {
+  if (rem >= cap) return cap;
+  int64_t s = 128;
+  while (s < rem && s < 512) s *= 2;
+  if (rem > s) return cap;
+  return s < cap ? s : cap;
+}
+
+// One IF node over the tail chunks: it runs when the saved state is a valid
+// hybrid one with more than r0 tail rows, and, for a chunk (n > 0), when the
+// chunk's rows (tail_chunk_rows) are n; a group of chunks has n = 0.
+struct ChunkUnit {
+  int64_t r0, cap, n;
+};
+constexpr int kCondsPerKernel = 64;
 struct ChunkConds {
   cudaGraphConditionalHandle h[kCondsPerKernel];
+  ChunkUnit u[kCondsPerKernel];
   int n;
-  int64_t first;
 };
-__global__ void chunk_conditions_kernel(ChunkConds c, const u64* header, HeaderCheck chk, int64_t chunk_rows) {
+__global__ void chunk_conditions_kernel(ChunkConds c, const u64* header, HeaderCheck chk) {
   const bool hybrid = saved_header_ok(header, chk) && header[6] == kRouteHybrid;
+  const int64_t T = static_cast<int64_t>(header[2]);
   for (int i = 0; i < c.n; ++i) {
-    const u64 r0 = static_cast<u64>((c.first + i) * chunk_rows);
-    cudaGraphSetConditional(c.h[i], hybrid && header[2] > r0 ? 1u : 0u);
+    const ChunkUnit& u = c.u[i];
+    const bool run = hybrid && T > u.r0 && (u.n == 0 || tail_chunk_rows(T - u.r0, u.cap) == u.n);
+    cudaGraphSetConditional(c.h[i], run ? 1u : 0u);
   }
 }
 

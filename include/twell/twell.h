@@ -360,16 +360,21 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, 
 /* the plan's previous forward (use one plan per layer); an AUTO plan's    */
 /* twell_train_saved_size answers for the route its next forward takes,   */
 /* so query it before each forward (a smaller buffer keeps the hybrid     */
-/* route). The route taken is in the statistics (PATH 2 and HOST_SYNCS 0  */
-/* in a forward = dense route) and in the saved state's header.           */
+/* route). The route taken: twell_train_plan_last_route, and the saved   */
+/* state's header.                                                        */
 /*                                                                       */
-/* Host synchronisation (documented limit): the hybrid forward waits once */
-/* for the device-side tail-row count (to size the tail GEMMs); every     */
-/* backward waits for the saved header (checked against the call), and   */
-/* the hybrid backward also for the per-neuron counts (to schedule the   */
-/* weight-gradient work). The dense forward never waits. So training      */
-/* calls cannot be captured in CUDA graphs: on a capturing stream they    */
-/* return TWELL_ERROR_UNSUPPORTED (saying why) before enqueuing anything. */
+/* Host synchronisation: none in a captured call (any route, AUTO too:    */
+/* the tail chunks and the backward's route are conditional graph nodes  */
+/* decided on the device at every replay). An eager call that the plan    */
+/* has seen before (same M, pointers, strides, sizes, l1_coeff) is        */
+/* replayed as that captured form (twell_train_plan_set_replay), so a     */
+/* steady training loop does not wait either. The first sighting runs     */
+/* eagerly: the hybrid forward waits once for the tail-row count (to size */
+/* the tail GEMMs), every backward once for the saved header (checked     */
+/* against the call: a mismatch is TWELL_ERROR_INVALID_ARGUMENT). In a    */
+/* graph or a replay the header is checked on the device: a mismatch      */
+/* fills dx and the weight gradients with NaN. Eager, replayed and        */
+/* captured calls give the same bits (the same tail chunk sizes).         */
 /* ===================================================================== */
 #define TWELL_TRAIN_STATS_WORDS 16
 /* Words 0-7 as TWELL_STAT_* (ROWS, ACTIVE, OVERFLOW_ROWS = rows with a   */
@@ -464,6 +469,24 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
                                                    size_t saved_bytes, DLTensor* dx, DLTensor* dw_gate, DLTensor* dw_up,
                                                    DLTensor* dw_down, int32_t accumulate, DLTensor* stats,
                                                    void* workspace, size_t workspace_bytes, void* stream);
+
+/*
+ * Eager calls replayed as CUDA graphs (on by default, 8 graphs per plan, as
+ * twell_ffn_plan_set_replay): the second time the plan sees the same forward
+ * (route, M, pointers, strides, workspace size) or backward (M, l1_coeff,
+ * accumulate, pointers, strides, buffer sizes), it captures the call's
+ * captured form (above) on a stream of its own and replays it from then on:
+ * no host synchronisation, one cudaGraphLaunch. max_graphs = 0 turns it off;
+ * at most 64. A replayed AUTO forward's activity reaches the route choice
+ * asynchronously (a later forward takes it in).
+ */
+TWELL_API twell_status twell_train_plan_set_replay(twell_train_plan* plan, int32_t max_graphs);
+/* Calls replayed from a graph, and graphs captured, by this plan so far. */
+TWELL_API twell_status twell_train_plan_replay_counts(const twell_train_plan* plan, int64_t* replays,
+                                                      int64_t* captures);
+/* The route of the plan's last forward (eager, replayed or captured):      */
+/* TWELL_PATH_SPARSE = hybrid, TWELL_PATH_DENSE = dense; 0 before any.      */
+TWELL_API twell_status twell_train_plan_last_route(const twell_train_plan* plan, int32_t* path);
 
 /* CDEF-END */
 

@@ -41,6 +41,20 @@ def read_train_stats(stats) -> dict:
     return {k: int(v) for k, v in zip(TRAIN_STATS_FIELDS, host_words(stats))}
 
 
+def train_replay_counts(plan) -> tuple[int, int]:
+    """(replays, captures) of a twell_train_plan (cffi handle)."""
+    r, c = _ffi.ffi.new("int64_t *"), _ffi.ffi.new("int64_t *")
+    _ffi.check(_ffi.lib.twell_train_plan_replay_counts(plan, r, c))
+    return int(r[0]), int(c[0])
+
+
+def train_last_route(plan) -> str | None:
+    """The route of a twell_train_plan's last forward: "hybrid", "dense" or None."""
+    v = _ffi.ffi.new("int32_t *")
+    _ffi.check(_ffi.lib.twell_train_plan_last_route(plan, v))
+    return {1: "hybrid", 2: "dense"}.get(int(v[0]))
+
+
 class SavedState:
     """What the backward needs from a forward: one caller-owned device byte buffer, plus the forward's
     ``l1`` (fp32 [1]), ``active`` (int32 [M]) and ``stats`` (uint64 [16]) device arrays."""
@@ -62,6 +76,9 @@ class TrainPlan:
     saved in bf16) or "auto" (default: hybrid until a forward shows dense pays, then dense until
     activity drops again; the choice follows this plan's previous forward, so hold one plan per
     layer). ``saved_size`` answers for the route the next forward takes.
+
+    From its second sighting on, an eager call (same M, arrays, sizes) is replayed as a CUDA graph of
+    its captured form: no host synchronisation, one launch (``set_replay``, ``replay_counts``).
     """
 
     def __init__(self, d_model: int, hidden: int, *, ell_width: int = 64, slots: int = 32, w_down_layout: str = "hd",
@@ -94,6 +111,18 @@ class TrainPlan:
         n = _ffi.ffi.new("size_t *")
         _ffi.check(_ffi.lib.twell_train_saved_size(self._plan, int(rows), n))
         return int(n[0])
+
+    def set_replay(self, max_graphs: int) -> None:
+        """Graphs of repeated eager calls kept (0 = off, at most 64; default 8)."""
+        _ffi.check(_ffi.lib.twell_train_plan_set_replay(self._plan, check_int(max_graphs, "max_graphs")))
+
+    def replay_counts(self) -> tuple[int, int]:
+        """(calls replayed from a graph, graphs captured) so far."""
+        return train_replay_counts(self._plan)
+
+    def last_route(self) -> str | None:
+        """The route of the last forward: "hybrid", "dense", or None before any."""
+        return train_last_route(self._plan)
 
     def workspace_size(self, rows: int) -> int:
         n = _ffi.ffi.new("size_t *")

@@ -25,6 +25,7 @@ import torch
 from .. import _ffi
 from .._options import STATS_FIELDS, TRAIN_STATS_FIELDS
 from .._plans import new_plan_key  # noqa: F401  (one key counter for twell.ops and twell.torch)
+from ..train_ops import train_last_route, train_replay_counts
 
 _lock = threading.Lock()
 
@@ -457,6 +458,14 @@ class TrainRunner:
 
     def last_stats(self, phase: str = "forward") -> dict:
         return stats_dict(self.stats if phase == "forward" else self.bwd_stats, TRAIN_STATS_FIELDS)
+
+    def replay_counts(self):
+        """(calls replayed from a graph, graphs captured): repeated eager calls replay without host syncs."""
+        return train_replay_counts(self.plan)
+
+    def last_route(self):
+        """"hybrid" or "dense": the route of the last forward (None before any)."""
+        return train_last_route(self.plan)
 
     def _workspace(self, m: int):
         """(buffer, cffi pointer, bytes): this call's workspace, taken from PyTorch's caching
