@@ -586,3 +586,42 @@ def test_train_auto_switches_routes_while_replayed(rng):
                l1_tol=1e-2 if routes[-1] == "dense" else 2e-3)
     assert routes == ["hybrid"] * 4 + ["dense"] * 3 + ["hybrid"], routes
     assert plan.replay_counts()[0] > 0
+
+
+# ---- hot neurons' weight gradients through GEMMs (train_kernels.cuh, "hot neurons") ----
+
+@pytest.mark.parametrize("pattern,m", [("uniform2", 16384), ("trained", 4096), ("hot", 1000), ("hot", 255)])
+@pytest.mark.parametrize("layout,accumulate", [("hd", False), ("dh", True)])
+def test_train_hot_neuron_gemms(rng, pattern, m, layout, accumulate):
+    """Neurons with many ELL entries take their weight gradients from dense GEMMs: every neuron
+    qualifying (uniform 2% at 16384 tokens: the threshold search keeps the busiest 128), a trained
+    model's few hot ones, a hot pattern with tail rows, and M below the hot floor (gathers only);
+    both W_d layouts, overwrite and accumulate."""
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, m, 1024, 2816, pattern)
+    _, d, h = prob.shape
+    x, wg, wu = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up)
+    wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
+    plan = train_ops.TrainPlan(d, h, path="sparse", w_down_layout=layout)
+    y, saved = plan.forward(x, wg, wu, wd)
+    init = [gs.round_bf16(rng.standard_normal(s, dtype=np.float32))
+            for s in ((h, d), (h, d), (h, d) if layout == "hd" else (d, h))]
+    bufs = [dev.bf16(a) for a in init] if accumulate else [None] * 3
+    bstats = dev.full((16,), "uint64", 0)
+    dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, dw_gate=bufs[0],
+                                      dw_up=bufs[1], dw_down=bufs[2], accumulate=accumulate, stats=bstats)
+    want = _oracle(prob, dy, L1C)
+    assert gs.rel_frobenius(dev.host_f32(dx), want["dx"]) < 1e-2
+    for k, got, a in zip(("dw_gate", "dw_up", "dw_down"), (dwg, dwu, dwd), init):
+        g = dev.host_f32(got)
+        g = g.T if (k == "dw_down" and layout == "dh") else g
+        base = (a.T if (k == "dw_down" and layout == "dh") else a) if accumulate else 0.0
+        err = gs.rel_frobenius(g, base + want[k])
+        assert err < 1e-2, f"{k}: {err}"
+        # per neuron too: a hot neuron's row wrong would hide in the whole-matrix norm
+        ref_rows = base + want[k]
+        per = np.linalg.norm(g - ref_rows, axis=1) / np.maximum(np.linalg.norm(ref_rows, axis=1), 1e-20)
+        assert np.max(per[np.linalg.norm(want[k], axis=1) > 0]) < 3e-2, f"{k}: worst neuron {np.max(per)}"
+    bs = train_ops.read_train_stats(bstats)
+    if pattern == "uniform2":
+        assert bs["max_neuron_count"] > 256

@@ -21,6 +21,7 @@ namespace {
 using namespace train;
 
 constexpr int64_t kPartialSlots = 256;  // partial rows for neurons split over several items
+constexpr int64_t kHotRowsPerChunk = 8192;  // rows per hot-neuron GEMM (the reduction dimension)
 
 unsigned grid1(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
@@ -156,7 +157,27 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.acc_g = t.take(H * D * 4);
   w.acc_u = t.take(H * D * 4);
   w.acc_d = t.take(H * D * 4);
+  w.hot_rank = t.take(H * 4);
+  w.hot_set = t.take(sizeof(HotSet));
   w.bwd_total = t.end;
+  // Hot neurons: results [3 kHotMax, D] fp32 and operands of up to
+  // kHotRowsPerChunk rows inside the tail regions [b_xt, end of b_dxb); off
+  // when fewer than kHotMinCount rows fit or M is below it (no neuron can be hot).
+  const size_t tail_end = w.b_dxb + C * D * 4, K = kHotMax;
+  const size_t results = (3 * K * D * 4 + 1023) & ~size_t(1023), per_row = 3 * K * 2;
+  if (p.M >= kHotMinCount && tail_end > w.b_xt + results) {
+    const int64_t fit = static_cast<int64_t>((tail_end - w.b_xt - results - 1024) / per_row);
+    const int64_t rows = std::min<int64_t>({p.M, kHotRowsPerChunk, fit});
+    if (rows >= kHotMinCount) {
+      WorkspaceRegions h;
+      h.end = w.b_xt;
+      w.hot_gu = h.take(2 * K * D * 4);
+      w.hot_d = h.take(K * D * 4);
+      w.hot_agu = h.take(static_cast<size_t>(rows) * 2 * K * 2);
+      w.hot_ah = h.take(static_cast<size_t>(rows) * K * 2);
+      if (h.end <= tail_end) w.hot_rows = rows;
+    }
+  }
   w.total = std::max(w.fwd_total, w.bwd_total);
   return w;
 }
@@ -453,8 +474,15 @@ twell_status sort_entries_by_neuron(const Backward& b, cudaStream_t s) {
                                                                          hist, b.dg, b.du, b.gv, b.uv, trans);
     TWELL_CUDA_STEP(cudaGetLastError(), "counting-sort scatter");
   }
+  const int32_t* hot_rank = nullptr;
+  if (L.hot_rows > 0) {
+    hot_rank = reinterpret_cast<const int32_t*>(b.ws + L.hot_rank);
+    hot_select_kernel<<<1, kHotThreads, 0, s>>>(nstart, H, M, reinterpret_cast<int32_t*>(b.ws + L.hot_rank),
+                                                reinterpret_cast<HotSet*>(b.ws + L.hot_set));
+    TWELL_CUDA_STEP(cudaGetLastError(), "hot-neuron selection");
+  }
   schedule_kernel<<<1, kScheduleThreads, 0, s>>>(
-      nstart, H, L.partial_slots, L.max_items, reinterpret_cast<Item*>(b.ws + L.items),
+      nstart, H, hot_rank, L.partial_slots, L.max_items, reinterpret_cast<Item*>(b.ws + L.items),
       reinterpret_cast<Fin*>(b.ws + L.fin), reinterpret_cast<WgSchedule*>(b.ws + L.sched));
   TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient schedule");
   return TWELL_SUCCESS;
@@ -526,6 +554,44 @@ twell_status tail_backward_chunk(const Backward& b, int64_t c, int64_t n, cudaSt
   return TWELL_SUCCESS;
 }
 
+// Hot neurons' weight gradients (train_kernels.cuh): per chunk of rows, their
+// dense bf16 operands and two GEMMs, summed over the chunks in order (beta = 1).
+twell_status hot_weight_gradients(const Backward& b, cudaStream_t s) {
+  const TrainWorkspace& L = b.L;
+  const int64_t M = b.p.M, D = b.p.D, R = L.hot_rows;
+  auto* agu = reinterpret_cast<bf16*>(b.ws + L.hot_agu);
+  auto* ah = reinterpret_cast<bf16*>(b.ws + L.hot_ah);
+  for (int64_t m0 = 0; m0 < M; m0 += R) {
+    const int64_t rows = std::min(R, M - m0);
+    hot_operands_kernel<<<grid1(rows, 8), 256, 0, s>>>(b.flags, b.counts, b.cols, b.dg, b.du, b.gv, b.uv,
+                                                       reinterpret_cast<const int32_t*>(b.ws + L.hot_rank), m0, rows,
+                                                       b.p.W, agu, ah);
+    TWELL_CUDA_STEP(cudaGetLastError(), "hot-neuron operands");
+    const float beta = m0 == 0 ? 0.f : 1.f;
+    TWELL_TRY(lt_gemm({.m = 2 * kHotMax,
+                       .n = D,
+                       .k = rows,
+                       .a = {agu, 2 * kHotMax},
+                       .trans_a = true,
+                       .b = {b.w.x.ptr + m0 * b.w.x.ld, b.w.x.ld},
+                       .c = {b.ws + L.hot_gu, D},
+                       .c_is_f32 = true,
+                       .beta = beta},
+                      b.lt, kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_gemm({.m = kHotMax,
+                       .n = D,
+                       .k = rows,
+                       .a = {ah, kHotMax},
+                       .trans_a = true,
+                       .b = {b.io.dy.ptr + m0 * b.io.dy.ld, b.io.dy.ld},
+                       .c = {b.ws + L.hot_d, D},
+                       .c_is_f32 = true,
+                       .beta = beta},
+                      b.lt, kLtWorkspaceBytes, s));
+  }
+  return TWELL_SUCCESS;
+}
+
 // Weight gradients: per-neuron gathers over the sorted entries (+ the tail
 // parts), as the device-side schedule says; the grids are fixed (persistent
 // CTAs, and one finalize CTA per possible split neuron), so nothing here
@@ -551,7 +617,10 @@ twell_status weight_gradients(const Backward& b, cudaStream_t s) {
            .out = {io.dw_gate.ptr, io.dw_up.ptr, io.dw_down.ptr},
            .ld = {io.dw_gate.ld, io.dw_up.ld, io.dw_down.ld},
            .dwd_dh = b.p.w_down_dh ? 1 : 0,
-           .accumulate = io.accumulate ? 1 : 0};
+           .accumulate = io.accumulate ? 1 : 0,
+           .hot_rank = L.hot_rows > 0 ? reinterpret_cast<const int32_t*>(b.ws + L.hot_rank) : nullptr,
+           .hot_gu = reinterpret_cast<const float*>(b.ws + L.hot_gu),
+           .hot_d = reinterpret_cast<const float*>(b.ws + L.hot_d)};
   const auto launch_wgrad = [&](auto kernel) -> twell_status {
     int per_sm = 0;
     TWELL_CUDA_STEP(occupancy_per_sm(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
@@ -601,6 +670,7 @@ twell_status train_backward_run(const TrainProblem& p, const TrainWeights& w, co
   for (int64_t c = 0; c * b.chunk < tail_rows; ++c) {
     TWELL_TRY(tail_backward_chunk(b, c, eager_chunk_rows(tail_rows, p.M, b.chunk, c), s));
   }
+  if (L.hot_rows > 0) TWELL_TRY(hot_weight_gradients(b, s));  // after the tail: it reuses the tail's regions
   TWELL_TRY(weight_gradients(b, s));
   return backward_stats(b, /*host_syncs=*/1, s);
 }
@@ -637,6 +707,14 @@ twell_status train_backward_captured(const TrainProblem& p, const TrainWeights& 
     TWELL_TRY(capture_tail_chunks(s, cs, b.header, chk, p.M, b.chunk, [&](int64_t c, int64_t n, cudaStream_t on) {
       return tail_backward_chunk(b, c, n, on);
     }));
+    if (L.hot_rows > 0) {  // after the tail (it reuses the tail's regions), when this replay has hot neurons
+      cudaGraphConditionalHandle hot_cond;
+      TWELL_TRY(make_conditions(graph, 1, &hot_cond));
+      hot_condition_kernel<<<1, 1, 0, s>>>(hot_cond, reinterpret_cast<const HotSet*>(b.ws + L.hot_set), b.header, chk);
+      TWELL_CUDA_STEP(cudaGetLastError(), "hot-neuron condition");
+      TWELL_TRY(capture_if(s, side, hot_cond, 1, "the hot neurons' IF node",
+                           [&](int, cudaStream_t on) { return hot_weight_gradients(b, on); }));
+    }
     TWELL_TRY(capture_if(s, side, rc.hybrid[1], 1, "the weight gradients' IF node", [&](int, cudaStream_t on) {
       TWELL_TRY(weight_gradients(b, on));
       return backward_stats(b, /*host_syncs=*/0, on);

@@ -47,6 +47,11 @@ struct TrainWorkspace {
   size_t dg = 0, du = 0, hist = 0, bsum = 0, nstart = 0, trans = 0, items = 0, fin = 0, partials = 0, sched = 0;
   size_t b_xt = 0, b_dyt = 0, b_g = 0, b_u = 0, b_dh = 0, b_dg = 0, b_du = 0, b_hb = 0, b_dxa = 0, b_dxb = 0;
   size_t acc_g = 0, acc_u = 0, acc_d = 0;
+  // Hot neurons' weight gradients (train_kernels.cuh): ranks and count, and the
+  // GEMMs' operands and results, which share the dense tail's regions (the hot
+  // GEMMs run after the tail chunks). hot_rows: rows per hot chunk, 0 = off.
+  size_t hot_rank = 0, hot_set = 0, hot_gu = 0, hot_d = 0, hot_agu = 0, hot_ah = 0;
+  int64_t hot_rows = 0;
   size_t bwd_total = 0;
   int64_t nchunks = 0, hist_len = 0, scan_blocks = 0;
   int64_t partial_slots = 0, max_items = 0;

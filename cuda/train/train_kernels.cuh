@@ -1,6 +1,7 @@
 // Kernels of the training forward/backward (launched from train.cu).
 #pragma once
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "common/bf16x8.cuh"
@@ -514,6 +515,108 @@ __global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __re
     dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
 }
 
+// ---- hot neurons of the weight gradients (tensor cores) ----
+// A trained model's activity is concentrated: a few neurons are active in a
+// large share of the tokens, and gathering a token row per entry for them is
+// the weight gradients' main cost. Neurons with at least
+// max(kHotMinCount, M / kHotFraction) ELL entries -- at most kHotMax of them,
+// the busiest (the threshold is raised until they fit) -- take their weight
+// gradients from dense GEMMs over every row instead:
+//   [dW_g; dW_u][hot] (2 kHotMax x D) = [dG_hot | dU_hot]^T X,
+//   dW_d[hot] (kHotMax x D) = H_hot^T dY,
+// where dG_hot, dU_hot, H_hot hold those neurons' columns of dg, du, h as bf16
+// (zeros elsewhere and on tail rows), built per chunk of rows. The gather
+// kernel leaves hot neurons out (count 0 in the schedule) and adds the GEMMs'
+// rows when it stores. Deterministic: fixed GEMM shapes, every operand element
+// written by one entry.
+constexpr int kHotMax = 128;
+constexpr int64_t kHotMinCount = 256;
+constexpr int64_t kHotFraction = 64;
+constexpr int kHotThreads = 1024;
+
+struct HotSet {
+  int32_t n;  // hot neurons (rank 0 .. n-1, in neuron order)
+  int32_t pad[3];
+};
+
+// One CTA: the hot set from the per-neuron entry offsets nstart[H + 1].
+__global__ void __launch_bounds__(kHotThreads) hot_select_kernel(const long long* __restrict__ nstart, int64_t H,
+                                                                 int64_t M, int32_t* __restrict__ rank,
+                                                                 HotSet* __restrict__ out) {
+  using Reduce = cub::BlockReduce<long long, kHotThreads>;
+  using Scan = cub::BlockScan<int, kHotThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ long long shared_value;
+  const int t = threadIdx.x;
+  const int64_t per = (H + kHotThreads - 1) / kHotThreads;
+  const int64_t j0 = min(H, t * per), j1 = min(H, j0 + per);
+  const auto count = [&](int64_t j) { return nstart[j + 1] - nstart[j]; };
+  const auto block_sum = [&](long long v) {  // the same value in every thread
+    const long long r = Reduce(tmp.reduce).Sum(v);
+    if (t == 0) shared_value = r;
+    __syncthreads();
+    const long long out_v = shared_value;
+    __syncthreads();
+    return out_v;
+  };
+  const auto over = [&](long long tau) {
+    long long c = 0;
+    for (int64_t j = j0; j < j1; ++j) c += count(j) >= tau ? 1 : 0;
+    return block_sum(c);
+  };
+  // The smallest threshold >= the floor with at most kHotMax neurons at or over it.
+  long long lo = max(kHotMinCount, M / kHotFraction);
+  if (over(lo) > kHotMax) {
+    long long hi = M + 1;  // over(M + 1) = 0
+    while (hi - lo > 1) {
+      const long long mid = lo + (hi - lo) / 2;
+      if (over(mid) > kHotMax) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    lo = hi;
+  }
+  int mine = 0;
+  for (int64_t j = j0; j < j1; ++j) mine += count(j) >= lo ? 1 : 0;
+  int r = 0, total = 0;
+  Scan(tmp.scan).ExclusiveSum(mine, r, total);
+  for (int64_t j = j0; j < j1; ++j) rank[j] = count(j) >= lo ? r++ : -1;
+  if (t == 0) out->n = total;
+}
+
+// One warp per row m0 + i (i < rows): that row of dG_hot | dU_hot ([rows, 2 kHotMax])
+// and H_hot ([rows, kHotMax]), zeros but at the row's hot ELL entries.
+__global__ void hot_operands_kernel(const uint8_t* __restrict__ flags, const int32_t* __restrict__ counts,
+                                    const int32_t* __restrict__ cols, const float* __restrict__ dg,
+                                    const float* __restrict__ du, const float* __restrict__ g,
+                                    const float* __restrict__ u, const int32_t* __restrict__ rank, int64_t m0,
+                                    int64_t rows, int W, bf16* __restrict__ a_gu, bf16* __restrict__ a_h) {
+  const int lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (i >= rows) return;
+  uint4* gu = reinterpret_cast<uint4*>(a_gu + i * 2 * kHotMax);  // 2 kHotMax bf16 = 32 x 16 bytes
+  uint4* hh = reinterpret_cast<uint4*>(a_h + i * kHotMax);       // 16 x 16 bytes
+  gu[lane] = make_uint4(0, 0, 0, 0);
+  if (lane < kHotMax / 8) hh[lane] = make_uint4(0, 0, 0, 0);
+  __syncwarp();
+  const int64_t m = m0 + i;
+  if (flags[m] != 0) return;
+  const int n = counts[m];
+  const int64_t base = m * W;
+  for (int k = lane; k < n; k += 32) {
+    const int r = rank[cols[base + k]];
+    if (r < 0) continue;
+    a_gu[i * 2 * kHotMax + r] = __float2bfloat16_rn(dg[base + k]);
+    a_gu[i * 2 * kHotMax + kHotMax + r] = __float2bfloat16_rn(du[base + k]);
+    a_h[i * kHotMax + r] = __float2bfloat16_rn(g[base + k] * u[base + k]);
+  }
+}
+
 // The weight-gradient schedule, built on the device from the per-neuron
 // counts (schedule_kernel) so that no host needs to see them.
 struct WgSchedule {
@@ -540,10 +643,19 @@ struct WgArgs {
   int64_t ld[3];
   int dwd_dh;   // dW_d written as [D, H]
   int accumulate;
+  // Hot neurons (below): rank of each neuron among them (-1: gathered here), and
+  // their GEMM results, dW_g | dW_u as [2 kHotMax, D] and dW_d as [kHotMax, D]; nullptr: none.
+  const int32_t* hot_rank;
+  const float* hot_gu;
+  const float* hot_d;
 };
 
 __device__ __forceinline__ void wg_store(const WgArgs& a, bool tail, int q, int64_t j, int64_t col, float v) {
   if (tail) v += a.acc[q][j * a.D + col];
+  if (a.hot_rank != nullptr) {
+    const int r = a.hot_rank[j];
+    if (r >= 0) v += q == 2 ? a.hot_d[r * a.D + col] : a.hot_gu[(q * kHotMax + r) * a.D + col];
+  }
   bf16* p = (q == 2 && a.dwd_dh) ? a.out[2] + col * a.ld[2] + j : a.out[q] + j * a.ld[q] + col;
   if (a.accumulate) v += __bfloat162float(*p);
   *p = __float2bfloat16_rn(v);
@@ -665,7 +777,9 @@ __global__ void __launch_bounds__(256) wgrad_finalize_kernel(WgArgs a) {
 constexpr int kScheduleThreads = 1024;
 constexpr int64_t kMinSegment = 1024;  // entries per weight-gradient item (at least)
 
+// Hot neurons (hot_rank[j] >= 0; hot_rank may be nullptr) count as empty.
 __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long long* __restrict__ nstart, int64_t H,
+                                                                    const int32_t* __restrict__ hot_rank,
                                                                     int64_t partial_slots, int64_t max_items,
                                                                     Item* __restrict__ items, Fin* __restrict__ fins,
                                                                     WgSchedule* __restrict__ out) {
@@ -694,6 +808,10 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long l
     __syncthreads();
     return r;
   };
+  // Entries the gather kernel takes for neuron j (none for a hot neuron).
+  const auto gathered = [&](int64_t j) -> long long {
+    return hot_rank != nullptr && hot_rank[j] >= 0 ? 0 : nstart[j + 1] - nstart[j];
+  };
   long long mx = 0;
   for (int64_t j = j0; j < j1; ++j) mx = max(mx, nstart[j + 1] - nstart[j]);
   const long long max_count = reduce(mx, 1);
@@ -701,7 +819,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long l
   for (;; seg *= 2) {
     long long slots = 0;
     for (int64_t j = j0; j < j1; ++j) {
-      const long long n = nstart[j + 1] - nstart[j];
+      const long long n = gathered(j);
       const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
       if (k > 1) slots += k;
     }
@@ -709,7 +827,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long l
   }
   long long my_items = 0, my_slots = 0, my_fins = 0;
   for (int64_t j = j0; j < j1; ++j) {
-    const long long n = nstart[j + 1] - nstart[j];
+    const long long n = gathered(j);
     const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
     my_items += k;
     if (k > 1) {
@@ -724,7 +842,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const long l
   __syncthreads();
   Scan(scan_tmp).ExclusiveSum(my_fins, fin, total_fins);
   for (int64_t j = j0; j < j1; ++j) {
-    const long long e0 = nstart[j], n = nstart[j + 1] - e0;
+    const long long e0 = nstart[j], n = gathered(j);
     const long long k = n == 0 ? 1 : (n + seg - 1) / seg;
     if (k == 1) {
       if (item < max_items) items[item] = Item{j, e0, e0 + n, -1};
@@ -814,6 +932,14 @@ __global__ void route_conditions_kernel(RouteConds c, const u64* header, HeaderC
   }
   if (c.has_dense) cudaGraphSetConditional(c.dense, dense ? 1u : 0u);
   cudaGraphSetConditional(c.bad, hybrid || dense ? 0u : 1u);
+}
+
+// The hot GEMMs' IF node: it runs when the saved header is a valid hybrid one
+// (so this replay's selection ran) and the replay has hot neurons.
+__global__ void hot_condition_kernel(cudaGraphConditionalHandle h, const HotSet* hot, const u64* header,
+                                     HeaderCheck chk) {
+  const bool hybrid = saved_header_ok(header, chk) && header[6] == kRouteHybrid;
+  cudaGraphSetConditional(h, hybrid && hot->n > 0 ? 1u : 0u);
 }
 
 // The hybrid backward's statistics, from the saved header and the schedule.
