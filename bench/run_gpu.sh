@@ -11,6 +11,7 @@
 #   TWELL_MODEL_ARGS="--minutes 2"       arguments of twell bench-model
 #   TWELL_DIST_ARGS="--steps 50"         arguments of the distributed runs (default: TWELL_MODEL_ARGS)
 #   TWELL_BENCHES="train"                which suites the bench step runs (default: "ffn train")
+#   TWELL_SANITIZER_PROGRAMS=0           sanitizer step: skip the standalone kernel programs
 #   TWELL_PYTEST_K="train and small"     a pytest -k selection (spaces allowed)
 #   TWELL_PYTEST_ARGS="-x"               extra pytest arguments (split on spaces)
 #   TWELL_PYTEST_PATHS="tests/test_gpu_torch.py"  test files (default: tests)
@@ -67,7 +68,8 @@ fi
 if has sanitizer; then
   t0=$(date +%s)
   ok=0; total=0
-  for exe in $BUILD/test_*; do
+  # TWELL_SANITIZER_PROGRAMS=0: only the pytest-driven cases below
+  for exe in $([ "${TWELL_SANITIZER_PROGRAMS:-1}" = 0 ] || ls $BUILD/test_* 2>/dev/null); do
     [ -x "$exe" ] || continue
     total=$((total+1))
     args="--small"; [[ "$exe" == *gate_gemm_sm90* ]] && args="--quick --no-timing"

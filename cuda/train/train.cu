@@ -470,8 +470,15 @@ twell_status sort_entries_by_neuron(const Backward& b, cudaStream_t s) {
   nstart_kernel<<<grid1(H + 1, 256), 256, 0, s>>>(hist, H, L.nchunks, nstart);
   TWELL_CUDA_STEP(cudaGetLastError(), "neuron offsets");
   if (b.T < M) {
-    sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, s>>>(b.flags, b.counts, b.cols, M, W, L.nchunks,
-                                                                         hist, b.dg, b.du, b.gv, b.uv, trans);
+    if (sort_scatter_fits(H)) {
+      const size_t smem = sort_scatter_smem(H);
+      TWELL_CUDA_STEP(set_max_dynamic_smem(sort_scatter_kernel, smem), "counting-sort scatter shared memory");
+      sort_scatter_kernel<<<static_cast<unsigned>(L.nchunks), 256, smem, s>>>(
+          b.flags, b.counts, b.cols, M, W, H, L.nchunks, hist, b.dg, b.du, b.gv, b.uv, trans);
+    } else {
+      sort_scatter_serial_kernel<<<static_cast<unsigned>(L.nchunks), 256, 0, s>>>(
+          b.flags, b.counts, b.cols, M, W, L.nchunks, hist, b.dg, b.du, b.gv, b.uv, trans);
+    }
     TWELL_CUDA_STEP(cudaGetLastError(), "counting-sort scatter");
   }
   const int32_t* hot_rank = nullptr;

@@ -461,9 +461,69 @@ __global__ void nstart_kernel(const unsigned long long* __restrict__ scan, int64
   if (j <= H) nstart[j] = static_cast<long long>(scan[j * nchunks]);
 }
 
-// Counting sort, step 3: one CTA per chunk of rows, rows in ascending order,
-// so every neuron's list is in ascending token order (deterministic).
+// Counting sort, step 3: one CTA per chunk of rows; an entry of row m and
+// neuron j goes to scan[j, chunk] + (entries of j in the chunk's rows before
+// m), so every neuron's list is in ascending token order (deterministic).
+//
+// The chunk's rows are taken a stage at a time: their columns are staged in
+// shared memory (coalesced), the offsets within the chunk come from per-neuron
+// counters in shared memory, row after row (only shared memory on that serial
+// path), and the entries are then written out in parallel. Needs
+// sort_scatter_smem(H) bytes of dynamic shared memory (sort_scatter_fits).
+constexpr int kSortStageEntries = 8192;  // row slots staged at a time (rows = this / W)
+inline size_t sort_scatter_smem(int64_t H) {
+  return static_cast<size_t>(kSortStageEntries) * (4 + 2) + ((static_cast<size_t>(H) * 2 + 15) & ~size_t(15));
+}
+inline bool sort_scatter_fits(int64_t H) { return sort_scatter_smem(H) <= size_t(160) << 10; }
+
 __global__ void __launch_bounds__(256) sort_scatter_kernel(
+    const uint8_t* __restrict__ flags, const int32_t* __restrict__ counts, const int32_t* __restrict__ cols, int64_t M,
+    int W, int64_t H, int64_t nchunks, const unsigned long long* __restrict__ start, const float* __restrict__ dg,
+    const float* __restrict__ du, const float* __restrict__ g, const float* __restrict__ u,
+    WEntry* __restrict__ trans) {
+  extern __shared__ uint4 smem_u4[];
+  int32_t* scol = reinterpret_cast<int32_t*>(smem_u4);                // [stage rows * W], -1 = no entry
+  uint16_t* soff = reinterpret_cast<uint16_t*>(scol + kSortStageEntries);  // offset within the chunk
+  uint16_t* seen = soff + kSortStageEntries;                          // [H]: entries of j so far in the chunk
+  const int t = threadIdx.x;
+  const int64_t c = blockIdx.x;
+  for (int64_t j = t; j < H; j += blockDim.x) seen[j] = 0;
+  const int stage_rows = kSortStageEntries / W;
+  for (int r0 = 0; r0 < kChunkRowsSort; r0 += stage_rows) {
+    const int64_t m0 = c * kChunkRowsSort + r0;
+    if (m0 >= M) break;
+    int rows = min(stage_rows, kChunkRowsSort - r0);
+    if (M - m0 < rows) rows = static_cast<int>(M - m0);
+    __syncthreads();  // seen zeroed / the previous stage written out
+    for (int i = t; i < rows * W; i += blockDim.x) {
+      const int64_t m = m0 + i / W;
+      const int k = i % W;
+      scol[i] = (flags[m] == 0 && k < counts[m]) ? cols[m * W + k] : -1;
+    }
+    __syncthreads();
+    for (int r = 0; r < rows; ++r) {  // W <= 256 = blockDim: one slot per thread
+      if (t < W) {
+        const int j = scol[r * W + t];
+        if (j >= 0) {
+          const uint16_t o = seen[j];
+          seen[j] = static_cast<uint16_t>(o + 1);
+          soff[r * W + t] = o;
+        }
+      }
+      __syncthreads();
+    }
+    for (int i = t; i < rows * W; i += blockDim.x) {
+      const int j = scol[i];
+      if (j < 0) continue;
+      const int64_t m = m0 + i / W, p = m * W + i % W;
+      const unsigned long long pos = start[static_cast<int64_t>(j) * nchunks + c] + soff[i];
+      trans[pos] = WEntry{static_cast<int32_t>(m), dg[p], du[p], g[p] * u[p]};
+    }
+  }
+}
+
+// The same for H past sort_scatter_fits: row after row through global memory.
+__global__ void __launch_bounds__(256) sort_scatter_serial_kernel(
     const uint8_t* __restrict__ flags, const int32_t* __restrict__ counts, const int32_t* __restrict__ cols, int64_t M,
     int W, int64_t nchunks, unsigned long long* cursor, const float* __restrict__ dg, const float* __restrict__ du,
     const float* __restrict__ g, const float* __restrict__ u, WEntry* __restrict__ trans) {
