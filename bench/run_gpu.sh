@@ -79,9 +79,9 @@ if has sanitizer; then
   # The Python-driven paths the programs above do not reach: small training cases (hybrid with
   # tail chunks, dense route, AUTO switching) and the decode-sized inference chain (PDL, cluster
   # consumer). No CuPy pool, so every buffer is its own allocation.
-  SAN_K="${TWELL_SANITIZER_K:-train_small_case or (train_2048x5632 and 7 and skewed) or (dense_route and 129 and dense_rows) or (decode_sized and shape1 and 64) or decode_sized_is_deterministic}"
+  SAN_K="${TWELL_SANITIZER_K:-train_small_case or (hot_neuron_gemms and 1000 and hd) or (eager_replay_is_bitwise and 300 and sparse) or (train_2048x5632 and 7 and skewed) or (dense_route and 129 and dense_rows) or (decode_sized and shape1 and 64) or decode_sized_is_deterministic}"
   # racecheck is about ten times slower: a subset (one case of each kernel family).
-  RACE_K="${TWELL_RACECHECK_K:-train_small_case or (train_2048x5632 and 7 and skewed) or (dense_route and 129 and dense_rows) or (decode_sized and shape1 and 16 and hd and 64) or decode_sized_is_deterministic}"
+  RACE_K="${TWELL_RACECHECK_K:-train_small_case or (hot_neuron_gemms and 1000 and hd) or (train_2048x5632 and 7 and skewed) or (dense_route and 129 and dense_rows) or (decode_sized and shape1 and 16 and hd and 64) or decode_sized_is_deterministic}"
   for tool in memcheck racecheck; do
     t0=$(date +%s)
     k="$SAN_K"; [ $tool = racecheck ] && k="$RACE_K"
