@@ -165,7 +165,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   // when fewer than kHotMinCount rows fit or M is below it (no neuron can be hot).
   const size_t tail_end = w.b_dxb + C * D * 4, K = kHotMax;
   const size_t results = (3 * K * D * 4 + 1023) & ~size_t(1023), per_row = 3 * K * 2;
-  if (p.M >= kHotMinCount && tail_end > w.b_xt + results) {
+  if (p.M >= kHotMinCount && tail_end > w.b_xt + results + 1024) {
     const int64_t fit = static_cast<int64_t>((tail_end - w.b_xt - results - 1024) / per_row);
     const int64_t rows = std::min<int64_t>({p.M, kHotRowsPerChunk, fit});
     if (rows >= kHotMinCount) {
