@@ -15,6 +15,13 @@
 //
 // A capture or instantiation that fails turns replay off for the plan (the
 // call then runs eagerly: slower, never wrong).
+//
+// No capture storms: a key counts as seen again only within the last
+// `capacity` first sightings, so a cycle of more keys than the cache holds
+// (several layers sharing one plan, say) runs eagerly instead of capturing
+// and evicting at every call; and once the plan has captured twice its
+// capacity with fewer than two replays per capture, it stops capturing (calls
+// it holds a graph for still replay; the others run eagerly).
 #pragma once
 
 #include <cstdint>
@@ -46,7 +53,6 @@ class ReplayCache {
  public:
   static constexpr int kDefaultGraphs = 8;
   static constexpr int kMaxGraphs = 64;
-  static constexpr int kSeen = 16;  // keys remembered from their first sighting
 
   ReplayCache() = default;
   ReplayCache(const ReplayCache&) = delete;
@@ -64,6 +70,8 @@ class ReplayCache {
     }
     count_ = 0;
     seen_count_ = 0;
+    seen_next_ = 0;
+    stopped_ = false;
   }
   // Replays of cached graphs so far, and graphs captured so far.
   int64_t replays() const { return replays_; }
@@ -84,7 +92,7 @@ class ReplayCache {
         return err == cudaSuccess ? TWELL_SUCCESS : fail_cuda(err, "replaying the call's CUDA graph");
       }
     }
-    if (!seen_before(key)) return launch(stream);
+    if (stopped_ || !seen_before(key)) return launch(stream);
     cudaGraphExec_t exec = nullptr;
     const twell_status st = capture(side, launch, &exec);
     if (st != TWELL_SUCCESS) return st;  // a launch error, as eagerly
@@ -94,6 +102,7 @@ class ReplayCache {
     }
     insert(key, exec);
     ++replays_;
+    if (captures_ >= 2 * static_cast<int64_t>(capacity_) && replays_ < 2 * captures_) stopped_ = true;
     cudaError_t err = cudaGraphLaunch(exec, stream);
     return err == cudaSuccess ? TWELL_SUCCESS : fail_cuda(err, "replaying the call's CUDA graph");
   }
@@ -105,13 +114,14 @@ class ReplayCache {
     uint64_t used = 0;
   };
 
+  // Whether `key` is among the last `capacity_` first sightings (else it becomes one).
   bool seen_before(const ReplayKey& key) {
     for (int i = 0; i < seen_count_; ++i) {
       if (seen_[i] == key) return true;
     }
     seen_[seen_next_] = key;
-    seen_next_ = (seen_next_ + 1) % kSeen;
-    if (seen_count_ < kSeen) ++seen_count_;
+    seen_next_ = (seen_next_ + 1) % capacity_;
+    if (seen_count_ < capacity_) ++seen_count_;
     return false;
   }
 
@@ -160,8 +170,9 @@ class ReplayCache {
   int capacity_ = kDefaultGraphs;
   Entry entries_[kMaxGraphs];
   int count_ = 0;
-  ReplayKey seen_[kSeen];
+  ReplayKey seen_[kMaxGraphs];
   int seen_count_ = 0, seen_next_ = 0;
+  bool stopped_ = false;  // captures stopped (a storm: see the top of the file)
   uint64_t tick_ = 0;
   int64_t replays_ = 0, captures_ = 0;
 };
