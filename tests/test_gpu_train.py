@@ -374,6 +374,22 @@ def test_train_dense_route(rng, pattern, m):
     assert fs["active"] == int(got["l0"].sum()) and fs["max_row_count"] == int(got["l0"].max())
 
 
+def _initial_grads(rng, dev, h, d, layout, accumulate):
+    """Random bf16 starting values of dW_g, dW_u, dW_d (layout's W_d shape) and their device buffers
+    for accumulate=True; ([...], [None] * 3) buffers otherwise."""
+    init = [gs.round_bf16(rng.standard_normal(s, dtype=np.float32))
+            for s in ((h, d), (h, d), (h, d) if layout == "hd" else (d, h))]
+    return init, ([dev.bf16(a) for a in init] if accumulate else [None] * 3)
+
+
+def _grad_and_reference(dev, k, got, start, want, layout, accumulate):
+    """(gradient k as [H, D] on the host, the oracle's plus the starting value when accumulating)."""
+    flip = k == "dw_down" and layout == "dh"
+    g = dev.host_f32(got)
+    base = (start.T if flip else start) if accumulate else 0.0
+    return (g.T if flip else g), base + want[k]
+
+
 @pytest.mark.parametrize("layout", ["hd", "dh"])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_train_dense_route_chunks(rng, layout, accumulate):
@@ -385,9 +401,7 @@ def test_train_dense_route_chunks(rng, layout, accumulate):
     wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
     plan = train_ops.TrainPlan(d, h, path="dense", w_down_layout=layout)
     y, saved = plan.forward(x, wg, wu, wd)
-    init = [gs.round_bf16(rng.standard_normal(s, dtype=np.float32))
-            for s in ((h, d), (h, d), (h, d) if layout == "hd" else (d, h))]
-    bufs = [dev.bf16(a) for a in init] if accumulate else [None] * 3
+    init, bufs = _initial_grads(rng, dev, h, d, layout, accumulate)
     dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, dw_gate=bufs[0],
                                       dw_up=bufs[1], dw_down=bufs[2], accumulate=accumulate)
     want = _oracle(prob, dy, L1C)
@@ -395,10 +409,8 @@ def test_train_dense_route_chunks(rng, layout, accumulate):
     assert gs.rel_frobenius(dev.host_f32(y), want["y"]) < 1e-2
     assert gs.rel_frobenius(dev.host_f32(dx), want["dx"]) < 1e-2
     for k, got, a in zip(("dw_gate", "dw_up", "dw_down"), (dwg, dwu, dwd), init):
-        g = dev.host_f32(got)
-        g = g.T if (k == "dw_down" and layout == "dh") else g
-        base = (a.T if (k == "dw_down" and layout == "dh") else a) if accumulate else 0.0
-        err = gs.rel_frobenius(g, base + want[k])
+        g, ref_rows = _grad_and_reference(dev, k, got, a, want, layout, accumulate)
+        err = gs.rel_frobenius(g, ref_rows)
         assert err < 1e-2, f"{k}: {err}"
 
 
@@ -604,22 +616,17 @@ def test_train_hot_neuron_gemms(rng, pattern, m, layout, accumulate):
     wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
     plan = train_ops.TrainPlan(d, h, path="sparse", w_down_layout=layout)
     y, saved = plan.forward(x, wg, wu, wd)
-    init = [gs.round_bf16(rng.standard_normal(s, dtype=np.float32))
-            for s in ((h, d), (h, d), (h, d) if layout == "hd" else (d, h))]
-    bufs = [dev.bf16(a) for a in init] if accumulate else [None] * 3
+    init, bufs = _initial_grads(rng, dev, h, d, layout, accumulate)
     bstats = dev.full((16,), "uint64", 0)
     dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, dw_gate=bufs[0],
                                       dw_up=bufs[1], dw_down=bufs[2], accumulate=accumulate, stats=bstats)
     want = _oracle(prob, dy, L1C)
     assert gs.rel_frobenius(dev.host_f32(dx), want["dx"]) < 1e-2
     for k, got, a in zip(("dw_gate", "dw_up", "dw_down"), (dwg, dwu, dwd), init):
-        g = dev.host_f32(got)
-        g = g.T if (k == "dw_down" and layout == "dh") else g
-        base = (a.T if (k == "dw_down" and layout == "dh") else a) if accumulate else 0.0
-        err = gs.rel_frobenius(g, base + want[k])
+        g, ref_rows = _grad_and_reference(dev, k, got, a, want, layout, accumulate)
+        err = gs.rel_frobenius(g, ref_rows)
         assert err < 1e-2, f"{k}: {err}"
         # per neuron too: a hot neuron's row wrong would hide in the whole-matrix norm
-        ref_rows = base + want[k]
         per = np.linalg.norm(g - ref_rows, axis=1) / np.maximum(np.linalg.norm(ref_rows, axis=1), 1e-20)
         assert np.max(per[np.linalg.norm(want[k], axis=1) > 0]) < 3e-2, f"{k}: worst neuron {np.max(per)}"
     bs = train_ops.read_train_stats(bstats)

@@ -180,18 +180,13 @@ TWELL_API twell_status twell_ffn_plan_destroy(twell_ffn_plan* plan) {
 
 TWELL_API twell_status twell_ffn_plan_set_replay(twell_ffn_plan* plan, int32_t max_graphs) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  if (max_graphs < 0 || max_graphs > ReplayCache::kMaxGraphs) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "max_graphs is %d, expected 0 (off) .. %d", max_graphs,
-                ReplayCache::kMaxGraphs);
-  }
-  plan->replay.set_capacity(max_graphs);
+  TRY(plan->replay.set_capacity_checked(max_graphs));
   return ok();
 }
 
 TWELL_API twell_status twell_ffn_plan_replay_counts(const twell_ffn_plan* plan, int64_t* replays, int64_t* captures) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  if (replays != nullptr) *replays = plan->replay.replays();
-  if (captures != nullptr) *captures = plan->replay.captures();
+  plan->replay.counts(replays, captures);
   return ok();
 }
 

@@ -372,11 +372,13 @@ TWELL_API twell_status twell_train_forward(twell_train_plan* plan, const DLTenso
                        [&](cudaStream_t on) { return launch(on, on == plan->replay_side); }));
   // AUTO's next route: from the eager hybrid forward's numbers, or read back
   // asynchronously (the active count; the rows over the ELL width or in the tail).
-  const u64* dev_stats = o.stats != nullptr       ? o.stats
-                         : route == Route::kDense ? train_dense_stats(run, ws)
-                                                  : train_hybrid_stats(run, ws);
-  const u64* over = route == Route::kDense ? train_dense_over_width(run, ws) : train_saved_tail_count(sv);
-  update_preference(plan, route, run, info, dev_stats + TWELL_STAT_ACTIVE, over, s);
+  if (plan->opt.path == TWELL_PATH_AUTO) {
+    const u64* dev_stats = o.stats != nullptr       ? o.stats
+                           : route == Route::kDense ? train_dense_stats(run, ws)
+                                                    : train_hybrid_stats(run, ws);
+    const u64* over = route == Route::kDense ? train_dense_over_width(run, ws) : train_saved_tail_count(sv);
+    update_preference(plan, route, run, info, dev_stats + TWELL_STAT_ACTIVE, over, s);
+  }
   return ok();
 }
 
@@ -536,19 +538,14 @@ TWELL_API twell_status twell_train_backward_scaled(twell_train_plan* plan, const
 
 TWELL_API twell_status twell_train_plan_set_replay(twell_train_plan* plan, int32_t max_graphs) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  if (max_graphs < 0 || max_graphs > ReplayCache::kMaxGraphs) {
-    return fail(TWELL_ERROR_INVALID_ARGUMENT, "max_graphs is %d, expected 0 (off) .. %d", max_graphs,
-                ReplayCache::kMaxGraphs);
-  }
-  plan->replay.set_capacity(max_graphs);
+  TRY(plan->replay.set_capacity_checked(max_graphs));
   return ok();
 }
 
 TWELL_API twell_status twell_train_plan_replay_counts(const twell_train_plan* plan, int64_t* replays,
                                                       int64_t* captures) {
   if (plan == nullptr) return fail(TWELL_ERROR_INVALID_ARGUMENT, "plan is NULL");
-  if (replays != nullptr) *replays = plan->replay.replays();
-  if (captures != nullptr) *captures = plan->replay.captures();
+  plan->replay.counts(replays, captures);
   return ok();
 }
 

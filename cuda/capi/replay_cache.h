@@ -60,6 +60,18 @@ class ReplayCache {
   ~ReplayCache() { clear(); }
 
   int capacity() const { return capacity_; }
+  // The C ABI's twell_*_plan_set_replay / _replay_counts (the plan checked by the caller).
+  twell_status set_capacity_checked(int32_t max_graphs) {
+    if (max_graphs < 0 || max_graphs > kMaxGraphs) {
+      return fail(TWELL_ERROR_INVALID_ARGUMENT, "max_graphs is %d, expected 0 (off) .. %d", max_graphs, kMaxGraphs);
+    }
+    set_capacity(max_graphs);
+    return TWELL_SUCCESS;
+  }
+  void counts(int64_t* replays, int64_t* captures) const {
+    if (replays != nullptr) *replays = replays_;
+    if (captures != nullptr) *captures = captures_;
+  }
   void set_capacity(int n) {
     capacity_ = n < 0 ? 0 : (n > kMaxGraphs ? kMaxGraphs : n);
     clear();
