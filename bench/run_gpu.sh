@@ -126,6 +126,11 @@ PY
   timeout ${TWELL_TORCH_BENCH_TIMEOUT:-300} python3 -m twell.bench.pytorch --out "$OUT" ${TWELL_TORCH_BENCH_ARGS:-} >> "$OUT/bench_log.txt" 2>&1
   rc=$?; SUMMARY+=("bench-torch: rc=$rc ($(( $(date +%s) - t0 )) s)")
   [ -f "$OUT/bench_torch.md" ] && cat "$OUT/bench_torch.md"
+  # Where an eager training step's host time goes (the library, the runners, the checks, autograd).
+  if [ "${TWELL_TORCH_PROBE:-1}" != 0 ]; then
+    timeout 120 python3 bench/probe_train_host.py > "$OUT/probe_train_host.txt" 2>&1
+    SUMMARY+=("probe_train_host: rc=$?"); cat "$OUT/probe_train_host.txt"
+  fi
 fi
 
 if has model; then

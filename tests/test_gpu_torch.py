@@ -365,6 +365,48 @@ def test_training_step_captures_in_a_cuda_graph_and_stays_exact_on_every_replay(
         seen[i] = bits
 
 
+@pytest.mark.parametrize("path", ["auto", "sparse"])
+@pytest.mark.parametrize("layout", ["hd", "dh", "dh_view"])
+@pytest.mark.parametrize("warmups", [1, 2, 3, 5])
+def test_training_step_captures_after_replayed_eager_steps(rng, path, layout, warmups):
+    """Eager steps first (from the second, the plan replays them from its own graphs, and an AUTO
+    plan reads each replay's activity back asynchronously), then two captures of the same step:
+    both capture (nothing the plan does between calls may invalidate the caller's capture) and
+    their replays match the eager step bitwise."""
+    m, d, h = 2048, 256, 768
+    prob, dy = _problem(rng, m, d, h, "uniform")
+    wg0, wu0, wd0, lay = _weights(prob, layout)
+    key = tt.new_plan_key()
+    leaves = [_t(prob.x).requires_grad_()] + [w.detach().requires_grad_() for w in (wg0, wu0, wd0)]
+    r = _t(dy).float()
+
+    def step():
+        for a in leaves:
+            a.grad = None
+        y, l1 = tt.ffn_with_l1(*leaves, w_down_layout=lay, path=path, plan=key)
+        ((y.float() * r).sum() + 1e-2 * l1.sum()).backward()
+        return (y, *(a.grad for a in leaves))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmups):
+            eager = [t.detach().clone() for t in step()]
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graphs = []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = step()
+        graphs.append((g, outs))
+    for g, outs in graphs:
+        g.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, eager):
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_captured_backward_marks_a_foreign_saved_state_with_nan(rng):
     """A captured backward cannot return an error at replay time: fed a saved state its forward
     did not write, it fills dx and the weight gradients with NaN instead of leaving them wrong."""

@@ -75,12 +75,15 @@ FfnProblem problem_of(const twell_ffn_plan* plan, int64_t M) {
 }
 
 // Eager AUTO calls: the rule of ffn/auto_route.h on the newest statistics the
-// host has (never waits: a copy still in flight is left for a later call).
+// host has (never waits: a copy still in flight is left for a later call). A
+// copy is issued at most every kStatsEvery calls and its event queried only
+// from kStatsEvery calls after it was issued (a query costs about as much host
+// time as the rest of a replayed call).
 constexpr int64_t kStatsEvery = 4;
 
 int choose_path(twell_ffn_plan* plan) {
   if (plan->opt.path != TWELL_PATH_AUTO) return plan->opt.path;
-  if (plan->stats_pending) {
+  if (plan->stats_pending && plan->calls - plan->last_copy_call >= kStatsEvery) {
     const cudaError_t q = cudaEventQuery(plan->stats_ready);
     if (q == cudaSuccess) {
       plan->stats_pending = false;
@@ -126,12 +129,9 @@ twell_status ensure_device(twell_ffn_plan* p) {
 // legal there only in relaxed capture mode, for this thread.
 twell_status ensure_device_capture_safe(twell_ffn_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaError_t err = cudaThreadExchangeStreamCaptureMode(&mode);
-  if (err != cudaSuccess) return fail_cuda(err, "entering relaxed capture mode");
-  const twell_status st = ensure_device(p);
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);
-  return st;
+  const RelaxedCapture relaxed;
+  if (relaxed.status() != cudaSuccess) return fail_cuda(relaxed.status(), "entering relaxed capture mode");
+  return ensure_device(p);
 }
 
 }  // namespace

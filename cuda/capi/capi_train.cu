@@ -121,9 +121,17 @@ size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
   }
 }
 
-// AUTO: take in a finished read-back of an earlier dense forward (never waits).
+// AUTO: take in a finished read-back of an earlier forward (never waits). It
+// may run while the caller captures a stream (twell_train_saved_size and the
+// forward come before the capture check): the query is made in relaxed mode,
+// which keeps it from invalidating a global-mode capture.
 void poll_readback(const twell_train_plan* plan) {
   if (!plan->readback_pending) return;
+  const RelaxedCapture relaxed;
+  if (relaxed.status() != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;  // taken in by a later poll
+  }
   const cudaError_t q = cudaEventQuery(plan->readback);
   if (q == cudaSuccess) {
     plan->readback_pending = false;
@@ -216,12 +224,9 @@ twell_status ensure_device_now(twell_train_plan* p) {
 // stream creation is legal there in relaxed capture mode, for this thread).
 twell_status ensure_device(twell_train_plan* p) {
   if (p->device_ready) return TWELL_SUCCESS;
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaError_t err = cudaThreadExchangeStreamCaptureMode(&mode);
-  if (err != cudaSuccess) return fail_cuda(err, "entering relaxed capture mode");
-  const twell_status st = ensure_device_now(p);
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);
-  return st;
+  const RelaxedCapture relaxed;
+  if (relaxed.status() != cudaSuccess) return fail_cuda(relaxed.status(), "entering relaxed capture mode");
+  return ensure_device_now(p);
 }
 
 TrainWeights weights_of(const Mat& x, const Mat& w_gate, const Mat& w_up, const Mat& w_down) {

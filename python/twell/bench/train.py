@@ -16,9 +16,14 @@ coefficient c, and measures in the same process, on the same tensors:
   steps, so the route the plan settled on is what is measured and recorded
   (``route``: hybrid or dense); ``"sparse"`` forces the hybrid route.
 
-Times: forward alone and the full step (forward + backward), CUDA events on
-the current stream after warm-up and ``torch.cuda.synchronize()``, median of
-``--reps`` runs (twell's host synchronisations are inside the timed region).
+Times: forward alone and the full step (forward + backward), median over
+``--reps`` steps run back to back as a training loop runs them (a CUDA event
+between every two steps, one synchronisation at the end: a step's host time
+counts where the host is slower than the GPU; twell's host synchronisations,
+where a call has them, are inside the timed region). ``ms_synced`` /
+``dense_ms_synced``: the same step with a synchronisation before each one (the
+host time of issuing its first launch inside every interval; the method of the
+records before 2026-12-03c).
 
 Peak memory (bytes beyond inputs, weights and gradients: saved state plus
 workspace and temporaries):
@@ -76,6 +81,7 @@ __all__ = ["add_bench_train_args", "main_bench_train", "suite_configs", "write_m
 # settles on after the warm-up steps is recorded), "sparse" forces the hybrid route for comparison.
 _QUICK = [
     (2048, 5632, 16384, "uniform", 0.005, 64, "auto"),
+    (2048, 5632, 32768, "uniform", 0.005, 64, "auto"),
     (2048, 5632, 65536, "uniform", 0.005, 64, "auto"),
     (2048, 5632, 16384, "skewed", 0.005, 64, "auto"),
     (2048, 5632, 16384, "skewed", 0.005, 64, "sparse"),
@@ -167,9 +173,8 @@ def _nbytes(t) -> int:
     return 0 if t is None else int(t.numel()) * int(t.element_size())
 
 
-def _time_ms(torch, fn, reps: int, warmup: int, min_warm_s: float = 0.15) -> tuple[float, float]:
-    """(median, min) milliseconds of fn() by CUDA events on the current stream, after at least ``warmup``
-    untimed calls and at least ``min_warm_s`` seconds of them (at most 200 calls)."""
+def _warm(torch, fn, warmup: int, min_warm_s: float) -> None:
+    """At least ``warmup`` untimed calls and at least ``min_warm_s`` seconds of them (at most 200)."""
     t0 = time.perf_counter()
     n = 0
     while n < max(warmup, 1) or (time.perf_counter() - t0 < min_warm_s and n < 200):
@@ -178,6 +183,30 @@ def _time_ms(torch, fn, reps: int, warmup: int, min_warm_s: float = 0.15) -> tup
         if n >= warmup:
             torch.cuda.synchronize()
     torch.cuda.synchronize()
+
+
+def _time_ms(torch, fn, reps: int, warmup: int, min_warm_s: float = 0.15) -> tuple[float, float]:
+    """(median, min) milliseconds per fn() as a training loop runs it: ``reps`` calls back to back
+    (no synchronisation between them, so each call's host time overlaps the GPU work before it
+    unless the host is the slower side), a CUDA event between every two calls, one
+    synchronisation at the end; after the warm-up of ``_warm``."""
+    _warm(torch, fn, warmup, min_warm_s)
+    n = max(reps, 1)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    ev[0].record()
+    for i in range(n):
+        fn()
+        ev[i + 1].record()
+    ev[n].synchronize()
+    ts = [ev[i].elapsed_time(ev[i + 1]) for i in range(n)]
+    return float(statistics.median(ts)), float(min(ts))
+
+
+def _time_synced_ms(torch, fn, reps: int, warmup: int, min_warm_s: float = 0.15) -> tuple[float, float]:
+    """(median, min) milliseconds of fn() alone: a synchronisation before every call, so the host
+    time of issuing the call's first launch is inside each timed interval (the method of the
+    records before 2026-12-03c: an upper bound for a loop's step time)."""
+    _warm(torch, fn, warmup, min_warm_s)
     ts = []
     for _ in range(max(reps, 1)):
         a = torch.cuda.Event(enable_timing=True)
@@ -450,6 +479,7 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
         bufs.update(dx=dx, dwg=dwg, dwu=dwu, dwd=dwd)
 
     rec["ms"], rec["min_ms"] = _time_ms(torch, tw_step, reps, warmup)
+    rec["ms_synced"] = _time_synced_ms(torch, tw_step, reps, warmup)[0]
     rec["fwd_ms"], rec["fwd_min_ms"] = _time_ms(torch, tw_forward, reps, warmup)
     # Fresh step for the allocator cross-check (saved state and workspace allocated inside it) and the outputs.
     bstats = bufs.get("bstats")
@@ -502,6 +532,7 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
         dense.step()
 
     rec["dense_ms"], rec["dense_min_ms"] = _time_ms(torch, dn_step, reps, warmup)
+    rec["dense_ms_synced"] = _time_synced_ms(torch, dn_step, reps, warmup)[0]
     rec["dense_fwd_ms"], rec["dense_fwd_min_ms"] = _time_ms(torch, dn_fwd, reps, warmup)
     for a in dense.params:
         a.grad = None
@@ -526,6 +557,7 @@ def run_config(torch, train_ops, cfg: tuple, args) -> dict:
     rec["dense_tflops"] = flops / (rec["dense_ms"] * 1e-3) / 1e12
     rec["speedup_vs_dense"] = rec["dense_ms"] / rec["ms"]
     rec["fwd_speedup"] = rec["dense_fwd_ms"] / rec["fwd_ms"]
+    rec["speedup_synced"] = rec["dense_ms_synced"] / rec["ms_synced"]
     rec["bwd_ms"] = rec["ms"] - rec["fwd_ms"]
     rec["dense_bwd_ms"] = rec["dense_ms"] - rec["dense_fwd_ms"]
     rec["peak_mem_ratio"] = rec["twell_bytes"] / rec["dense_bytes"] if rec["dense_bytes"] > 0 else None
@@ -570,15 +602,16 @@ def write_markdown(doc: dict, path: Path) -> None:
         f"- date: {doc.get('date', '?')}",
         f"- commit: {doc.get('commit', 'unknown')}",
         f"- baseline: PyTorch {env.get('torch', '?')} bf16 autograd (cuBLAS), same tensors, same process; "
-        "step = forward + backward with the L1 term; median of the timed runs",
+        "step = forward + backward with the L1 term; median of the timed steps, run back to back as a training "
+        "loop runs them (synced: a synchronisation before every step, the method of earlier records)",
         "- speedup = dense ms / twell ms; mem = twell (saved state + workspace) / dense (most memory held during "
         "the step beyond inputs, weights, y and gradients, from the allocator's trace); relerr = relative Frobenius "
         "error vs fp32 on the same bf16 inputs",
         "",
         "| D | H | M | pattern | W | path → route | act/tok | tail rows | twell step ms | twell fwd ms | dense step ms "
-        "| dense fwd ms | dense TFLOP/s | step speedup | fwd speedup | target | mem | twell MiB | dense MiB "
-        "| relerr y / dx / dWg / dWu / dWd |",
-        "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| dense fwd ms | dense TFLOP/s | step speedup | synced | fwd speedup | target | mem | twell MiB "
+        "| dense MiB | relerr y / dx / dWg / dWu / dWd |",
+        "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     mib = 1024.0 * 1024.0
     for r in doc.get("records", []):
@@ -588,7 +621,7 @@ def write_markdown(doc: dict, path: Path) -> None:
                 f"{r.get('path_option', 'auto')} → {r.get('route', '?')}"]
         if r.get("ms") is None:
             lines.append("| " + " | ".join(head) + " | FAILED: " + str(r.get("error", "?")).replace("|", "/")
-                         + " |" + " |" * 13)
+                         + " |" + " |" * 14)
             continue
         tgt = r.get("target_speedup")
         tgt_s = "-" if tgt is None else f"≥{tgt:g}× " + ("met" if r.get("meets_speedup") else "**not met**")
@@ -602,7 +635,9 @@ def write_markdown(doc: dict, path: Path) -> None:
             fmt_cell(r.get("active_per_token"), ".1f"), fmt_cell(r.get("tail_rows"), "d"),
             fmt_cell(r.get("ms"), ".3f"), fmt_cell(r.get("fwd_ms"), ".3f"), fmt_cell(r.get("dense_ms"), ".3f"),
             fmt_cell(r.get("dense_fwd_ms"), ".3f"), fmt_cell(r.get("dense_tflops"), ".0f"),
-            fmt_cell(r.get("speedup_vs_dense"), ".2f") + "×", fmt_cell(r.get("fwd_speedup"), ".2f") + "×", tgt_s, mem,
+            fmt_cell(r.get("speedup_vs_dense"), ".2f") + "×",
+            "-" if r.get("speedup_synced") is None else fmt_cell(r["speedup_synced"], ".2f") + "×",
+            fmt_cell(r.get("fwd_speedup"), ".2f") + "×", tgt_s, mem,
             fmt_cell(None if r.get("twell_bytes") is None else r["twell_bytes"] / mib, ".0f"),
             fmt_cell(None if r.get("dense_bytes") is None else r["dense_bytes"] / mib, ".0f"), errs]) + " |")
     path.write_text("\n".join(lines) + "\n")
