@@ -4,16 +4,17 @@
 2048, 50 steps each). Every number is microseconds per step, host wall time:
 
 - ``apply`` / ``backward_call``: ``ffn_with_l1`` and ``torch.autograd.backward((y, l1), (dy, dl1))``;
-- ``op_impl.*``: the ops' implementations (argument checks + runner);
+- ``checks.forward``: the forward's argument checks and plan lookup (``ops._train_prepare``);
+- ``op_impl.backward``: the backward's checks + runner (``ops._train_backward_run``);
 - ``runner.*``: the runners (descriptors, allocations, the library calls);
 - ``lib:*``: inside the C library (launches and the kernels' host waits);
 - ``synced_step_us``: one step with a device synchronisation after it (what the GPU needs);
 - ``trivial_function_fwd_bwd_us``, ``torch_empty_us``, ``one_torch_op_us``: what an
   ``autograd.Function`` that does nothing, one allocation and one elementwise op cost on this host.
 
-So ``apply - op_impl.forward`` is autograd.Function's share of the forward, ``backward_call -
-op_impl.backward`` the engine's share of the backward, ``runner - lib`` the runners' Python and
-``op_impl - runner`` the checks. Prints one JSON line per M.
+So ``apply - checks.forward - runner.forward`` is autograd.Function's share of the forward,
+``backward_call - op_impl.backward`` the engine's share of the backward, ``runner - lib`` the
+runners' Python and ``op_impl.backward - runner.backward`` the backward's checks. Prints one JSON line per M.
 """
 
 import json
@@ -65,12 +66,12 @@ def probe(M, D=2048, H=5632, steps=50):
     for _ in range(3):
         step()
     runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
-    saved = (runner.lib, ops._train_forward_cuda, ops._train_backward_cuda)
+    saved = (runner.lib, ops._train_prepare, ops._train_backward_run)
     runner.lib = TimedLibrary(runner.lib, acc, lambda name: "lib:" + name)
     runner.forward = timed(acc, "runner.forward", runner.forward)
     runner.backward = timed(acc, "runner.backward", runner.backward)
-    ops._train_forward_cuda = timed(acc, "op_impl.forward", ops._train_forward_cuda)
-    ops._train_backward_cuda = timed(acc, "op_impl.backward", ops._train_backward_cuda)
+    ops._train_prepare = timed(acc, "checks.forward", ops._train_prepare)
+    ops._train_backward_run = timed(acc, "op_impl.backward", ops._train_backward_run)
     try:
         acc.clear()
         torch.cuda.synchronize()
@@ -78,7 +79,7 @@ def probe(M, D=2048, H=5632, steps=50):
             step()
         torch.cuda.synchronize()
     finally:
-        runner.lib, ops._train_forward_cuda, ops._train_backward_cuda = saved
+        runner.lib, ops._train_prepare, ops._train_backward_run = saved
         del runner.forward, runner.backward
     res = {k: v * 1e6 / steps for k, v in acc.items()}
 

@@ -32,6 +32,7 @@ struct twell_ffn_plan {
   u64 last_stats[TWELL_STATS_WORDS] = {};  // the newest completed copy
   int64_t calls = 0;
   int64_t last_copy_call = -(int64_t(1) << 40);
+  int64_t next_poll_call = 0;  // the pending copy's event is queried from this call on
   // TWELL_PATH_AUTO, captured calls: the device-side history and the stream
   // through which the IF/ELSE node's two bodies are captured.
   AutoState* dev_auto = nullptr;
@@ -76,15 +77,16 @@ FfnProblem problem_of(const twell_ffn_plan* plan, int64_t M) {
 
 // Eager AUTO calls: the rule of ffn/auto_route.h on the newest statistics the
 // host has (never waits: a copy still in flight is left for a later call). A
-// copy is issued at most every kStatsEvery calls and its event queried only
-// from kStatsEvery calls after it was issued (a query costs about as much host
-// time as the rest of a replayed call).
+// copy is issued at most every kStatsEvery calls and its event queried at most
+// every kStatsEvery calls (a query costs about as much host time as the rest
+// of a replayed call).
 constexpr int64_t kStatsEvery = 4;
 
 int choose_path(twell_ffn_plan* plan) {
   if (plan->opt.path != TWELL_PATH_AUTO) return plan->opt.path;
-  if (plan->stats_pending && plan->calls - plan->last_copy_call >= kStatsEvery) {
+  if (plan->stats_pending && plan->calls >= plan->next_poll_call) {
     const cudaError_t q = cudaEventQuery(plan->stats_ready);
+    plan->next_poll_call = plan->calls + kStatsEvery;
     if (q == cudaSuccess) {
       plan->stats_pending = false;
       plan->have_stats = true;
@@ -280,6 +282,7 @@ TWELL_API twell_status twell_ffn_run(twell_ffn_plan* plan, const DLTensor* x, co
     }
     plan->stats_pending = true;
     plan->last_copy_call = plan->calls;
+    plan->next_poll_call = plan->calls;  // first query at the next call
   }
   return ok();
 }

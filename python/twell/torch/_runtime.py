@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import _ffi
-from .._options import STATS_FIELDS, TRAIN_STATS_FIELDS
+from .._options import PATHS, STATS_FIELDS, TRAIN_STATS_FIELDS
 from .._plans import new_plan_key  # noqa: F401  (one key counter for twell.ops and twell.torch)
 from ..train_ops import train_last_route, train_replay_counts
 
@@ -85,6 +85,9 @@ _DTYPE_WORDS = {
 }
 
 
+_OWN = object()  # Frame.keys marker: the slot holds a runner-allocated output of fixed layout
+
+
 class Frame:
     """n DLTensor descriptors in one block of uint64 words, with their shape and stride arrays."""
 
@@ -116,6 +119,17 @@ class Frame:
         else:
             dims[d] = t.shape[0]
             dims[d + 2] = t.stride()[0]
+
+    def set_rows(self, i: int, t, rows: int) -> None:
+        """As set(), for a compact tensor the runner allocated itself ([rows, C] or [rows]) whose
+        slot held one of the same dtype, device and columns before: only the data pointer and the
+        row count are written (the first use of the slot writes everything)."""
+        if self.keys[i] is not _OWN:
+            self.set(i, t)
+            self.keys[i] = _OWN
+            return
+        self.words[i * _DESC_WORDS] = t.data_ptr()
+        self.dims[4 * i] = rows
 
     def set_cached(self, i: int, t) -> None:
         """As set(), skipped when t has the storage, shape and strides it had last time (weights)."""
@@ -255,6 +269,7 @@ def keep_for_graphs(t) -> None:
 # Inference
 # ---------------------------------------------------------------------------
 _BF16 = torch.bfloat16
+_PATH_AUTO = PATHS["auto"]
 
 
 class FFNRunner:
@@ -447,6 +462,8 @@ class TrainRunner:
         self.d_model, self.hidden, self.device, self.w_down_dh = d_model, hidden, device, w_down_dh
         self.torch_device = torch.device("cuda", device)
         self._need = {}  # rows -> workspace bytes (twell_train_workspace_size)
+        # rows -> saved-state bytes; AUTO asks the plan before every forward (the route may change)
+        self._saved_need = None if path == _PATH_AUTO else {}
         self.fwd = Frame(8)
         self.bwd = Frame(11)  # slot 10: l1_scale
         self.stats = torch.zeros(len(TRAIN_STATS_FIELDS), dtype=torch.int64, device=self.torch_device)
@@ -480,15 +497,27 @@ class TrainRunner:
         buf, ptr = _aligned_buffer(self.torch_device, need)
         return buf, ffi.cast("void *", ptr), need
 
-    def forward(self, x, w_gate, w_up, w_down):
+    def _saved_bytes(self, m: int) -> int:
+        memo = self._saved_need
+        if memo is not None:
+            n = memo.get(m)
+            if n is not None:
+                return n
+        _ffi.check(self.lib.twell_train_saved_size(self.plan, m, self._n))  # AUTO: the route of this forward
+        n = int(self._n[0])
+        if memo is not None:
+            memo[m] = n
+        return n
+
+    def forward(self, x, w_gate, w_up, w_down, want_active: bool = True):
+        """(y, l1, active, saved); active is None when not wanted (the kernels then skip it)."""
         x2 = as_rows(x, self.d_model, "x")
         m = x2.shape[0]
-        y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        l1 = torch.empty((1,), dtype=torch.float32, device=x.device)
-        active = torch.empty((m,), dtype=torch.int32, device=x.device)
-        _ffi.check(self.lib.twell_train_saved_size(self.plan, m, self._n))  # AUTO: the route of this forward
-        saved_bytes = int(self._n[0])
-        saved = torch.empty((max(saved_bytes, 1),), dtype=torch.uint8, device=x.device)
+        dev = self.torch_device
+        y = torch.empty((m, self.d_model), dtype=_BF16, device=dev)
+        l1 = torch.empty((1,), dtype=torch.float32, device=dev)
+        saved_bytes = self._saved_bytes(m)
+        saved = torch.empty((max(saved_bytes, 1),), dtype=torch.uint8, device=dev)
         if saved.data_ptr() % 256:  # the caching allocator hands out 512-byte aligned blocks
             raise _ffi.InternalError("the saved-state buffer is not 256-byte aligned")
         f = self.fwd
@@ -496,13 +525,18 @@ class TrainRunner:
         f.set_cached(1, w_gate)
         f.set_cached(2, w_up)
         f.set_cached(3, w_down)
-        f.set(4, y)
-        f.set(5, l1)
+        f.set_rows(4, y, m)
+        f.set_rows(5, l1, 1)
         p = f.ptrs
-        if m > 0:
-            f.set(6, active)
+        active = None
+        p_active = ffi.NULL
+        if want_active:
+            active = torch.empty((m,), dtype=torch.int32, device=dev)
+            if m > 0:
+                f.set_rows(6, active, m)
+                p_active = p[6]
         buf, ws, ws_bytes = self._workspace(m)
-        st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p[6] if m > 0 else ffi.NULL,
+        st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p_active,
                                           ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, ws_bytes,
                                           self.stream.current())
         del buf  # back to the caching allocator, stream-ordered after the launches above
@@ -510,34 +544,37 @@ class TrainRunner:
             _ffi.check(st)
         if x.dim() != 2:
             y = y.view(x.shape)
-            active = active.view(x.shape[:-1])
+            if active is not None:
+                active = active.view(x.shape[:-1])
         return y, l1, active, saved
 
     def backward(self, dy, dl1, x, w_gate, w_up, w_down, saved):
         D = self.d_model
         x2 = as_rows(x, D, "x")
         dy2 = as_rows(dy, D, "dy")
-        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        dwg = torch.empty_like(w_gate, memory_format=torch.contiguous_format)
-        dwu = torch.empty_like(w_up, memory_format=torch.contiguous_format)
-        dwd = torch.empty(w_down.shape, dtype=w_down.dtype, device=w_down.device)
+        m = x2.shape[0]
+        dev = self.torch_device
+        dx = torch.empty((m, D), dtype=_BF16, device=dev)
+        dwg = torch.empty((self.hidden, D), dtype=_BF16, device=dev)
+        dwu = torch.empty((self.hidden, D), dtype=_BF16, device=dev)
+        dwd = torch.empty((D, self.hidden) if self.w_down_dh else (self.hidden, D), dtype=_BF16, device=dev)
         f = self.bwd
         f.set(0, dy2)
         f.set(1, x2)
         f.set_cached(2, w_gate)
         f.set_cached(3, w_up)
         f.set_cached(4, w_down)
-        f.set(5, dx)
-        f.set(6, dwg)
-        f.set(7, dwu)
-        f.set(8, dwd)
+        f.set_rows(5, dx, m)
+        f.set_rows(6, dwg, self.hidden)
+        f.set_rows(7, dwu, self.hidden)
+        f.set_rows(8, dwd, dwd.shape[0])
         p = f.ptrs
         if dl1 is not None:
             f.set(10, dl1)
             scale, coef = p[10], 1.0
         else:
             scale, coef = ffi.NULL, 0.0
-        buf, ws, ws_bytes = self._workspace(x2.shape[0])
+        buf, ws, ws_bytes = self._workspace(m)
         st = self.lib.twell_train_backward_scaled(
             self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
             saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, ws_bytes, self.stream.current())

@@ -128,10 +128,16 @@ def _train_runner(x, w_down, D, H, dh, ell_width, path, kernels, plan):
     return rt.train_runner(plan, D, H, x.get_device(), dh, ell_width, path, kernels), False
 
 
-def _train_forward_cuda(x, w_gate, w_up, w_down, w_down_layout=0, ell_width=64, path=0, kernels=0, plan=0):
+def _train_prepare(x, w_gate, w_up, w_down, w_down_layout, ell_width, path, kernels, plan):
+    """(runner, flip, W_d as the runner takes it) after checking every argument."""
     D, H, dh = _dims(x, w_gate, w_up, w_down, w_down_layout, True)
     r, flip = _train_runner(x, w_down, D, H, dh, ell_width, path, kernels, plan)
-    return r.forward(x, w_gate, w_up, w_down.t() if flip else w_down)
+    return r, flip, (w_down.t() if flip else w_down)
+
+
+def _train_forward_cuda(x, w_gate, w_up, w_down, w_down_layout=0, ell_width=64, path=0, kernels=0, plan=0):
+    r, _flip, wd = _train_prepare(x, w_gate, w_up, w_down, w_down_layout, ell_width, path, kernels, plan)
+    return r.forward(x, w_gate, w_up, wd)
 
 
 def _train_forward_fake(x, w_gate, w_up, w_down, w_down_layout=0, ell_width=64, path=0, kernels=0, plan=0):
@@ -148,13 +154,19 @@ def _train_forward_fake(x, w_gate, w_up, w_down, w_down_layout=0, ell_width=64, 
 def _train_backward_cuda(dy, dl1, x, w_gate, w_up, w_down, saved, w_down_layout=0, ell_width=64, path=0, kernels=0,
                          plan=0):
     D, H, dh = _dims(x, w_gate, w_up, w_down, w_down_layout, True)
+    r, flip = _train_runner(x, w_down, D, H, dh, ell_width, path, kernels, plan)
+    return _train_backward_run(r, flip, dy, dl1, x, w_gate, w_up, w_down, saved)
+
+
+def _train_backward_run(r, flip, dy, dl1, x, w_gate, w_up, w_down, saved):
+    """The backward on runner r, after checking dy and dl1 (x and the weights were checked)."""
     rt.check_tensor(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
+    if dy.shape != x.shape:
         raise _ffi.InvalidArgumentError(f"dy has shape {tuple(dy.shape)}, expected {tuple(x.shape)} (x's)")
     if dl1 is not None:
         rt.check_tensor(dl1, "dl1", dtype=torch.float32)
-        dl1 = dl1.reshape(1).contiguous()
-    r, flip = _train_runner(x, w_down, D, H, dh, ell_width, path, kernels, plan)
+        if dl1.dim() != 1 or dl1.stride(0) != 1:
+            dl1 = dl1.reshape(1).contiguous()
     dx, dwg, dwu, dwd = r.backward(dy.contiguous() if dy.stride(-1) != 1 else dy, dl1, x, w_gate, w_up,
                                    w_down.t() if flip else w_down, saved)
     return dx, dwg, dwu, dwd.t() if flip else dwd
@@ -214,9 +226,10 @@ class _TrainFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, opts):
-        y, l1, _active, saved = _train_forward_cuda(x, w_gate, w_up, w_down, *opts)
+        r, flip, wd = _train_prepare(x, w_gate, w_up, w_down, *opts)
+        y, l1, _active, saved = r.forward(x, w_gate, w_up, wd, want_active=False)
         ctx.save_for_backward(x, w_gate, w_up, w_down, saved)
-        ctx.opts = opts
+        ctx.runner, ctx.flip = r, flip  # the backward runs on the same plan (its inputs are these, checked)
         ctx.set_materialize_grads(False)  # an unused l1 gives dl1 None: no zeros tensor, no L1 term
         return y, l1
 
@@ -225,7 +238,7 @@ class _TrainFFN(torch.autograd.Function):
         x, w_gate, w_up, w_down, saved = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
-        dx, dwg, dwu, dwd = _train_backward_cuda(dy, dl1, x, w_gate, w_up, w_down, saved, *ctx.opts)
+        dx, dwg, dwu, dwd = _train_backward_run(ctx.runner, ctx.flip, dy, dl1, x, w_gate, w_up, w_down, saved)
         return dx, dwg, dwu, dwd, None
 
 
