@@ -1,5 +1,6 @@
 """The twell command: every subcommand parses, and `twell info` works without a GPU."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -68,3 +69,24 @@ def test_version_and_defaults_in_help(capsys):
     out = capsys.readouterr().out
     assert "(default: 0.04)" in out or "(default: [0.04])" in out
     assert "(default: train_ref_out)" in out
+
+
+@pytest.mark.parametrize("record, synced", [("2026-12-03c_h200_bench_train.json", "1.99×"),
+                                            ("2026-12-03b_h200_bench_train.json", None)])
+def test_bench_train_redraws_committed_records(tmp_path, record, synced):
+    """`--from-json` rebuilds the Markdown table without a GPU, for records timed back to back (with
+    the synced column) and for the earlier ones (synced only: the column reads '-')."""
+    from twell.bench import train
+
+    src = Path(__file__).resolve().parent.parent / "bench" / "results" / record
+    args = train.add_bench_train_args(argparse.ArgumentParser()).parse_args(
+        ["--from-json", str(src), "--out", str(tmp_path), "--no-plots"])
+    assert train.main_bench_train(args) == 0
+    md = (tmp_path / "bench_train.md").read_text()
+    head = [line for line in md.splitlines() if line.startswith("| D |")][0]
+    assert "| step speedup | synced |" in head
+    rows = [line for line in md.splitlines() if line.startswith("| 2048 | 5632 | 16384 | uniform 0.5% |")]
+    assert rows, md
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    col = [c.strip() for c in head.strip("|").split("|")].index("synced")
+    assert cells[col] == (synced if synced else "-")
