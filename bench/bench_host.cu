@@ -14,7 +14,7 @@
 //
 // One JSON line per measurement on stdout:
 //   {"bench": "host_time", "api": "c", "op": "ffn", "D", "H", "M", "path", "layout",
-//    "host_us", "host_us_p10", "host_us_p90", "gpu_us", "ran_path"}
+//    "host_us", "host_us_p10", "host_us_p90", "gpu_us", "ran_path", "replays", "replay_captures"}
 //   {"bench": "host_time", "api": "c", "op": "<primitive>", "host_us", ...}
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -311,12 +311,14 @@ int main(int argc, char** argv) {
         uint64_t hs[8];
         CUDA_CHECK(cudaMemcpy(hs, stats, sizeof(hs), cudaMemcpyDeviceToHost));
         const char* ran = hs[TWELL_STAT_PATH] == TWELL_PATH_DENSE ? "dense" : "sparse";
+        int64_t replays = 0, captures = 0;  // cumulative for the plan: whether the timed calls replayed
+        TW(twell_ffn_plan_replay_counts(plan, &replays, &captures));
         printf(
             "{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"ffn\", \"D\": %lld, \"H\": %lld, \"M\": %lld, "
             "\"path\": \"%s\", \"layout\": \"%s\", \"ran_path\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, "
-            "\"host_us_p90\": %.3f, \"gpu_us\": %.3f}\n",
+            "\"host_us_p90\": %.3f, \"gpu_us\": %.3f, \"replays\": %lld, \"replay_captures\": %lld}\n",
             (long long)D, (long long)H, (long long)M, path.c_str(), layout.c_str(), ran, ht.med, ht.p10, ht.p90,
-            1000.0 * ms / reps);
+            1000.0 * ms / reps, (long long)replays, (long long)captures);
         fflush(stdout);
         CUDA_CHECK(cudaFree(ws));
       }

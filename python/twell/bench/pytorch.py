@@ -157,8 +157,10 @@ def run(args) -> dict:
                     _host_us(torch, twell_call, n_host)
                 finally:
                     runner.lib = lib
+                replays, captures = runner.replay_counts()  # whether the timed calls were replays
                 recs.append({"bench": "host_time", "api": "torch", "op": "ffn", "D": D, "H": H, "M": M,
-                             "host_us": host, "in_library_us": spent["lib"] * 1e6 / (3 + 5 * n_host)})
+                             "host_us": host, "in_library_us": spent["lib"] * 1e6 / (3 + 5 * n_host),
+                             "replays": replays, "replay_captures": captures})
                 recs.append({"bench": "host_time", "api": "torch", "op": "dense_ffn", "D": D, "H": H, "M": M,
                              "host_us": _host_us(torch, dense_call, 100 if M <= 2048 else 40)})
             tg = _graph(torch, twell_call)
