@@ -205,3 +205,25 @@ def test_dispatch_modes_see_the_op(training):
     with Record(), pytest.raises(Stop):
         tt.ffn(x, *_weights(requires_grad=training))
     assert seen[-1] == ("twell.train_forward.default" if training else "twell.ffn.default")
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (0, 64), (7,), (1,)])
+def test_descriptor_fast_update_writes_what_a_full_write_would(monkeypatch, shape):
+    """Frame.set_rows (the runner's own outputs: only the data pointer and the row count change
+    between calls) leaves the DLTensor words exactly as Frame.set would write them."""
+    from twell.torch import _runtime as rt
+
+    if _ffi.header_path is None:
+        pytest.skip("no twell header for the descriptor layout")
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # CPU tensors stand in for CUDA ones
+    fast, full = rt.Frame(2), rt.Frame(2)
+    first = torch.empty((9,) + shape[1:], dtype=BF)
+    fast.set_rows(1, first, first.shape[0])  # the slot's first use writes everything
+    for rows in (shape[0], 3, shape[0]):
+        t = torch.empty((rows,) + shape[1:], dtype=BF)
+        fast.set_rows(1, t, rows)
+        full.set(1, t)
+        words = [(int(fast.words[6 + k]), int(full.words[6 + k])) for k in (0, 1, 2, 5)]
+        assert all(a == b for a, b in words), words
+        used = (0, 1, 2, 3) if len(shape) == 2 else (0, 2)  # shape[0..nd) then strides[0..nd)
+        assert [int(fast.dims[4 + k]) for k in used] == [int(full.dims[4 + k]) for k in used]
