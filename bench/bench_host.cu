@@ -74,12 +74,15 @@ struct HostTiming {
 };
 
 // Host microseconds per call of f(), in `rounds` bursts of `calls` calls each,
-// with the stream held so that nothing waits for the GPU.
-template <class F>
-HostTiming host_time(F&& f, int calls, int rounds, cudaStream_t s, harness::StreamHold& hold, bool held = true) {
+// with the stream held so that nothing waits for the GPU; `on_hold` runs
+// after the hold is engaged and before the burst (untimed).
+template <class F, class G = void (*)()>
+HostTiming host_time(
+    F&& f, int calls, int rounds, cudaStream_t s, harness::StreamHold& hold, bool held = true, G on_hold = [] {}) {
   std::vector<double> per_call;
   for (int r = 0; r < rounds; ++r) {
     if (held) hold.engage(s);
+    on_hold();
     const auto t0 = Clock::now();
     for (int i = 0; i < calls; ++i) f();
     const auto t1 = Clock::now();
@@ -227,25 +230,14 @@ int main(int argc, char** argv) {
                                    (void)cudaGetLastError();
                                  },
                                  calls, rounds, s, hold, false));
-    {  // the same query on an event still pending behind the held stream (what an eager AUTO call
-       // meets while the GPU is behind the host)
-      std::vector<double> per_call;
-      for (int r = 0; r < rounds; ++r) {
-        hold.engage(s);
-        CUDA_CHECK(cudaEventRecord(ev, s));
-        const auto t0 = Clock::now();
-        for (int i = 0; i < calls; ++i) {
-          (void)cudaEventQuery(ev);
-          (void)cudaGetLastError();
-        }
-        const auto t1 = Clock::now();
-        hold.release();
-        CUDA_CHECK(cudaStreamSynchronize(s));
-        per_call.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / calls);
-      }
-      emit("cuda_event_query_pending",
-           {harness::quantile(per_call, 0.5), harness::quantile(per_call, 0.1), harness::quantile(per_call, 0.9)});
-    }
+    // The same query on an event still pending behind the held stream (what an eager AUTO call
+    // meets while the GPU is behind the host).
+    emit("cuda_event_query_pending", host_time(
+                                         [&] {
+                                           (void)cudaEventQuery(ev);
+                                           (void)cudaGetLastError();
+                                         },
+                                         calls, rounds, s, hold, true, [&] { CUDA_CHECK(cudaEventRecord(ev, s)); }));
     emit("cuda_func_set_attribute",
          host_time([&] { cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024); },
                    calls, rounds, s, hold, false));

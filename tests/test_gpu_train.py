@@ -125,13 +125,16 @@ def _oracle(prob, dy, c, chunk=16384, rows_out=None):
                 dw_gate=cp.asnumpy(dwg), dw_up=cp.asnumpy(dwu), dw_down=cp.asnumpy(dwd))
 
 
+def _device_tensors(dev, prob, layout="hd"):
+    """x, W_g, W_u, W_d of a problem as bf16 device arrays, W_d as [H, D] ("hd") or [D, H] ("dh")."""
+    wd = prob.w_down if layout == "hd" else prob.w_down.T
+    return tuple(dev.bf16(a) for a in (prob.x, prob.w_gate, prob.w_up, wd))
+
+
 def _run(dev, prob, dy, *, c=L1C, layout="hd", **opts):
     """Forward + backward through the functional API; the hybrid route unless opts name another."""
     opts.setdefault("path", "sparse")
-    x = dev.bf16(prob.x)
-    wg = dev.bf16(prob.w_gate)
-    wu = dev.bf16(prob.w_up)
-    wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
+    x, wg, wu, wd = _device_tensors(dev, prob, layout)
     m, d, h = prob.shape
     y = dev.full((m, d), "bfloat16", NAN_BF16)
     y, saved = train_ops.forward(x, wg, wu, wd, w_down_layout=layout, out=y, **opts)
@@ -397,8 +400,7 @@ def test_train_dense_route_chunks(rng, layout, accumulate):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, 20000, 512, 1024, "uniform2")
     m, d, h = prob.shape
-    x, wg, wu = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up)
-    wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
+    x, wg, wu, wd = _device_tensors(dev, prob, layout)
     plan = train_ops.TrainPlan(d, h, path="dense", w_down_layout=layout)
     y, saved = plan.forward(x, wg, wu, wd)
     init, bufs = _initial_grads(rng, dev, h, d, layout, accumulate)
@@ -612,8 +614,7 @@ def test_train_hot_neuron_gemms(rng, pattern, m, layout, accumulate):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, m, 1024, 2816, pattern)
     _, d, h = prob.shape
-    x, wg, wu = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up)
-    wd = dev.bf16(prob.w_down if layout == "hd" else prob.w_down.T)
+    x, wg, wu, wd = _device_tensors(dev, prob, layout)
     plan = train_ops.TrainPlan(d, h, path="sparse", w_down_layout=layout)
     y, saved = plan.forward(x, wg, wu, wd)
     init, bufs = _initial_grads(rng, dev, h, d, layout, accumulate)

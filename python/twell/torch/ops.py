@@ -153,8 +153,7 @@ def _train_forward_fake(x, w_gate, w_up, w_down, w_down_layout=0, ell_width=64, 
 
 def _train_backward_cuda(dy, dl1, x, w_gate, w_up, w_down, saved, w_down_layout=0, ell_width=64, path=0, kernels=0,
                          plan=0):
-    D, H, dh = _dims(x, w_gate, w_up, w_down, w_down_layout, True)
-    r, flip = _train_runner(x, w_down, D, H, dh, ell_width, path, kernels, plan)
+    r, flip, _wd = _train_prepare(x, w_gate, w_up, w_down, w_down_layout, ell_width, path, kernels, plan)
     return _train_backward_run(r, flip, dy, dl1, x, w_gate, w_up, w_down, saved)
 
 
