@@ -322,6 +322,19 @@ def test_train_131072_tokens(rng, pattern):
     assert got["fstats"]["rows"] == m
 
 
+@pytest.mark.parametrize("path", ["auto", "hybrid"])
+def test_train_memory_budget_2048x5632(path):
+    """Saved state + workspace at D = 2048, H = 5632: at most 250 MiB at M = 16384 (28% of the 880 MiB dense
+    PyTorch holds beyond inputs, weights and gradients, bench/results/2026-12-03c_h200_bench_train.md) and growing
+    with M by at most 2.5 KiB per token (at W = 64: the saved state, 777 bytes, and the backward's per-entry
+    regions, dg, du and the sorted entries, 24 W bytes, and its histogram)."""
+    plan = train_ops.TrainPlan(2048, 5632, path=path)
+    mib = 1 << 20
+    total = {m: plan.saved_size(m) + plan.workspace_size(m) for m in (16384, 65536)}
+    assert total[16384] <= 250 * mib, f"{total[16384] / mib:.1f} MiB at M = 16384"
+    assert total[65536] - total[16384] <= 2560 * (65536 - 16384), total
+
+
 def test_train_small_case(rng):
     """Tiny mixed case (ELL rows, tail rows over several chunks, a partial tile, hot neurons) for compute-sanitizer."""
     dev = gs.adapter("cupy")

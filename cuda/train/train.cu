@@ -113,7 +113,7 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   const size_t M = static_cast<size_t>(p.M), D = static_cast<size_t>(p.D), H = static_cast<size_t>(p.H);
   const size_t C = static_cast<size_t>(std::min<int64_t>(p.chunk, std::max<int64_t>(p.M, 1)));
   const size_t mw = M * static_cast<size_t>(p.W);
-  w.lt = t.take(kLtWorkspaceBytes);
+  w.lt = t.take(kTrainLtWorkspaceBytes);
   w.stats = t.take(kTrainStatsWords * sizeof(u64));
   w.wdt = t.take(p.w_down_dh ? H * D * 2 : 0);
   const size_t common = t.end;
@@ -122,9 +122,8 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.gate_chunk = t.take(gate_portable_workspace_bytes(p.M, p.H));
   w.row_l1 = t.take(M * 4);
   w.f_xt = t.take(C * D * 2);
-  w.f_g = t.take(C * H * 4);
-  w.f_u = t.take(C * H * 4);
-  w.f_hb = t.take(C * H * 2);
+  w.f_g = t.take(C * H * 2);
+  w.f_u = t.take(C * H * 2);
   w.f_yt = t.take(C * D * 2);
   w.fwd_total = t.end;
   // backward (reuses the forward's regions)
@@ -146,14 +145,10 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.sched = t.take(sizeof(WgSchedule));
   w.b_xt = t.take(C * D * 2);
   w.b_dyt = t.take(C * D * 2);
-  w.b_g = t.take(C * H * 4);
-  w.b_u = t.take(C * H * 4);
-  w.b_dh = t.take(C * H * 4);
-  w.b_dg = t.take(C * H * 2);
-  w.b_du = t.take(C * H * 2);
-  w.b_hb = t.take(C * H * 2);
-  w.b_dxa = t.take(C * D * 4);
-  w.b_dxb = t.take(C * D * 4);
+  w.b_g = t.take(C * H * 2);
+  w.b_u = t.take(C * H * 2);
+  w.b_dh = t.take(C * H * 2);
+  w.b_dx = t.take(C * D * 4);
   w.acc_g = t.take(H * D * 4);
   w.acc_u = t.take(H * D * 4);
   w.acc_d = t.take(H * D * 4);
@@ -161,9 +156,9 @@ TrainWorkspace train_workspace(const TrainProblem& p) {
   w.hot_set = t.take(sizeof(HotSet));
   w.bwd_total = t.end;
   // Hot neurons: results [3 kHotMax, D] fp32 and operands of up to
-  // kHotRowsPerChunk rows inside the tail regions [b_xt, end of b_dxb); off
+  // kHotRowsPerChunk rows inside the tail regions [b_xt, end of b_dx); off
   // when fewer than kHotMinCount rows fit or M is below it (no neuron can be hot).
-  const size_t tail_end = w.b_dxb + C * D * 4, K = kHotMax;
+  const size_t tail_end = w.b_dx + C * D * 4, K = kHotMax;
   const size_t results = (3 * K * D * 4 + 1023) & ~size_t(1023), per_row = 3 * K * 2;
   if (p.M >= kHotMinCount && tail_end > w.b_xt + results + 1024) {
     const int64_t fit = static_cast<int64_t>((tail_end - w.b_xt - results - 1024) / per_row);
@@ -240,7 +235,7 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
                       .sm_count = p.sm_count,
                       .portable_chunk = ws + L.gate_chunk,
                       .lt_workspace = lt,
-                      .lt_bytes = kLtWorkspaceBytes};
+                      .lt_bytes = kTrainLtWorkspaceBytes};
     TWELL_TRY(gate_pack_dispatch(a, r, s));
     // TwELL -> ELL rows / tail flags.
     convert_kernel<<<grid1(M, 4), 128, 0, s>>>(packed, M, H, p.slots, W, flags, counts, cols, gv, uv, stats);
@@ -271,22 +266,21 @@ twell_status train_forward_run(const TrainProblem& p, const TrainWeights& w, con
   // Dense tail rows, chunk by chunk (chunk c: tail rows [c C, c C + n)).
   const int64_t C = std::min<int64_t>(p.chunk, M);
   auto* xt = reinterpret_cast<bf16*>(ws + L.f_xt);
-  auto* G = reinterpret_cast<float*>(ws + L.f_g);
-  auto* U = reinterpret_cast<float*>(ws + L.f_u);
-  auto* hb = reinterpret_cast<bf16*>(ws + L.f_hb);
+  auto* G = reinterpret_cast<bf16*>(ws + L.f_g);  // G, then h in place
+  auto* U = reinterpret_cast<bf16*>(ws + L.f_u);
   auto* yt = reinterpret_cast<bf16*>(ws + L.f_yt);
   const u64* T_dev = header + 2;
   const auto tail_chunk = [&](int64_t c, int64_t n, cudaStream_t on) -> twell_status {
     const int64_t r0 = c * C;
     gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, on>>>(w.x.ptr, w.x.ld, tail, T_dev, r0, D, xt);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
-    TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, on));
-    TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, on));
-    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, on>>>(G, U, H, tail, T_dev, r0, hb, row_l1, counts,
-                                                                      stats, 0);
+    TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, false, n, H, D, lt, kTrainLtWorkspaceBytes, on));
+    TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, false, n, H, D, lt, kTrainLtWorkspaceBytes, on));
+    tail_forward_act_kernel<<<static_cast<unsigned>(n), 256, 0, on>>>(G, U, H, tail, T_dev, r0, row_l1, counts, stats,
+                                                                      0);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail activation");
-    // yt[n, D] = hb[n, H] W_d[H, D]
-    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {hb, H}, .b = wd, .c = {yt, D}}, lt, kLtWorkspaceBytes, on));
+    // yt[n, D] = h[n, H] W_d[H, D]  (h in G's place)
+    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {G, H}, .b = wd, .c = {yt, D}}, lt, kTrainLtWorkspaceBytes, on));
     scatter_rows_kernel<<<static_cast<unsigned>(n), 128, 0, on>>>(yt, tail, T_dev, r0, D, o.y.ptr, o.y.ld);
     TWELL_CUDA_STEP(cudaGetLastError(), "tail scatter");
     return TWELL_SUCCESS;
@@ -517,31 +511,35 @@ twell_status tail_backward_chunk(const Backward& b, int64_t c, int64_t n, cudaSt
   tail_accumulators(b, acc);
   auto* xt = reinterpret_cast<bf16*>(b.ws + L.b_xt);
   auto* dyt = reinterpret_cast<bf16*>(b.ws + L.b_dyt);
-  auto* G = reinterpret_cast<float*>(b.ws + L.b_g);
-  auto* U = reinterpret_cast<float*>(b.ws + L.b_u);
-  auto* DH = reinterpret_cast<float*>(b.ws + L.b_dh);
-  auto* dG = reinterpret_cast<bf16*>(b.ws + L.b_dg);
-  auto* dU = reinterpret_cast<bf16*>(b.ws + L.b_du);
-  auto* hb = reinterpret_cast<bf16*>(b.ws + L.b_hb);
-  auto* dxa = reinterpret_cast<float*>(b.ws + L.b_dxa);
-  auto* dxb = reinterpret_cast<float*>(b.ws + L.b_dxb);
+  // G, U, dH (bf16, the forward's bits), then dG, dU, h in their places.
+  auto* G = reinterpret_cast<bf16*>(b.ws + L.b_g);
+  auto* U = reinterpret_cast<bf16*>(b.ws + L.b_u);
+  auto* DH = reinterpret_cast<bf16*>(b.ws + L.b_dh);
+  const bf16 *dG = G, *dU = U, *hb = DH;
+  auto* dxt = reinterpret_cast<float*>(b.ws + L.b_dx);
   gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(w.x.ptr, w.x.ld, b.tail, T_dev, r0, D, xt);
   gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(io.dy.ptr, io.dy.ld, b.tail, T_dev, r0, D, dyt);
   TWELL_CUDA_STEP(cudaGetLastError(), "tail gather");
-  TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-  TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-  TWELL_TRY(lt_linear(dyt, D, b.wd.ptr, b.wd.ld, DH, H, true, n, H, D, lt, kLtWorkspaceBytes, s));
-  tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, io.l1_scale, dG, dU, hb);
+  TWELL_TRY(lt_linear(xt, D, w.w_gate.ptr, w.w_gate.ld, G, H, false, n, H, D, lt, kTrainLtWorkspaceBytes, s));
+  TWELL_TRY(lt_linear(xt, D, w.w_up.ptr, w.w_up.ld, U, H, false, n, H, D, lt, kTrainLtWorkspaceBytes, s));
+  TWELL_TRY(lt_linear(dyt, D, b.wd.ptr, b.wd.ld, DH, H, false, n, H, D, lt, kTrainLtWorkspaceBytes, s));
+  tail_backward_elem_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(G, U, DH, H, io.l1_coeff, io.l1_scale);
   TWELL_CUDA_STEP(cudaGetLastError(), "tail backward elementwise");
-  // dx rows = dG W_g + dU W_u
+  // dx rows = dG W_g + dU W_u (fp32, the second GEMM adds in place)
   const MatRef<const bf16> wts[2] = {w.w_gate, w.w_up};
   const bf16* ops[2] = {dG, dU};
-  float* outs[2] = {dxa, dxb};
   for (int q = 0; q < 2; ++q) {
-    TWELL_TRY(lt_gemm({.m = n, .n = D, .k = H, .a = {ops[q], H}, .b = wts[q], .c = {outs[q], D}, .c_is_f32 = true}, lt,
-                      kLtWorkspaceBytes, s));
+    TWELL_TRY(lt_gemm({.m = n,
+                       .n = D,
+                       .k = H,
+                       .a = {ops[q], H},
+                       .b = wts[q],
+                       .c = {dxt, D},
+                       .c_is_f32 = true,
+                       .beta = q == 0 ? 0.f : 1.f},
+                      lt, kTrainLtWorkspaceBytes, s));
   }
-  scatter_dx_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(dxa, dxb, b.tail, T_dev, r0, D, io.dx.ptr, io.dx.ld);
+  scatter_dx_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(dxt, b.tail, T_dev, r0, D, io.dx.ptr, io.dx.ld);
   TWELL_CUDA_STEP(cudaGetLastError(), "tail dx scatter");
   // weight gradients: acc_q[H, D] (+)= op_q^T in_q
   const bf16* lhs[3] = {dG, dU, hb};
@@ -556,7 +554,7 @@ twell_status tail_backward_chunk(const Backward& b, int64_t c, int64_t n, cudaSt
                        .c = {acc[q], D},
                        .c_is_f32 = true,
                        .beta = c == 0 ? 0.f : 1.f},
-                      lt, kLtWorkspaceBytes, s));
+                      lt, kTrainLtWorkspaceBytes, s));
   }
   return TWELL_SUCCESS;
 }
@@ -584,7 +582,7 @@ twell_status hot_weight_gradients(const Backward& b, cudaStream_t s) {
                        .c = {b.ws + L.hot_gu, D},
                        .c_is_f32 = true,
                        .beta = beta},
-                      b.lt, kLtWorkspaceBytes, s));
+                      b.lt, kTrainLtWorkspaceBytes, s));
     TWELL_TRY(lt_gemm({.m = kHotMax,
                        .n = D,
                        .k = rows,
@@ -594,7 +592,7 @@ twell_status hot_weight_gradients(const Backward& b, cudaStream_t s) {
                        .c = {b.ws + L.hot_d, D},
                        .c_is_f32 = true,
                        .beta = beta},
-                      b.lt, kLtWorkspaceBytes, s));
+                      b.lt, kTrainLtWorkspaceBytes, s));
   }
   return TWELL_SUCCESS;
 }

@@ -11,6 +11,12 @@ namespace twell {
 
 constexpr uint64_t kSavedMagic = 0x315254'6c6c657774ull;  // "twellTR1" (little-endian bytes)
 constexpr int kTrainStatsWords = TWELL_TRAIN_STATS_WORDS;
+// cuBLASLt workspace of the hybrid route, half of kLtWorkspaceBytes: it counts
+// against the step's memory, and its GEMMs need little (the tail chunk's have
+// more output tiles than SMs; the hot neurons' [256 | 128, D] fp32 outputs
+// are 2 MiB, so a split-K over several slices fits). The dense route keeps
+// kLtWorkspaceBytes.
+constexpr size_t kTrainLtWorkspaceBytes = size_t(16) << 20;
 
 struct TrainProblem {
   int64_t M = 0, D = 0, H = 0;
@@ -41,11 +47,12 @@ struct TrainWorkspace {
   size_t lt = 0, stats = 0, wdt = 0;
   // forward
   size_t packed = 0, gate_chunk = 0, row_l1 = 0;
-  size_t f_xt = 0, f_g = 0, f_u = 0, f_hb = 0, f_yt = 0;
+  size_t f_xt = 0, f_g = 0, f_u = 0, f_yt = 0;  // f_g: G, then h in place (bf16)
   size_t fwd_total = 0;
   // backward
   size_t dg = 0, du = 0, hist = 0, bsum = 0, nstart = 0, trans = 0, items = 0, fin = 0, partials = 0, sched = 0;
-  size_t b_xt = 0, b_dyt = 0, b_g = 0, b_u = 0, b_dh = 0, b_dg = 0, b_du = 0, b_hb = 0, b_dxa = 0, b_dxb = 0;
+  // tail chunk: b_g, b_u, b_dh are bf16 G, U, dH, then dG, dU, h in place; b_dx is fp32 dx rows
+  size_t b_xt = 0, b_dyt = 0, b_g = 0, b_u = 0, b_dh = 0, b_dx = 0;
   size_t acc_g = 0, acc_u = 0, acc_d = 0;
   // Hot neurons' weight gradients (train_kernels.cuh): ranks and count, and the
   // GEMMs' operands and results, which share the dense tail's regions (the hot

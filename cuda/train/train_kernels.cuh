@@ -219,23 +219,24 @@ __device__ __forceinline__ float block_sum_fixed(float v, float* sh) {
   return r;
 }
 
-// Dense tail rows (forward): h = relu(g) * u in fp32 -> bf16 for the y GEMM;
-// per-row L1 (fixed-order block reduction) and L0 count.
-__global__ void __launch_bounds__(256) tail_forward_act_kernel(const float* __restrict__ G, const float* __restrict__ U,
-                                                               int64_t H, const int32_t* __restrict__ rows,
+// Dense tail rows (forward). One CTA per tail row of the chunk: h = relu(G) U written over G (bf16, the
+// y GEMM's operand; G and U are the bf16 GEMM outputs), the row's L1 (fp32
+// |relu(g) u| in a fixed order) and L0.
+__global__ void __launch_bounds__(256) tail_forward_act_kernel(bf16* G_then_h, const bf16* __restrict__ U, int64_t H,
+                                                               const int32_t* __restrict__ rows,
                                                                const u64* __restrict__ tail_count, int64_t r0,
-                                                               bf16* __restrict__ hb, float* __restrict__ row_l1,
-                                                               int32_t* __restrict__ counts, u64* __restrict__ stats,
-                                                               int count_active) {
+                                                               float* __restrict__ row_l1, int32_t* __restrict__ counts,
+                                                               u64* __restrict__ stats, int count_active) {
   __shared__ float sh[256];
   const int64_t i = blockIdx.x;
   float l1 = 0.f;
   int cnt = 0;
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
-    const float g = G[i * H + c], u = U[i * H + c];
+    const int64_t o = i * H + c;
+    const float g = __bfloat162float(G_then_h[o]), u = __bfloat162float(U[o]);
     const float h = g > 0.f ? g * u : 0.f;
     cnt += g > 0.f ? 1 : 0;
-    hb[i * H + c] = __float2bfloat16_rn(h);
+    G_then_h[o] = __float2bfloat16_rn(h);
     l1 += fabsf(h);
   }
   const float tot = block_sum_fixed(l1, sh);
@@ -547,32 +548,33 @@ __global__ void __launch_bounds__(256) sort_scatter_serial_kernel(
 }
 
 // Dense tail rows (backward): dg, du (bf16 GEMM operands) and h (for dW_d).
-__global__ void __launch_bounds__(256) tail_backward_elem_kernel(
-    const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ DH, int64_t H, float coef_host,
-    const float* __restrict__ coef_scale, bf16* __restrict__ dG, bf16* __restrict__ dU, bf16* __restrict__ hb) {
+// In place, per element of the chunk: G -> dG, U -> dU, dH -> h (bf16, the
+// weight-gradient and dx GEMMs' operands), with dh = dH + c sign(h).
+__global__ void __launch_bounds__(256) tail_backward_elem_kernel(bf16* G_then_dg, bf16* U_then_du, bf16* DH_then_h,
+                                                                 int64_t H, float coef_host,
+                                                                 const float* __restrict__ coef_scale) {
   const int64_t i = blockIdx.x;
   const float coef = l1_coefficient(coef_host, coef_scale);
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
     const int64_t o = i * H + c;
-    const float g = G[o], u = U[o];
+    const float g = __bfloat162float(G_then_dg[o]), u = __bfloat162float(U_then_du[o]);
     const bool on = g > 0.f;
     const float h = on ? g * u : 0.f;
     const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
-    const float dh = DH[o] + coef * sg;
-    dG[o] = __float2bfloat16_rn(on ? dh * u : 0.f);
-    dU[o] = __float2bfloat16_rn(on ? dh * g : 0.f);
-    hb[o] = __float2bfloat16_rn(h);
+    const float dh = __bfloat162float(DH_then_h[o]) + coef * sg;
+    G_then_dg[o] = __float2bfloat16_rn(on ? dh * u : 0.f);
+    U_then_du[o] = __float2bfloat16_rn(on ? dh * g : 0.f);
+    DH_then_h[o] = __float2bfloat16_rn(h);
   }
 }
 
-__global__ void scatter_dx_kernel(const float* __restrict__ a, const float* __restrict__ b,
-                                  const int32_t* __restrict__ rows, const u64* __restrict__ tail_count, int64_t r0,
-                                  int64_t D, bf16* __restrict__ dx, int64_t ld) {
+__global__ void scatter_dx_kernel(const float* __restrict__ a, const int32_t* __restrict__ rows,
+                                  const u64* __restrict__ tail_count, int64_t r0, int64_t D, bf16* __restrict__ dx,
+                                  int64_t ld) {
   const int64_t i = blockIdx.x;
   if (!tail_row_valid(tail_count, r0)) return;
   const int64_t r = rows[r0 + i];
-  for (int64_t c = threadIdx.x; c < D; c += blockDim.x)
-    dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c] + b[i * D + c]);
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) dx[r * ld + c] = __float2bfloat16_rn(a[i * D + c]);
 }
 
 // ---- hot neurons of the weight gradients (tensor cores) ----
