@@ -89,7 +89,23 @@ if has sanitizer; then
   if [ "${TWELL_RACECHECK_EXCLUDE:-0}" = 1 ] && compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name-exclude"; then
     RACE_EXCLUDE=(--kernel-name-exclude kns=nvjet)
   fi
-  for tool in ${TWELL_SANITIZER_TOOLS:-memcheck racecheck}; do
+  # TWELL_RACECHECK_CASES="expr;expr;...": racecheck one pytest -k expression at a time, each under
+  # TWELL_RACECHECK_CASE_TIMEOUT seconds (default 120), so a slow case cannot hide the others' results;
+  # TWELL_RACECHECK_ARGS: extra compute-sanitizer arguments (e.g. "--kernel-name kns=twell": only
+  # twell's kernels are checked, cuBLASLt's run uninstrumented).
+  if [ -n "${TWELL_RACECHECK_CASES:-}" ]; then
+    IFS=';' read -ra rcases <<< "$TWELL_RACECHECK_CASES"
+    i=0
+    for k in "${rcases[@]}"; do
+      i=$((i+1)); t0=$(date +%s); log="$OUT/sanitizer_racecheck_case${i}_log.txt"
+      TWELL_TEST_NO_POOL=1 timeout ${TWELL_RACECHECK_CASE_TIMEOUT:-120} compute-sanitizer --tool racecheck --error-exitcode 9 \
+        --target-processes all ${TWELL_RACECHECK_ARGS:-} python3 -m pytest tests/test_gpu_train.py tests/test_gpu_ffn.py -q \
+        -p no:cacheprovider -k "$k" > "$log" 2>&1
+      rc=$?
+      SUMMARY+=("racecheck case $i (-k '$k', ${TWELL_RACECHECK_ARGS:-all kernels}): rc=$rc ($(( $(date +%s) - t0 )) s): $(grep -E 'RACECHECK SUMMARY' "$log" | sort | uniq -c | tr '\n' ' ') $(grep -E 'passed|failed' "$log" | tail -1); reports naming a kernel other than nvjet_*: $(grep -E 'Race reported' "$log" | grep -vc 'access at nvjet_')")
+    done
+  fi
+  for tool in ${TWELL_SANITIZER_TOOLS-memcheck racecheck}; do
     t0=$(date +%s)
     k="$SAN_K"; extra=(); [ $tool = racecheck ] && { k="$RACE_K"; extra=("${RACE_EXCLUDE[@]}"); }
     TWELL_TEST_NO_POOL=1 timeout ${TWELL_SANITIZER_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all "${extra[@]}" \

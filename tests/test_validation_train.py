@@ -96,6 +96,19 @@ def test_workspace_sizes_per_route(lib):
         assert auto == max(hybrid, dense_min), m
 
 
+@pytest.mark.parametrize("path", [0, 1])
+def test_train_memory_budget_2048x5632(lib, path):
+    """AUTO (on its first route) and hybrid plans: saved state + workspace at D = 2048, H = 5632 at most 250 MiB at
+    M = 16384 (28% of the 880 MiB that dense PyTorch holds beyond inputs, weights and gradients,
+    bench/results/2026-12-03c_h200_bench_train.md: the training issue's bar), growing by at most 2.5 KiB per token
+    (at W = 64: the saved state, 777 bytes, the backward's dg, du and sorted entries, 24 W, and its histogram)."""
+    plan = _plan(lib, path=path)
+    total = {m: _size(lib, lib.twell_train_saved_size, plan, m) + _size(lib, lib.twell_train_workspace_size, plan, m)
+             for m in (16384, 65536)}
+    assert total[16384] <= 250 * MIB, f"{total[16384] / MIB:.1f} MiB at M = 16384"
+    assert total[65536] - total[16384] <= 2560 * (65536 - 16384), total
+
+
 def _fwd_args(T, m=4, d=2048, h=5632, dh=False):
     return dict(x=T((m, d), data=FAKE), wg=T((h, d), data=FAKE + STEP), wu=T((h, d), data=FAKE + 2 * STEP),
                 wd=T((d, h) if dh else (h, d), data=FAKE + 3 * STEP), y=T((m, d), data=FAKE + 4 * STEP),

@@ -421,9 +421,12 @@ TWELL_API twell_status twell_train_plan_destroy(twell_train_plan* plan);
 /* For a TWELL_PATH_AUTO plan: the size of the route its next forward    */
 /* prefers (it changes when the plan switches routes).                   */
 TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int64_t rows, size_t* bytes);
-/* Device workspace bytes for a forward or a backward over M tokens (AUTO */
-/* plans: enough for both routes; the dense route's chunk is the largest  */
-/* that fits the workspace given).                                        */
+/* Device workspace bytes for a forward or a backward over M tokens. Any  */
+/* AUTO plan's answer is enough for both routes (the dense route's chunk   */
+/* is the largest that fits the workspace given, at least min(M, 1024)    */
+/* rows); while the plan prefers the dense route (as twell_train_saved_size */
+/* last answered: ask it first), the answer is larger: room for 4096 dense */
+/* rows per chunk. For a backward, give the size its forward was given.    */
 TWELL_API twell_status twell_train_workspace_size(const twell_train_plan* plan, int64_t rows, size_t* bytes);
 
 /*

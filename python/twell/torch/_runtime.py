@@ -461,7 +461,7 @@ class TrainRunner:
         self.lib = lib
         self.d_model, self.hidden, self.device, self.w_down_dh = d_model, hidden, device, w_down_dh
         self.torch_device = torch.device("cuda", device)
-        self._need = {}  # rows -> workspace bytes (twell_train_workspace_size)
+        self._need = {}  # (rows, saved bytes) -> workspace bytes (twell_train_workspace_size)
         # rows -> saved-state bytes; AUTO asks the plan before every forward (the route may change)
         self._saved_need = None if path == _PATH_AUTO else {}
         self.fwd = Frame(8)
@@ -484,16 +484,19 @@ class TrainRunner:
         """"hybrid" or "dense": the route of the last forward (None before any)."""
         return train_last_route(self.plan)
 
-    def _workspace(self, m: int):
+    def _workspace(self, m: int, saved_bytes: int):
         """(buffer, cffi pointer, bytes): this call's workspace, taken from PyTorch's caching
         allocator on the current stream and given back when the caller drops ``buffer`` (after the
         launches). So every layer of a model reuses one block (stream order keeps them apart) and
         the memory is there for other tensors between calls; inside a CUDA graph capture the block
-        belongs to the graph's pool. Forward and backward need nothing of each other's workspace."""
-        need = self._need.get(m)
+        belongs to the graph's pool. Forward and backward need nothing of each other's workspace.
+        The size follows the route (an AUTO plan's dense route asks for more; the saved state's size
+        tells the routes apart), asked right after the saved size, as the C ABI wants."""
+        key = (m, saved_bytes)
+        need = self._need.get(key)
         if need is None:
             _ffi.check(self.lib.twell_train_workspace_size(self.plan, m, self._n))
-            need = self._need[m] = int(self._n[0])
+            need = self._need[key] = int(self._n[0])
         buf, ptr = _aligned_buffer(self.torch_device, need)
         return buf, ffi.cast("void *", ptr), need
 
@@ -535,7 +538,7 @@ class TrainRunner:
             if m > 0:
                 f.set_rows(6, active, m)
                 p_active = p[6]
-        buf, ws, ws_bytes = self._workspace(m)
+        buf, ws, ws_bytes = self._workspace(m, saved_bytes)
         st = self.lib.twell_train_forward(self.plan, p[0], p[1], p[2], p[3], p[4], p[5], p_active,
                                           ffi.cast("void *", saved.data_ptr()), saved_bytes, p[7], ws, ws_bytes,
                                           self.stream.current())
@@ -574,7 +577,7 @@ class TrainRunner:
             scale, coef = p[10], 1.0
         else:
             scale, coef = ffi.NULL, 0.0
-        buf, ws, ws_bytes = self._workspace(m)
+        buf, ws, ws_bytes = self._workspace(m, saved.numel())
         st = self.lib.twell_train_backward_scaled(
             self.plan, p[0], coef, scale, p[1], p[2], p[3], p[4], ffi.cast("void *", saved.data_ptr()),
             saved.numel(), p[5], p[6], p[7], p[8], 0, p[9], ws, ws_bytes, self.stream.current())
