@@ -76,18 +76,20 @@ TrainProblem problem_of(const twell_train_plan* plan, int64_t M) {
       .chunk = plan->opt.tail_chunk_rows > 0 ? plan->opt.tail_chunk_rows : TWELL_TRAIN_TAIL_CHUNK_DEFAULT};
 }
 
-// TWELL_PATH_AUTO's cost model (measured on an H100, D=2048, H=5632: the
-// hybrid step is ~0.75x of dense at 0.5% uniform activity, ~1x at a third of
-// the rows in the tail, ~2x at 2%): the dense route pays once more than a
-// quarter of the rows would go to the tail, or the mean activity exceeds
-// 0.75% of H (0.375% where W_u and W_d do not fit in L2 together, so the
-// hybrid's row gathers come from HBM).
+// TWELL_PATH_AUTO's cost model: the dense route pays once more than a quarter
+// of the rows would go to the tail, or the mean activity exceeds 1.1% of H
+// (0.65% where W_u and W_d do not fit in L2 together, so the hybrid's row
+// gathers come from HBM). Fitted to the H200 records of 2026-12-03
+// (bench/results/2026-12-03d_*): at 2048 x 5632 the hybrid step is 0.49 of
+// dense at 0.5% and 1.44 at 2% (W = 256), linear in between, so even at 1.25%;
+// at 4096 x 14336 (not in L2) 0.73 at 0.5%, with the same fixed share (0.18)
+// even near 0.75%. Both thresholds sit about 5-10% short of break-even.
 bool dense_pays(const twell_train_plan* p, u64 rows, u64 active, u64 tail_rows) {
   if (rows == 0) return p->prefer_dense;
   const double tail_share = static_cast<double>(tail_rows) / static_cast<double>(rows);
   const double density = static_cast<double>(active) / (static_cast<double>(rows) * static_cast<double>(p->H));
   const bool in_l2 = 4.0 * static_cast<double>(p->H) * static_cast<double>(p->D) <= static_cast<double>(p->l2_bytes);
-  return tail_share > 0.25 || density > (in_l2 ? 0.0075 : 0.00375);
+  return tail_share > 0.25 || density > (in_l2 ? 0.011 : 0.0065);
 }
 
 enum class Route { kHybrid, kDense };
