@@ -236,6 +236,11 @@ int64_t train_dense_chunk(const TrainProblem& p, size_t workspace_bytes) {
   c = static_cast<int64_t>((workspace_bytes - fixed) / per_row);
   c = std::min(c, std::min(M, kDenseChunkMax)) / kDenseChunkMin * kDenseChunkMin;
   while (c >= kDenseChunkMin && dense_workspace(p, c).total > workspace_bytes) c -= kDenseChunkMin;
+  // The estimate above can fall one step short (region alignment): the largest multiple that fits.
+  const int64_t cmax = std::min(M, kDenseChunkMax);
+  while (c + kDenseChunkMin <= cmax && dense_workspace(p, c + kDenseChunkMin).total <= workspace_bytes) {
+    c += kDenseChunkMin;
+  }
   return c >= kDenseChunkMin ? c : 0;
 }
 
