@@ -332,6 +332,16 @@ def test_train_small_case(rng):
     _check(got, _oracle(prob, dy, L1C))
 
 
+def test_train_small_hot_gemms(rng):
+    """Small case with hot-neuron GEMMs (8 neurons in ~80% of 400 tokens, at least 256 ELL entries each), for
+    compute-sanitizer: the hot selection and operand kernels run, between small cuBLASLt GEMMs."""
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, 400, 256, 1000, "hot")
+    got = _run(dev, prob, dy)
+    _check(got, _oracle(prob, dy, L1C))
+    assert got["bstats"]["max_neuron_count"] >= 256, got["bstats"]
+
+
 @pytest.mark.parametrize("kernels", ["auto", "portable"])
 @pytest.mark.parametrize("rep", range(6))
 def test_train_hot_129_repeat(rng, kernels, rep):

@@ -304,11 +304,21 @@ def _train_steps(torch, tt, x, weights, M, D, H, calls):
         y = F.linear(F.relu(F.linear(xx, wg)) * F.linear(xx, wu), wd)
         ((y.float() * dy).sum()).backward()
 
+    from twell.torch import _runtime as rt
+
     out = []
     base = {"D": D, "H": H, "M": M, "pattern": "uniform"}
-    ms, dense_ms = _wall_ms(torch, twell_step, calls), _wall_ms(torch, dense_step, calls)
+    twell_step(0)  # makes the layer's runner
+    runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
+    before = runner.replay_counts()
+    ms = _wall_ms(torch, twell_step, calls)
+    after = runner.replay_counts()
+    dense_ms = _wall_ms(torch, dense_step, calls)
+    # Whether the eager steps replayed their captured forms (forward and backward: two plan calls a
+    # step; _wall_ms runs 3 + 3 * calls steps): a step that does not replay waits on the host.
     out.append({"bench": "train_torch", **base, "graph": False, "ms": ms, "dense_ms": dense_ms,
-                "speedup_vs_dense": dense_ms / ms})
+                "speedup_vs_dense": dense_ms / ms, "eager_plan_calls": 2 * (3 + 3 * calls),
+                "eager_replays": after[0] - before[0], "eager_captures": after[1] - before[1]})
     graphs = []
     for step in (twell_step, dense_step):
         g = _graph(torch, step)[0][0]
