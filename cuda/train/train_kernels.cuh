@@ -219,9 +219,9 @@ __device__ __forceinline__ float block_sum_fixed(float v, float* sh) {
   return r;
 }
 
-// Dense tail rows (forward). One CTA per tail row of the chunk: h = relu(G) U written over G (bf16, the
-// y GEMM's operand; G and U are the bf16 GEMM outputs), the row's L1 (fp32
-// |relu(g) u| in a fixed order) and L0.
+// Dense tail rows (forward). One CTA per tail row of the chunk: h = relu(G) U
+// written over G (bf16, the y GEMM's operand; G and U are the bf16 GEMM
+// outputs), the row's L1 (fp32 |relu(g) u| in a fixed order) and L0.
 __global__ void __launch_bounds__(256) tail_forward_act_kernel(bf16* G_then_h, const bf16* __restrict__ U, int64_t H,
                                                                const int32_t* __restrict__ rows,
                                                                const u64* __restrict__ tail_count, int64_t r0,
@@ -547,9 +547,9 @@ __global__ void __launch_bounds__(256) sort_scatter_serial_kernel(
   }
 }
 
-// Dense tail rows (backward): dg, du (bf16 GEMM operands) and h (for dW_d).
-// In place, per element of the chunk: G -> dG, U -> dU, dH -> h (bf16, the
-// weight-gradient and dx GEMMs' operands), with dh = dH + c sign(h).
+// Dense tail rows (backward), in place per element of the chunk: G -> dG,
+// U -> dU, dH -> h (bf16: the dx and weight-gradient GEMMs' operands), with
+// dh = dH + c sign(h).
 __global__ void __launch_bounds__(256) tail_backward_elem_kernel(bf16* G_then_dg, bf16* U_then_du, bf16* DH_then_h,
                                                                  int64_t H, float coef_host,
                                                                  const float* __restrict__ coef_scale) {
