@@ -227,3 +227,28 @@ def test_descriptor_fast_update_writes_what_a_full_write_would(monkeypatch, shap
         assert all(a == b for a, b in words), words
         used = (0, 1, 2, 3) if len(shape) == 2 else (0, 2)  # shape[0..nd) then strides[0..nd)
         assert [int(fast.dims[4 + k]) for k in used] == [int(full.dims[4 + k]) for k in used]
+
+
+def test_train_runner_workspace_follows_the_saved_size(monkeypatch):
+    """The training runner asks the plan for its workspace once per (rows, saved bytes): an AUTO plan's
+    answer depends on the route (the saved size tells hybrid from dense), and a backward, asked with
+    its forward's saved bytes, gets the forward's size without asking again."""
+    from twell.torch import _runtime as rt
+
+    answers = iter([1000, 5000])
+    asked = []
+
+    class Lib:
+        def twell_train_workspace_size(self, plan, rows, out):
+            asked.append(rows)
+            out[0] = next(answers)
+            return 0
+
+    monkeypatch.setattr(rt, "_aligned_buffer", lambda device, n: (torch.empty(int(n), dtype=torch.uint8), 0))
+    r = object.__new__(rt.TrainRunner)  # no plan or device needed for the sizing
+    r.lib, r.plan, r.torch_device, r._need, r._n = Lib(), None, "cpu", {}, _ffi.ffi.new("size_t *")
+    assert r._workspace(16, 777)[2] == 1000   # a hybrid forward
+    assert r._workspace(16, 777)[2] == 1000   # its backward: no second question
+    assert r._workspace(16, 4096)[2] == 5000  # a dense forward (a larger saved state)
+    assert r._workspace(16, 4096)[2] == 5000 and r._workspace(16, 777)[2] == 1000
+    assert asked == [16, 16]
