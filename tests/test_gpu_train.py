@@ -131,6 +131,13 @@ def _device_tensors(dev, prob, layout="hd"):
     return tuple(dev.bf16(a) for a in (prob.x, prob.w_gate, prob.w_up, wd))
 
 
+def _outputs(dev, y, saved, dx, dwg, dwu, dwd, bstats):
+    """One step's outputs on the host, as _check takes them."""
+    return dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
+                dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu), dw_down=dev.host_f32(dwd),
+                fstats=saved.read_stats(), bstats=train_ops.read_train_stats(bstats))
+
+
 def _run(dev, prob, dy, *, c=L1C, layout="hd", **opts):
     """Forward + backward through the functional API; the hybrid route unless opts name another."""
     opts.setdefault("path", "sparse")
@@ -142,9 +149,7 @@ def _run(dev, prob, dy, *, c=L1C, layout="hd", **opts):
     dx = dev.full((m, d), "bfloat16", NAN_BF16)
     bstats = dev.full((16,), "uint64", 0xABABABABABABABAB)
     dx, dwg, dwu, dwd = train_ops.backward(gdy, saved, x, wg, wu, wd, l1_coeff=c, dx=dx, stats=bstats)
-    out = dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
-               dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu), dw_down=dev.host_f32(dwd),
-               fstats=saved.read_stats(), bstats=train_ops.read_train_stats(bstats))
+    out = _outputs(dev, y, saved, dx, dwg, dwu, dwd, bstats)
     if layout == "dh":
         out["dw_down"] = out["dw_down"].T
     return out
@@ -275,7 +280,7 @@ def test_train_accumulate(rng):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, 300, 1024, 2816, "skewed")
     m, d, h = prob.shape
-    x, wg, wu, wd = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down)
+    x, wg, wu, wd = _device_tensors(dev, prob)
     y, saved = train_ops.forward(x, wg, wu, wd)
     init = [gs.round_bf16(rng.standard_normal((h, d), dtype=np.float32)) for _ in range(3)]
     bufs = [dev.bf16(a) for a in init]
@@ -445,15 +450,12 @@ def test_train_auto_switches_routes(rng):
     routes = []
     for pattern in ("uniform2", "uniform2", "uniform2", "uniform", "uniform", "uniform"):
         prob, dy = _problem(rng, m, d, h, pattern)
-        x, wg, wu, wd = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down)
+        x, wg, wu, wd = _device_tensors(dev, prob)
         y, saved = plan.forward(x, wg, wu, wd)
         bstats = dev.full((16,), "uint64", 0)
         dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, stats=bstats)
-        fs = saved.read_stats()
         routes.append(plan.last_route())
-        got = dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
-                   dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu),
-                   dw_down=dev.host_f32(dwd), fstats=fs, bstats=train_ops.read_train_stats(bstats))
+        got = _outputs(dev, y, saved, dx, dwg, dwu, dwd, bstats)
         _check(got, _oracle(prob, dy, L1C), what=f"call {len(routes)} ({pattern}, {routes[-1]}): ",
                l1_tol=1e-2 if routes[-1] == "dense" else 2e-3)
     assert routes == ["hybrid", "dense", "dense", "dense", "hybrid", "hybrid"], routes
@@ -469,16 +471,14 @@ def test_train_auto_dense_route_asks_for_full_chunks(rng):
     hybrid_ws = plan.workspace_size(m)
     for _ in range(2):  # the first call runs hybrid and shows dense activity
         prob, dy = _problem(rng, m, d, h, "uniform2")
-        x, wg, wu, wd = dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down)
+        x, wg, wu, wd = _device_tensors(dev, prob)
         y, saved = plan.forward(x, wg, wu, wd)
         bstats = dev.full((16,), "uint64", 0)
         dx, dwg, dwu, dwd = plan.backward(dev.bf16(dy), saved, x, wg, wu, wd, l1_coeff=L1C, stats=bstats)
     assert plan.last_route() == "dense"
-    fs, bs = saved.read_stats(), train_ops.read_train_stats(bstats)
-    got = dict(y=dev.host_f32(y), l1=float(dev.host(saved.l1)[0]), l0=dev.host(saved.active).astype(np.int64),
-               dx=dev.host_f32(dx), dw_gate=dev.host_f32(dwg), dw_up=dev.host_f32(dwu), dw_down=dev.host_f32(dwd),
-               fstats=fs, bstats=bs)
+    got = _outputs(dev, y, saved, dx, dwg, dwu, dwd, bstats)
     _check(got, _oracle(prob, dy, L1C), what="dense route, 2 chunks: ", l1_tol=1e-2)
+    fs, bs = got["fstats"], got["bstats"]
     assert fs["tail_chunks"] == 2 and bs["tail_chunks"] == 2, (fs, bs)
     plan.saved_size(m)  # the route the next forward takes (dense), which workspace_size follows
     assert plan.workspace_size(m) > hybrid_ws
@@ -528,7 +528,7 @@ def test_train_eager_replay_is_bitwise_the_eager_call(rng, pattern, m, chunk, pa
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, m, 1024, 2816, pattern)
     _, d, h = prob.shape
-    ins = (dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down), dev.bf16(dy))
+    ins = (*_device_tensors(dev, prob), dev.bf16(dy))
     off = train_ops.TrainPlan(d, h, path=path, tail_chunk_rows=chunk)
     off.set_replay(0)
     want_bits = _fixed_step(dev, off, _fixed_buffers(dev, off, m, d, h), ins)
@@ -566,7 +566,7 @@ def test_train_replay_follows_new_inputs_in_the_same_buffers(rng):
     for i, pattern in enumerate(("uniform", "skewed", "skewed", "uniform", "overflow", "dense_rows")):
         prob, dy = _problem(rng, m, d, h, pattern)
         if ins is None:
-            ins = (dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down), dev.bf16(dy))
+            ins = (*_device_tensors(dev, prob), dev.bf16(dy))
         else:
             _refill(dev, ins, (prob.x, prob.w_gate, prob.w_up, prob.w_down, dy))
         got = _fixed_step(dev, plan, bufs, ins)
@@ -588,7 +588,7 @@ def test_train_replayed_backward_marks_a_foreign_saved_state_with_nan(rng):
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, 300, 1024, 2816, "skewed")
     m, d, h = prob.shape
-    ins = (dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down), dev.bf16(dy))
+    ins = (*_device_tensors(dev, prob), dev.bf16(dy))
     plan = train_ops.TrainPlan(d, h, path="sparse")
     bufs = _fixed_buffers(dev, plan, m, d, h)
     for _ in range(3):
@@ -620,7 +620,7 @@ def test_train_auto_switches_routes_while_replayed(rng):
     for pattern in ("uniform", "uniform", "uniform", "uniform2", "uniform2", "uniform2", "uniform", "uniform"):
         prob, dy = _problem(rng, m, d, h, pattern)
         if ins is None:
-            ins = (dev.bf16(prob.x), dev.bf16(prob.w_gate), dev.bf16(prob.w_up), dev.bf16(prob.w_down), dev.bf16(dy))
+            ins = (*_device_tensors(dev, prob), dev.bf16(dy))
         else:
             _refill(dev, ins, (prob.x, prob.w_gate, prob.w_up, prob.w_down, dy))
         if bufs["saved"] is not None and bufs["saved"].nbytes < plan.saved_size(m):

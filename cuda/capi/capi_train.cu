@@ -110,16 +110,19 @@ size_t saved_need(const twell_train_plan* plan, int64_t M, Route r) {
                             : train_saved_layout(M, plan->opt.ell_width).total;
 }
 
-// Workspace the plan asks for: its route's, or for AUTO enough for the hybrid
-// route and for the dense one with at least min(M, 1024) rows per chunk.
+// Workspace of the dense route with up to `rows` rows per chunk (all M rows if fewer).
+size_t dense_workspace_rows(const TrainProblem& prob, int64_t rows) {
+  return train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), rows));
+}
+
+// Workspace a call needs at least: its route's, or for AUTO enough for the
+// hybrid route and for the dense one with at least min(M, 1024) rows per chunk.
 size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
   const size_t hybrid = train_workspace(prob).total;
   switch (plan->opt.path) {
     case TWELL_PATH_SPARSE: return hybrid;
-    case TWELL_PATH_DENSE:
-      return train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), kDenseChunkMax));
-    default:
-      return std::max(hybrid, train_dense_workspace_bytes(prob, std::min<int64_t>(std::max<int64_t>(prob.M, 1), 1024)));
+    case TWELL_PATH_DENSE: return dense_workspace_rows(prob, kDenseChunkMax);
+    default: return std::max(hybrid, dense_workspace_rows(prob, 1024));
   }
 }
 
@@ -128,11 +131,10 @@ size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
 // per chunk. (The hybrid's workspace alone gives the dense route fewer rows
 // per chunk: more GEMMs and fp32 accumulator passes; at M = 16384, skewed,
 // 5.70 ms for 2540-row chunks against 5.39 for 4840, H200, 2026-12-03.)
-constexpr int64_t kDenseChunkAuto = 4096;
 size_t workspace_ask(const twell_train_plan* plan, const TrainProblem& prob) {
   const size_t need = workspace_need(plan, prob);
   if (plan->opt.path != TWELL_PATH_AUTO || !plan->prefer_dense) return need;
-  return std::max(need, train_dense_workspace_bytes(prob, std::min(std::max<int64_t>(prob.M, 1), kDenseChunkAuto)));
+  return std::max(need, dense_workspace_rows(prob, 4096));
 }
 
 // AUTO: take in a finished read-back of an earlier forward (never waits). It

@@ -227,21 +227,14 @@ size_t train_dense_workspace_bytes(const TrainProblem& p, int64_t chunk) { retur
 
 int64_t train_dense_chunk(const TrainProblem& p, size_t workspace_bytes) {
   const int64_t M = std::max<int64_t>(p.M, 1);
-  int64_t c = std::min(M, kDenseChunkMax);
+  const int64_t c = std::min(M, kDenseChunkMax);
   if (dense_workspace(p, c).total <= workspace_bytes) return c;
-  // Several chunks: the fixed part (with the accumulators) plus 3 H bf16 per row.
-  const size_t fixed = dense_workspace(p, 0).total + 3 * 256;
-  const size_t per_row = 3 * static_cast<size_t>(p.H) * 2;
-  if (workspace_bytes <= fixed) return 0;
-  c = static_cast<int64_t>((workspace_bytes - fixed) / per_row);
-  c = std::min(c, std::min(M, kDenseChunkMax)) / kDenseChunkMin * kDenseChunkMin;
-  while (c >= kDenseChunkMin && dense_workspace(p, c).total > workspace_bytes) c -= kDenseChunkMin;
-  // The estimate above can fall one step short (region alignment): the largest multiple that fits.
-  const int64_t cmax = std::min(M, kDenseChunkMax);
-  while (c + kDenseChunkMin <= cmax && dense_workspace(p, c + kDenseChunkMin).total <= workspace_bytes) {
-    c += kDenseChunkMin;
+  // Several chunks (with the fp32 accumulators): the largest multiple of
+  // kDenseChunkMin rows that fits, at most 64 layouts to try.
+  for (int64_t r = (c - 1) / kDenseChunkMin * kDenseChunkMin; r >= kDenseChunkMin; r -= kDenseChunkMin) {
+    if (dense_workspace(p, r).total <= workspace_bytes) return r;
   }
-  return c >= kDenseChunkMin ? c : 0;
+  return 0;
 }
 
 const u64* train_dense_over_width(const TrainProblem& p, const char* ws) {

@@ -180,7 +180,7 @@ def run(args) -> dict:
             recs.append(_dense_train_host_us(torch, x, sets[0], M, D, H))
             print(json.dumps(recs[-1]), file=sys.stderr)
         if not args.no_train and M in (16, 2048, 16384):
-            recs.extend(_train_steps(torch, tt, x, sets[0], M, D, H, calls=max(5, calls // 4)))
+            recs.extend(_train_steps(torch, tt, rt, x, sets[0], M, D, H, calls=max(5, calls // 4)))
             for r in recs[-4:]:
                 print(json.dumps(r), file=sys.stderr)
         torch.cuda.empty_cache()
@@ -238,6 +238,11 @@ def _decode_graph_paths(torch, tt, rt, D, H, M, calls):
     return out
 
 
+def _train_runner_of(rt, key):
+    """The training runner a plan key's calls made."""
+    return next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
+
+
 def _train_overhead(torch, tt, rt, x, weights, M, D, H):
     """Host time of one training forward + backward through autograd beyond the library's calls:
     ``ffn_with_l1`` and ``torch.autograd.backward((y, l1), (dy, dl1))`` timed on the host, minus
@@ -261,7 +266,7 @@ def _train_overhead(torch, tt, rt, x, weights, M, D, H):
 
     for _ in range(3):
         step()
-    runner = next(rr for rr in rt.runners_of(key) if isinstance(rr, rt.TrainRunner))
+    runner = _train_runner_of(rt, key)
 
     lib = runner.lib
     runner.lib = TimedLibrary(lib, spent, lambda name: "lib")
@@ -281,7 +286,7 @@ def _train_overhead(torch, tt, rt, x, weights, M, D, H):
             "path_ran": runner.last_stats()["path"]}
 
 
-def _train_steps(torch, tt, x, weights, M, D, H, calls):
+def _train_steps(torch, tt, rt, x, weights, M, D, H, calls):
     """Whole training steps (forward, the L1 term, backward; grads overwritten, not accumulated) as
     users run them: eager and captured in one CUDA graph, twell against the dense PyTorch FFN.
     Records ``train_torch`` (wall ms per step, both modes) and the host time of a captured step."""
@@ -304,12 +309,10 @@ def _train_steps(torch, tt, x, weights, M, D, H, calls):
         y = F.linear(F.relu(F.linear(xx, wg)) * F.linear(xx, wu), wd)
         ((y.float() * dy).sum()).backward()
 
-    from twell.torch import _runtime as rt
-
     out = []
     base = {"D": D, "H": H, "M": M, "pattern": "uniform"}
     twell_step(0)  # makes the layer's runner
-    runner = next(r for r in rt.runners_of(key) if isinstance(r, rt.TrainRunner))
+    runner = _train_runner_of(rt, key)
     before = runner.replay_counts()
     ms = _wall_ms(torch, twell_step, calls)
     after = runner.replay_counts()
