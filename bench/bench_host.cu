@@ -15,7 +15,11 @@
 // One JSON line per measurement on stdout:
 //   {"bench": "host_time", "api": "c", "op": "ffn", "D", "H", "M", "path", "layout",
 //    "host_us", "host_us_p10", "host_us_p90", "gpu_us", "ran_path", "replays", "replay_captures"}
-//   {"bench": "host_time", "api": "c", "op": "<primitive>", "host_us", ...}
+//   {"bench": "host_time", "api": "c", "op": "ffn_graph", "D", "H", "M", "path", "layout", "host_us", "nodes",
+//    "kernels", "memsets", "memcpys", "conditionals", "others", "kernel_names"}: the call captured into
+//    a caller's graph, its top-level nodes, and one cudaGraphLaunch of it (--no-anatomy: skipped)
+//   {"bench": "host_time", "api": "c", "op": "<primitive>", "host_us", ...} (cuda_graph_launch_<n>_kernels:
+//    a straight-line graph of n empty kernels)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -93,6 +97,66 @@ HostTiming host_time(
   return {harness::quantile(per_call, 0.5), harness::quantile(per_call, 0.1), harness::quantile(per_call, 0.9)};
 }
 
+// A call captured into the caller's graph (global capture, as a PyTorch graph takes it): its
+// nodes by type (and the kernel nodes' names where the runtime knows them), and the host time of
+// one cudaGraphLaunch of it, so a replay's cost can be put down to its node count or not.
+template <class F>
+void graph_anatomy(F&& call, cudaStream_t s, harness::StreamHold& hold, int calls, int rounds, int64_t D, int64_t H,
+                   int64_t M, const std::string& path, const std::string& layout) {
+  cudaStream_t cs;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  cudaGraph_t g = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeGlobal));
+  call(cs);  // twell_ffn_run sees the capture and records into it
+  CUDA_CHECK(cudaStreamEndCapture(cs, &g));
+  size_t n = 0;
+  CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  CUDA_CHECK(cudaGraphGetNodes(g, nodes.data(), &n));
+  int kernels = 0, memsets = 0, memcpys = 0, conditionals = 0, others = 0;
+  std::string names;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType t;
+    CUDA_CHECK(cudaGraphNodeGetType(node, &t));
+    if (t == cudaGraphNodeTypeKernel) {
+      ++kernels;
+      cudaKernelNodeParams kp = {};
+      const char* fn = nullptr;
+      if (cudaGraphKernelNodeGetParams(node, &kp) != cudaSuccess || kp.func == nullptr ||
+          cudaFuncGetName(&fn, kp.func) != cudaSuccess || fn == nullptr) {
+        (void)cudaGetLastError();
+        fn = "?";
+      }
+      std::string name(fn);
+      if (name.size() > 48) name.resize(48);
+      names += (names.empty() ? "" : " ") + name;
+    } else if (t == cudaGraphNodeTypeMemset) {
+      ++memsets;
+    } else if (t == cudaGraphNodeTypeMemcpy) {
+      ++memcpys;
+    } else if (t == cudaGraphNodeTypeConditional) {
+      ++conditionals;
+    } else {
+      ++others;
+    }
+  }
+  cudaGraphExec_t ge = nullptr;
+  CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+  CUDA_CHECK(cudaGraphUpload(ge, s));
+  const HostTiming ht = host_time([&] { CUDA_CHECK(cudaGraphLaunch(ge, s)); }, M >= 8192 ? 16 : calls, rounds, s, hold);
+  printf(
+      "{\"bench\": \"host_time\", \"api\": \"c\", \"op\": \"ffn_graph\", \"D\": %lld, \"H\": %lld, \"M\": %lld, "
+      "\"path\": \"%s\", \"layout\": \"%s\", \"host_us\": %.3f, \"host_us_p10\": %.3f, \"host_us_p90\": %.3f, "
+      "\"nodes\": %zu, \"kernels\": %d, \"memsets\": %d, \"memcpys\": %d, \"conditionals\": %d, \"others\": %d, "
+      "\"kernel_names\": \"%s\"}\n",
+      (long long)D, (long long)H, (long long)M, path.c_str(), layout.c_str(), ht.med, ht.p10, ht.p90, n, kernels,
+      memsets, memcpys, conditionals, others, names.c_str());
+  fflush(stdout);
+  CUDA_CHECK(cudaGraphExecDestroy(ge));
+  CUDA_CHECK(cudaGraphDestroy(g));
+  CUDA_CHECK(cudaStreamDestroy(cs));
+}
+
 std::vector<int64_t> parse_list(const char* s) {
   std::vector<int64_t> v;
   for (const char* p = s; *p;) {
@@ -146,7 +210,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> Ms = {1, 16, 64, 2048, 16384};
   std::vector<std::string> paths = {"sparse", "dense", "auto"}, layouts = {"hd"};
   int calls = 64, rounds = 7;
-  bool primitives = true;
+  bool primitives = true, anatomy = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&]() -> const char* {
@@ -164,10 +228,11 @@ int main(int argc, char** argv) {
     else if (a == "--calls") calls = static_cast<int>(std::strtol(val(), nullptr, 10));
     else if (a == "--rounds") rounds = static_cast<int>(std::strtol(val(), nullptr, 10));
     else if (a == "--no-primitives") primitives = false;
+    else if (a == "--no-anatomy") anatomy = false;
     else {
       fprintf(stderr,
               "usage: bench_host [--D N] [--H N] [--M list] [--paths sparse,dense,auto] [--layouts hd,dh] "
-              "[--calls N] [--rounds N] [--no-primitives]\n");
+              "[--calls N] [--rounds N] [--no-primitives] [--no-anatomy]\n");
       return a == "--help" ? 0 : 64;
     }
   }
@@ -259,6 +324,24 @@ int main(int argc, char** argv) {
                                            cudaStreamIsCapturing(s, &st);
                                          },
                                          calls, rounds, s, hold, false));
+    // cudaGraphLaunch of a straight-line graph of n empty kernels: how a replay's host cost grows
+    // with its node count (a call's graph is measured below, per path and M).
+    for (int nodes : {1, 4, 16, 32}) {
+      cudaStream_t cs;
+      CUDA_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+      cudaGraph_t g = nullptr;
+      CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+      for (int k = 0; k < nodes; ++k) empty_kernel<<<1, 32, 0, cs>>>(dummy);
+      CUDA_CHECK(cudaStreamEndCapture(cs, &g));
+      cudaGraphExec_t ge = nullptr;
+      CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+      CUDA_CHECK(cudaGraphUpload(ge, s));
+      const std::string name = "cuda_graph_launch_" + std::to_string(nodes) + "_kernels";
+      emit(name.c_str(), host_time([&] { CUDA_CHECK(cudaGraphLaunch(ge, s)); }, calls, rounds, s, hold));
+      CUDA_CHECK(cudaGraphExecDestroy(ge));
+      CUDA_CHECK(cudaGraphDestroy(g));
+      CUDA_CHECK(cudaStreamDestroy(cs));
+    }
     CUDA_CHECK(cudaFree(dummy));
   }
 
@@ -305,7 +388,10 @@ int main(int argc, char** argv) {
         ty.set(y, M, D, kDLBfloat, 16);
         ts.set(stats, 8, 1, kDLUInt, 64);
         ts.dl.ndim = 1;
-        auto call = [&] { TW(twell_ffn_run(plan, &tx.dl, &tg.dl, &tu.dl, &td.dl, &ty.dl, &ts.dl, ws, ws_bytes, s)); };
+        auto call_on = [&](cudaStream_t on) {
+          TW(twell_ffn_run(plan, &tx.dl, &tg.dl, &tu.dl, &td.dl, &ty.dl, &ts.dl, ws, ws_bytes, on));
+        };
+        auto call = [&] { call_on(s); };
         for (int w = 0; w < 20; ++w) call();  // warm-up (AUTO settles, caches fill)
         CUDA_CHECK(cudaStreamSynchronize(s));
         // Host time: bursts behind the held stream (fewer calls at large M: the queue holds them all).
@@ -331,6 +417,7 @@ int main(int argc, char** argv) {
             (long long)D, (long long)H, (long long)M, path.c_str(), layout.c_str(), ran, ht.med, ht.p10, ht.p90,
             1000.0 * ms / reps, (long long)replays, (long long)captures);
         fflush(stdout);
+        if (anatomy) graph_anatomy(call_on, s, hold, calls, rounds, D, H, M, path, layout);
         CUDA_CHECK(cudaFree(ws));
       }
       TW(twell_ffn_plan_destroy(plan));
