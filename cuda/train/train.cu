@@ -625,7 +625,8 @@ twell_status weight_gradients(const Backward& b, cudaStream_t s) {
            .accumulate = io.accumulate ? 1 : 0,
            .hot_rank = L.hot_rows > 0 ? reinterpret_cast<const int32_t*>(b.ws + L.hot_rank) : nullptr,
            .hot_gu = reinterpret_cast<const float*>(b.ws + L.hot_gu),
-           .hot_d = reinterpret_cast<const float*>(b.ws + L.hot_d)};
+           .hot_d = reinterpret_cast<const float*>(b.ws + L.hot_d),
+           .dwd_stage = acc[2]};
   const auto launch_wgrad = [&](auto kernel) -> twell_status {
     int per_sm = 0;
     TWELL_CUDA_STEP(occupancy_per_sm(&per_sm, kernel, 256, 0), "weight-gradient occupancy");
@@ -638,6 +639,11 @@ twell_status weight_gradients(const Backward& b, cudaStream_t s) {
   TWELL_TRY(launch_wgrad(wgrad_kernel<1>));  // dW_d (gathers dy)
   wgrad_finalize_kernel<<<dim3(static_cast<unsigned>(L.partial_slots), ycols), 256, 0, s>>>(a);
   TWELL_CUDA_STEP(cudaGetLastError(), "weight-gradient finalize kernel");
+  if (b.p.w_down_dh) {
+    const dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>((b.p.H + 31) / 32));
+    wgrad_dh_kernel<<<grid, dim3(32, 8), 0, s>>>(acc[2], b.p.H, D, io.dw_down.ptr, io.dw_down.ld, a.accumulate);
+    TWELL_CUDA_STEP(cudaGetLastError(), "dW_d transpose kernel");
+  }
   return TWELL_SUCCESS;
 }
 

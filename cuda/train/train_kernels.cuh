@@ -710,6 +710,10 @@ struct WgArgs {
   const int32_t* hot_rank;
   const float* hot_gu;
   const float* hot_d;
+  // dW_d as [D, H]: its final sums are staged here as [H, D] fp32 (the dense
+  // tail's accumulator, read and rewritten element by element) and
+  // wgrad_dh_kernel transposes them, so no store is a column walk.
+  float* dwd_stage;
 };
 
 __device__ __forceinline__ void wg_store(const WgArgs& a, bool tail, int q, int64_t j, int64_t col, float v) {
@@ -718,7 +722,11 @@ __device__ __forceinline__ void wg_store(const WgArgs& a, bool tail, int q, int6
     const int r = a.hot_rank[j];
     if (r >= 0) v += q == 2 ? a.hot_d[r * a.D + col] : a.hot_gu[(q * kHotMax + r) * a.D + col];
   }
-  bf16* p = (q == 2 && a.dwd_dh) ? a.out[2] + col * a.ld[2] + j : a.out[q] + j * a.ld[q] + col;
+  if (q == 2 && a.dwd_dh) {
+    a.dwd_stage[j * a.D + col] = v;  // wgrad_dh_kernel adds the old value and writes dW_d[col, j]
+    return;
+  }
+  bf16* p = a.out[q] + j * a.ld[q] + col;
   if (a.accumulate) v += __bfloat162float(*p);
   *p = __float2bfloat16_rn(v);
 }
@@ -746,6 +754,21 @@ __global__ void __launch_bounds__(256) wgrad_kernel(WgArgs a) {
   for (int64_t unit = blockIdx.x; unit < nwork; unit += gridDim.x) {
     const Item it = a.items[unit / a.ycols];
     const int64_t c0 = (unit % a.ycols) * kColsPerBlock;
+    if (it.e0 >= it.e1) {  // no entries (a neuron no token activated, or a hot one): a store per column
+      const int64_t oc = c0 + threadIdx.x;  // the same branch for the whole CTA: no barrier skipped unevenly
+      if (oc < a.D) {
+#pragma unroll
+        for (int o = 0; o < kOut; ++o) {
+          const int q = kPass == 0 ? o : 2;
+          if (it.slot < 0) {
+            wg_store(a, tail, q, it.j, oc, 0.f);
+          } else {
+            a.partials[(it.slot * 3 + q) * a.D + oc] = 0.f;
+          }
+        }
+      }
+      continue;
+    }
     const int64_t col = c0 + lane * 8;
     const bool act = col < a.D;
     float acc[kOut][8];
@@ -827,6 +850,33 @@ __global__ void __launch_bounds__(256) wgrad_finalize_kernel(WgArgs a) {
     float s = 0.f;
     for (int64_t k = 0; k < f.nseg; ++k) s += a.partials[((f.slot0 + k) * 3 + q) * a.D + oc];
     wg_store(a, tail, q, f.j, oc, s);
+  }
+}
+
+// dW_d [D, H] from the staged [H, D] fp32 sums (WgArgs::dwd_stage): 32 x 32
+// tiles through shared memory, the old value added when accumulating, one
+// rounding to bf16 (as wg_store rounds for the other layouts).
+__global__ void __launch_bounds__(256) wgrad_dh_kernel(const float* __restrict__ stage, int64_t H, int64_t D,
+                                                       bf16* __restrict__ out, int64_t ld, int accumulate) {
+  __shared__ float tile[32][33];
+  const int tx = threadIdx.x;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * 32, c0 = static_cast<int64_t>(blockIdx.x) * 32;
+#pragma unroll
+  for (int s4 = 0; s4 < 4; ++s4) {
+    const int i = threadIdx.y + 8 * s4;
+    if (j0 + i < H && c0 + tx < D) tile[i][tx] = stage[(j0 + i) * D + c0 + tx];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s4 = 0; s4 < 4; ++s4) {
+    const int i = threadIdx.y + 8 * s4;
+    const int64_t col = c0 + i, j = j0 + tx;
+    if (col < D && j < H) {
+      bf16* p = out + col * ld + j;
+      float v = tile[tx][i];
+      if (accumulate) v += __bfloat162float(*p);
+      *p = __float2bfloat16_rn(v);
+    }
   }
 }
 
