@@ -347,6 +347,18 @@ def test_train_small_hot_gemms(rng):
     assert got["bstats"]["max_neuron_count"] >= 256, got["bstats"]
 
 
+def test_train_small_dense_route(rng):
+    """The dense route at a size compute-sanitizer's racecheck gets through (its activation, gather
+    and accumulation kernels between small cuBLASLt GEMMs), with a fully dense row."""
+    dev = gs.adapter("cupy")
+    prob, dy = _problem(rng, 37, 256, 1000, "skewed")
+    prob.x[3, :-1] = 0.0
+    prob.x[3, -1] = -1.0
+    got = _run(dev, prob, dy, path="dense")
+    _check(got, _oracle(prob, dy, L1C), what="dense route: ", l1_tol=1e-2)
+    assert got["fstats"]["path"] == 2 and got["bstats"]["path"] == 2, (got["fstats"], got["bstats"])
+
+
 @pytest.mark.parametrize("kernels", ["auto", "portable"])
 @pytest.mark.parametrize("rep", range(6))
 def test_train_hot_129_repeat(rng, kernels, rep):
