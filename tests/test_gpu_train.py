@@ -327,13 +327,15 @@ def test_train_131072_tokens(rng, pattern):
     assert got["fstats"]["rows"] == m
 
 
-def test_train_small_case(rng):
-    """Tiny mixed case (ELL rows, tail rows over several chunks, a partial tile, hot neurons) for compute-sanitizer."""
+@pytest.mark.parametrize("layout", ["hd", "dh"])
+def test_train_small_case(rng, layout):
+    """Tiny mixed case (ELL rows, tail rows over several chunks, a partial tile, hot neurons) for
+    compute-sanitizer; W_d as [D, H] too (its gradient staged as [H, D] and transposed)."""
     dev = gs.adapter("cupy")
     prob, dy = _problem(rng, 37, 256, 1000, "hot")
     prob.x[5, :-1] = 0.0
     prob.x[5, -1] = -1.0       # one fully dense row
-    got = _run(dev, prob, dy, ell_width=8, tail_chunk_rows=16)
+    got = _run(dev, prob, dy, ell_width=8, tail_chunk_rows=16, layout=layout)
     _check(got, _oracle(prob, dy, L1C))
 
 
@@ -454,14 +456,16 @@ def test_train_dense_route_deterministic(rng):
 
 
 def test_train_auto_switches_routes(rng):
-    """AUTO: hybrid at first; dense after a forward at 2% activity; back to hybrid after one at 0.5%."""
+    """AUTO: dense below 3072 rows whatever the activity; from 3072, hybrid at first, dense after a
+    forward at 2% activity, back to hybrid after one at 0.5%."""
     dev = gs.adapter("cupy")
-    d, h, m = 1024, 2816, 2048
+    d, h, m = 1024, 2816, 4096
     plan = train_ops.TrainPlan(d, h, path="auto")
     hybrid_size = plan.saved_size(m)
     routes = []
-    for pattern in ("uniform2", "uniform2", "uniform2", "uniform", "uniform", "uniform"):
-        prob, dy = _problem(rng, m, d, h, pattern)
+    for pattern, rows in (("uniform", 1000), ("uniform2", m), ("uniform2", m), ("uniform2", m), ("uniform", m),
+                          ("uniform", m), ("uniform", m)):
+        prob, dy = _problem(rng, rows, d, h, pattern)
         x, wg, wu, wd = _device_tensors(dev, prob)
         y, saved = plan.forward(x, wg, wu, wd)
         bstats = dev.full((16,), "uint64", 0)
@@ -470,7 +474,7 @@ def test_train_auto_switches_routes(rng):
         got = _outputs(dev, y, saved, dx, dwg, dwu, dwd, bstats)
         _check(got, _oracle(prob, dy, L1C), what=f"call {len(routes)} ({pattern}, {routes[-1]}): ",
                l1_tol=1e-2 if routes[-1] == "dense" else 2e-3)
-    assert routes == ["hybrid", "dense", "dense", "dense", "hybrid", "hybrid"], routes
+    assert routes == ["dense", "hybrid", "dense", "dense", "dense", "hybrid", "hybrid"], routes
     assert plan.saved_size(m) == hybrid_size
 
 
@@ -624,7 +628,7 @@ def test_train_auto_switches_routes_while_replayed(rng):
     """AUTO with the same buffers every call (so calls replay): a replayed forward's activity reaches
     the route choice through the asynchronous read-back; the routes follow the activity as eagerly."""
     dev = gs.adapter("cupy")
-    d, h, m = 1024, 2816, 2048
+    d, h, m = 1024, 2816, 4096
     plan = train_ops.TrainPlan(d, h, path="auto")
     bufs = _fixed_buffers(dev, plan, m, d, h)
     ins = None

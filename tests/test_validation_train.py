@@ -73,7 +73,10 @@ def test_saved_sizes_per_route(lib):
     auto = _size(lib, lib.twell_train_saved_size, _plan(lib, path=0), m)
     assert hybrid == 256 + _align(4 * m) + _align(m) + _align(4 * m) + 3 * _align(4 * m * w)
     assert dense == 256 + _align(4 * m) + 2 * _align(2 * m * h)    # header, counts, g and u in bf16
-    assert auto == hybrid                                           # AUTO starts on the hybrid route
+    assert auto == dense                                            # AUTO below 3072 rows: the dense route
+    for rows, route in ((3071, 2), (3072, 1), (4096, 1)):          # from 3072 rows it starts on the hybrid
+        want = _size(lib, lib.twell_train_saved_size, _plan(lib, path=route), rows)
+        assert _size(lib, lib.twell_train_saved_size, _plan(lib, path=0), rows) == want, rows
     n = _ffi.ffi.new("size_t *")
     plan = _plan(lib)  # held: destroying it (a successful call) would clear the message
     _status(lib, lib.twell_train_saved_size(plan, -1, n), "TWELL_ERROR_INVALID_ARGUMENT", "rows is -1")

@@ -24,8 +24,9 @@ struct twell_train_plan {
   PlanDevice dev;  // read at the first run
   bool device_ready = false;
   int64_t l2_bytes = 0;
-  // TWELL_PATH_AUTO: the route the next forward takes (hybrid until a forward
-  // shows that dense pays), and the asynchronous read-back of a dense
+  // TWELL_PATH_AUTO: the route the next forward over kAutoDenseRows rows or
+  // more takes (hybrid until a forward shows that dense pays; fewer rows take
+  // the dense route), and the asynchronous read-back of a dense
   // forward's activity (pinned host words, completed when `readback` is).
   // (mutable: twell_train_saved_size takes in a finished read-back too, so
   // that it answers for the route the next forward will take.)
@@ -92,13 +93,30 @@ bool dense_pays(const twell_train_plan* p, u64 rows, u64 active, u64 tail_rows) 
   return tail_share > 0.25 || density > (in_l2 ? 0.011 : 0.0065);
 }
 
+// AUTO below kAutoDenseRows rows: the dense route, whatever the activity.
+// The hybrid step has a part that M does not shrink (the weight-gradient pass
+// over every neuron's [D] rows, the counting sort's and the schedule's
+// passes, the ELL kernels' per-row latency), and below a few thousand tokens
+// it costs more than sparsity saves: H200, 2026-12-03, 2048 x 5632
+// (bench/results/2026-12-03e_h200_small_m_bench_train.md), uniform 0.5%:
+// hybrid 0.92 ms against the dense route's 0.62 at M = 2048, even at 4096
+// (1.19 / 1.21); trained activity 0.65 / 0.62 at 2048, 0.81 / 1.19 at 4096.
+// The fixed part and the dense step's per-token cost both scale with H * D,
+// so the crossover in tokens moves little with the shape.
+constexpr int64_t kAutoDenseRows = 3072;
+
+// Whether an AUTO plan's next forward over M rows prefers the dense route.
+bool auto_prefers_dense(const twell_train_plan* p, int64_t M) {
+  return p->opt.path == TWELL_PATH_AUTO && (p->prefer_dense || M < kAutoDenseRows);
+}
+
 enum class Route { kHybrid, kDense };
 
 // The route a forward over M rows takes with these buffers (host state only).
 Route forward_route(const twell_train_plan* plan, const TrainProblem& prob, size_t saved_bytes,
                     size_t workspace_bytes) {
   if (plan->opt.path == TWELL_PATH_DENSE) return Route::kDense;
-  if (plan->opt.path == TWELL_PATH_SPARSE || !plan->prefer_dense) return Route::kHybrid;
+  if (plan->opt.path == TWELL_PATH_SPARSE || !auto_prefers_dense(plan, prob.M)) return Route::kHybrid;
   // AUTO preferring dense: only if the caller's buffers were sized for it.
   const bool fits =
       saved_bytes >= train_dense_saved_layout(prob.M, prob.H).total && train_dense_chunk(prob, workspace_bytes) > 0;
@@ -133,7 +151,7 @@ size_t workspace_need(const twell_train_plan* plan, const TrainProblem& prob) {
 // 5.70 ms for 2540-row chunks against 5.39 for 4840, H200, 2026-12-03.)
 size_t workspace_ask(const twell_train_plan* plan, const TrainProblem& prob) {
   const size_t need = workspace_need(plan, prob);
-  if (plan->opt.path != TWELL_PATH_AUTO || !plan->prefer_dense) return need;
+  if (!auto_prefers_dense(plan, prob.M)) return need;
   return std::max(need, dense_workspace_rows(prob, 4096));
 }
 
@@ -300,7 +318,7 @@ TWELL_API twell_status twell_train_saved_size(const twell_train_plan* plan, int6
   // AUTO: the size of the route the next forward prefers (ask again before
   // each forward, or choose the route with options.path for a fixed size).
   if (plan->opt.path == TWELL_PATH_AUTO) poll_readback(plan);
-  const bool dense = plan->opt.path == TWELL_PATH_DENSE || (plan->opt.path == TWELL_PATH_AUTO && plan->prefer_dense);
+  const bool dense = plan->opt.path == TWELL_PATH_DENSE || auto_prefers_dense(plan, rows);
   *bytes = saved_need(plan, rows, dense ? Route::kDense : Route::kHybrid);
   return ok();
 }

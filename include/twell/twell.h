@@ -353,11 +353,13 @@ TWELL_API twell_status twell_gate_pack(twell_ffn_plan* plan, const DLTensor* x, 
 /* TWELL_PATH_DENSE = the dense route: the nine GEMMs of a dense FFN step  */
 /* through cuBLASLt (chunks of up to 8192 rows), g and u of every row      */
 /* saved in bf16 (saved size ~4*M*H bytes), for activity where sparse      */
-/* does not pay; TWELL_PATH_AUTO (default) = hybrid until a forward shows  */
-/* that dense pays (more than a quarter of the rows in the tail, or mean   */
-/* activity over 0.75% of H; 0.375% when W_u and W_d exceed the L2 cache), */
-/* then dense until a dense forward shows the opposite. The choice follows */
-/* the plan's previous forward (use one plan per layer); an AUTO plan's    */
+/* does not pay; TWELL_PATH_AUTO (default) = dense below 3072 rows (the    */
+/* hybrid step's part that M does not shrink costs more there than         */
+/* sparsity saves), else hybrid until a forward shows that dense pays      */
+/* (more than a quarter of the rows in the tail, or mean activity over     */
+/* 1.1% of H; 0.65% when W_u and W_d exceed the L2 cache), then dense      */
+/* until a dense forward shows the opposite. The choice follows the plan's */
+/* previous forward (use one plan per layer); an AUTO plan's               */
 /* twell_train_saved_size answers for the route its next forward takes,   */
 /* so query it before each forward (a smaller buffer keeps the hybrid     */
 /* route). The route taken: twell_train_plan_last_route, and the saved   */
@@ -402,7 +404,7 @@ typedef struct {
   int32_t slots;           /* TwELL words per tile of the gate output: 32 (default), 64, 128 */
   int32_t w_down_layout;   /* a twell_layout; default TWELL_LAYOUT_HD */
   int32_t path;            /* TWELL_PATH_AUTO (default): hybrid or dense route by
-                              the previous forward; _SPARSE: hybrid; _DENSE: dense */
+                              M and the previous forward; _SPARSE: hybrid; _DENSE: dense */
   int32_t kernels;         /* a twell_kernels (gate GEMM); default TWELL_KERNELS_AUTO */
   int32_t tail_chunk_rows; /* rows per dense-tail chunk (workspace bound); 0 = default 1024 */
 } twell_train_options;
