@@ -73,9 +73,10 @@ class TrainPlan:
     """A twell_train_plan: (D, H, options) fixed, tensors per call. Keeps a growing workspace.
 
     ``path``: "hybrid" (= "sparse": ELL rows + dense tail), "dense" (nine cuBLASLt GEMMs, g and u
-    saved in bf16) or "auto" (default: hybrid until a forward shows dense pays, then dense until
-    activity drops again; the choice follows this plan's previous forward, so hold one plan per
-    layer). ``saved_size`` answers for the route the next forward takes.
+    saved in bf16) or "auto" (default: dense below 3072 rows; from there hybrid until a forward
+    shows dense pays, then dense until activity drops again; the choice follows this plan's
+    previous forward, so hold one plan per layer). ``saved_size`` answers for the route the next
+    forward takes.
 
     From its second sighting on, an eager call (same M, arrays, sizes) is replayed as a CUDA graph of
     its captured form: no host synchronisation, one launch (``set_replay``, ``replay_counts``).
