@@ -50,7 +50,7 @@ def test_both_runs_follow_the_same_l1_recipe(tmp_path):
     """Same initialisation and batches, and by default the same objective: on the host (where
     SparseMLP computes densely) the dense run's PyTorch L1 term and twell's give the same losses
     and sparsity at a lam large enough to kill neurons; with --dense-recipe ce only the twell run
-    pays the L1 term (its loss moves, its neurons die)."""
+    pays the L1 term (its loss moves, fewer of its neurons fire)."""
     args = ["--lam", "0.5", "--l1-warmup", "1"]
     same = _run(tmp_path / "a", args)["records"][0]
     assert same["dense_recipe"] == "l1"
@@ -59,7 +59,11 @@ def test_both_runs_follow_the_same_l1_recipe(tmp_path):
         assert abs(a["active_per_token"] - b["active_per_token"]) < 1e-6 * max(1.0, b["active_per_token"])
     ce = _run(tmp_path / "b", [*args, "--dense-recipe", "ce"])["records"][0]
     assert abs(ce["val_loss"] - ce["dense_val_loss"]) > 1e-3
-    assert sum(s["dead_fraction"] for s in ce["sparsity"]) > sum(s["dead_fraction"] for s in ce["dense_sparsity"])
+    # Fewer active neurons per token under the L1 term (how many die outright within 12 steps
+    # depends on the initialisation, which differs between torch versions: none did on the H200
+    # machine's, 2026-12-03f).
+    active = [sum(s["active_per_token"] for s in ce[k]) for k in ("sparsity", "dense_sparsity")]
+    assert active[0] < 0.8 * active[1], active
     assert ce["dense_val_loss"] == pytest.approx(_run(tmp_path / "c", ["--lam", "0"])["records"][0]["val_loss"],
                                                  rel=1e-4)  # lam = 0: the plain model either way
 
