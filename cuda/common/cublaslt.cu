@@ -28,6 +28,7 @@ struct LtMatmul {
   int64_t ldc = 0;
   bool c_is_f32 = false;
   float beta = 0.0f;
+  bool avoid_workspace = false;
 };
 
 struct LtApi {
@@ -37,6 +38,7 @@ struct LtApi {
   decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
   decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
   decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
   decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
   decltype(&cublasLtMatmul) matmul = nullptr;
   char error[512] = "";
@@ -81,6 +83,7 @@ const LtApi& api() {
               load_symbol(lib, "cublasLtMatrixLayoutCreate", &a.layout_create) &&
               load_symbol(lib, "cublasLtMatmulPreferenceCreate", &a.pref_create) &&
               load_symbol(lib, "cublasLtMatmulPreferenceSetAttribute", &a.pref_set) &&
+              load_symbol(lib, "cublasLtMatmulPreferenceDestroy", &a.pref_destroy) &&
               load_symbol(lib, "cublasLtMatmulAlgoGetHeuristic", &a.heuristic) &&
               load_symbol(lib, "cublasLtMatmul", &a.matmul);
     if (!ok) {
@@ -98,9 +101,10 @@ struct Prepared {
   cublasLtMatmulDesc_t desc;
   cublasLtMatrixLayout_t la, lb, lc;
   cublasLtMatmulAlgo_t algo;
+  size_t workspace_bytes;  // what the call hands cuBLASLt: 0 for a workspace-free choice
 };
 
-using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, size_t>;
+using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, size_t, bool>;
 
 std::mutex g_mutex;
 std::map<int, cublasLtHandle_t> g_handles;
@@ -116,7 +120,8 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return fail_cuda(err, "cudaGetDevice");
-  const Key key{device, g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.c_is_f32, workspace_bytes};
+  const Key key{device,     g.trans_a,       g.trans_b,        g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
+                g.c_is_f32, workspace_bytes, g.avoid_workspace};
   Prepared p;
   cublasLtHandle_t handle;
   {
@@ -150,19 +155,32 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
       }
       cublasLtMatmulPreference_t pref;
       if ((s = a.pref_create(&pref)) != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmulPreferenceCreate");
-      uint64_t ws = workspace_bytes;
-      a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
       cublasLtMatmulHeuristicResult_t result;
       int found = 0;
-      s = a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &result, &found);
-      if (s != CUBLAS_STATUS_SUCCESS || found == 0) return lt_fail(s, "cublasLtMatmulAlgoGetHeuristic");
+      // The heuristic's first choice under the workspace cap; with avoid_workspace, when that
+      // choice needs workspace, its first choice among the algorithms that need none.
+      for (const uint64_t cap : {uint64_t(workspace_bytes), uint64_t(0)}) {
+        a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cap, sizeof(cap));
+        cublasLtMatmulHeuristicResult_t r;
+        int n = 0;
+        s = a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &r, &n);
+        if (s == CUBLAS_STATUS_SUCCESS && n > 0) result = r, found = n;
+        if (found == 0) {
+          a.pref_destroy(pref);
+          return lt_fail(s, "cublasLtMatmulAlgoGetHeuristic");
+        }
+        if (!g.avoid_workspace || result.workspaceSize == 0 || cap == 0) break;
+      }
+      a.pref_destroy(pref);
       p.algo = result.algo;
+      // Given workspace, cuBLASLt may use (and zero) it even for an algorithm that needs none.
+      p.workspace_bytes = g.avoid_workspace && result.workspaceSize == 0 ? 0 : workspace_bytes;
       g_prepared[key] = p;
     }
   }
   const float alpha = 1.0f, beta = g.beta;
   cublasStatus_t s = a.matmul(handle, p.desc, &alpha, g.a, p.la, g.b, p.lb, &beta, g.c, p.lc, g.c, p.lc, &p.algo,
-                              workspace, workspace_bytes, stream);
+                              workspace, p.workspace_bytes, stream);
   if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmul");
   return TWELL_SUCCESS;
 }
@@ -184,7 +202,8 @@ twell_status lt_gemm(const LtGemm& g, void* workspace, size_t workspace_bytes, c
                     .c = g.c.ptr,
                     .ldc = g.c.ld,
                     .c_is_f32 = g.c_is_f32,
-                    .beta = g.beta};
+                    .beta = g.beta,
+                    .avoid_workspace = g.avoid_workspace};
   return lt_matmul(cm, workspace, workspace_bytes, stream);
 }
 

@@ -31,6 +31,11 @@ struct LtGemm {
   MatRef<void> c;
   bool c_is_f32 = false;
   float beta = 0.0f;
+  // Take an algorithm that needs no workspace when the heuristic's first choice needs some.
+  // Those algorithms zero a few bytes of their workspace in every call: a memset node in every
+  // CUDA graph, each about 1.3 us of a replay's host time (H200). On the dense FFN's GEMMs the
+  // workspace-free choice was as fast within 3% or faster (bench/probe_lt.cu, 2026-12-03f).
+  bool avoid_workspace = false;
 };
 
 twell_status lt_gemm(const LtGemm& g, void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -224,25 +224,35 @@ twell_status ffn_run_dense(const FfnProblem& p, const FfnTensors& t, char* ws, c
   auto* u = reinterpret_cast<bf16*>(ws + w.dense_u);
   void* lt = ws + w.lt;
   const int64_t chunk = p.chunk_rows < p.M ? p.chunk_rows : p.M;
+  // x[n, D] W^T -> out[n, H] for an nn.Linear weight W [H, D]; workspace-free algorithms (no
+  // memset node per GEMM in the path's graphs: see LtGemm::avoid_workspace).
+  auto linear = [&](const MatRef<const bf16>& x, const MatRef<const bf16>& w, bf16* out, int64_t n) {
+    return lt_gemm(
+        {.m = n, .n = p.H, .k = p.D, .a = x, .b = w, .trans_b = true, .c = {out, p.H}, .avoid_workspace = true}, lt,
+        kLtWorkspaceBytes, stream);
+  };
   for (int64_t r0 = 0; r0 < p.M; r0 += chunk) {
     const int64_t n = p.M - r0 < chunk ? p.M - r0 : chunk;
     const MatRef<const bf16> x = t.x.rows_from(r0);
     if (p.gated) {
-      TWELL_TRY(
-          lt_linear(x.ptr, x.ld, t.w_gate.ptr, t.w_gate.ld, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
-      TWELL_TRY(
-          lt_linear(x.ptr, x.ld, t.w_up.ptr, t.w_up.ld, u, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(linear(x, t.w_gate, g, n));
+      TWELL_TRY(linear(x, t.w_up, u, n));
       TWELL_CUDA_STEP(dense_activation(g, u, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     } else {
-      TWELL_TRY(
-          lt_linear(x.ptr, x.ld, t.w_up.ptr, t.w_up.ld, g, p.H, false, n, p.H, p.D, lt, kLtWorkspaceBytes, stream));
+      TWELL_TRY(linear(x, t.w_up, g, n));
       TWELL_CUDA_STEP(dense_activation(g, nullptr, n, p.H, p.H, p.slots, stats, stream), "dense activation");
     }
     // y[n, D] = h[n, H] W_d, W_d [H, D] as is or [D, H] transposed.
     const MatRef<bf16> y = t.y.rows_from(r0);
-    TWELL_TRY(
-        lt_gemm({.m = n, .n = p.D, .k = p.H, .a = {g, p.H}, .b = t.w_down, .trans_b = p.w_down_dh, .c = {y.ptr, y.ld}},
-                lt, kLtWorkspaceBytes, stream));
+    TWELL_TRY(lt_gemm({.m = n,
+                       .n = p.D,
+                       .k = p.H,
+                       .a = {g, p.H},
+                       .b = t.w_down,
+                       .trans_b = p.w_down_dh,
+                       .c = {y.ptr, y.ld},
+                       .avoid_workspace = true},
+                      lt, kLtWorkspaceBytes, stream));
   }
   return TWELL_SUCCESS;
 }
