@@ -31,10 +31,11 @@ struct LtGemm {
   MatRef<void> c;
   bool c_is_f32 = false;
   float beta = 0.0f;
-  // Take an algorithm that needs no workspace when the heuristic's first choice needs some.
-  // Those algorithms zero a few bytes of their workspace in every call: a memset node in every
-  // CUDA graph, each about 1.3 us of a replay's host time (H200). On the dense FFN's GEMMs the
-  // workspace-free choice was as fast within 3% or faster (bench/probe_lt.cu, 2026-12-03f).
+  // Take an algorithm that needs no workspace when the heuristic's first choice needs some, and
+  // hand it none (given workspace, cuBLASLt uses and zeroes it even then). A call that zeroes
+  // workspace puts a memset node into every CUDA graph, each about 1.3 us of a replay's host
+  // time (H200). On the dense FFN's GEMMs the workspace-free choice was within 5% per GEMM and
+  // the whole dense FFN as fast or 1-2% faster (bench/probe_lt.cu, 2026-12-03f).
   bool avoid_workspace = false;
 };
 
