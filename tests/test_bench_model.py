@@ -49,7 +49,7 @@ def test_bench_model_runs_end_to_end_and_writes_the_records(tmp_path):
 def test_both_runs_follow_the_same_l1_recipe(tmp_path):
     """Same initialisation and batches, and by default the same objective: on the host (where
     SparseMLP computes densely) the dense run's PyTorch L1 term and twell's give the same losses
-    and sparsity at a lam large enough to kill neurons; with --dense-recipe ce only the twell run
+    and sparsity at a lam large enough to move them; with --dense-recipe ce only the twell run
     pays the L1 term (its loss moves, fewer of its neurons fire)."""
     args = ["--lam", "0.5", "--l1-warmup", "1"]
     same = _run(tmp_path / "a", args)["records"][0]

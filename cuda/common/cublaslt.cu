@@ -155,21 +155,25 @@ twell_status lt_matmul(const LtMatmul& g, void* workspace, size_t workspace_byte
       }
       cublasLtMatmulPreference_t pref;
       if ((s = a.pref_create(&pref)) != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmulPreferenceCreate");
+      uint64_t cap = workspace_bytes;
+      a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cap, sizeof(cap));
       cublasLtMatmulHeuristicResult_t result;
       int found = 0;
-      // The heuristic's first choice under the workspace cap; with avoid_workspace, when that
-      // choice needs workspace, its first choice among the algorithms that need none.
-      for (const uint64_t cap : {uint64_t(workspace_bytes), uint64_t(0)}) {
+      s = a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &result, &found);
+      if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
+        a.pref_destroy(pref);
+        return lt_fail(s, "cublasLtMatmulAlgoGetHeuristic");
+      }
+      if (g.avoid_workspace && result.workspaceSize > 0) {
+        // The heuristic's first choice among the algorithms that need no workspace, if it has one.
+        cap = 0;
         a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cap, sizeof(cap));
-        cublasLtMatmulHeuristicResult_t r;
-        int n = 0;
-        s = a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &r, &n);
-        if (s == CUBLAS_STATUS_SUCCESS && n > 0) result = r, found = n;
-        if (found == 0) {
-          a.pref_destroy(pref);
-          return lt_fail(s, "cublasLtMatmulAlgoGetHeuristic");
+        cublasLtMatmulHeuristicResult_t free_choice;
+        if (a.heuristic(handle, p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &free_choice, &found) ==
+                CUBLAS_STATUS_SUCCESS &&
+            found > 0) {
+          result = free_choice;
         }
-        if (!g.avoid_workspace || result.workspaceSize == 0 || cap == 0) break;
       }
       a.pref_destroy(pref);
       p.algo = result.algo;
